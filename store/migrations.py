@@ -1,0 +1,129 @@
+"""The schema, as an ordered list of sqlite-utils migrations.
+
+Never edit a migration that has shipped: append a new one. Each runs in a transaction together with
+the record of it having been applied, so a database is always at a whole schema version.
+"""
+
+from sqlite_utils import Database
+from sqlite_utils.migrations import Migrations
+
+MIGRATION_SET = "rlhf_playground"
+migrations = Migrations(MIGRATION_SET)
+
+
+@migrations()
+def m001_initial(db: Database) -> None:
+    db["conversations"].create(
+        {
+            "id": int,
+            "session_id": str,
+            "user": str,
+            "model_id": str,
+            "system_prompt": str,
+            "created_at": str,
+        },
+        pk="id",
+    )
+    db["turns"].create(
+        {
+            "id": int,
+            "conversation_id": int,
+            "idx": int,  # position of the user message within its conversation, from 0
+            "context_json": str,  # every message the model saw, chat-template roles, as JSON
+            "user_message": str,  # exactly what the person typed, before any truncation
+            "created_at": str,
+        },
+        pk="id",
+        foreign_keys=[("conversation_id", "conversations", "id")],
+    )
+    db["replies"].create(
+        {
+            "id": int,
+            "turn_id": int,
+            "pair": int,  # 0 for the first pair of a turn, +1 per regenerate
+            "slot": str,  # 'a' or 'b'
+            "text": str,
+            "policy_version": str,
+            "model_id": str,
+            "seed": int,
+            "temperature": float,
+            "top_p": float,
+            "max_new_tokens": int,
+            "finish_reason": str,  # 'stop' (end of turn) or 'length'
+            "n_tokens": int,
+            "logprob_sum": float,
+            "latency_s": float,
+            "superseded": int,
+            "created_at": str,
+        },
+        pk="id",
+        foreign_keys=[("turn_id", "turns", "id")],
+        defaults={"superseded": 0},
+        not_null={"turn_id", "pair", "slot", "text", "policy_version"},
+    )
+    db["feedback"].create(
+        {
+            "id": int,
+            "turn_id": int,
+            "pair": int,
+            "reply_id": int,  # set for ratings: the reply the thumb was on
+            "kind": str,  # 'choice', 'rating' or 'edit'
+            "value": str,
+            "user": str,
+            "session_id": str,
+            "created_at": str,
+        },
+        pk="id",
+        foreign_keys=[("turn_id", "turns", "id"), ("reply_id", "replies", "id")],
+        not_null={"turn_id", "pair", "kind", "value"},
+    )
+    db["policy_versions"].create(
+        {
+            "id": int,
+            "name": str,  # 'v0' is the base model, v1.. are LoRA adapters
+            "model_id": str,
+            "parent": str,
+            "adapter_dir": str,
+            "manifest_json": str,
+            "created_at": str,
+        },
+        pk="id",
+    )
+    db["policy_versions"].create_index(["model_id", "name"], unique=True)
+    db["training_runs"].create(
+        {
+            "id": int,
+            "algo": str,
+            "status": str,  # 'running', 'succeeded', 'failed', 'skipped'
+            "config_json": str,
+            "parent_version": str,
+            "version": str,
+            "n_pairs": int,
+            "reason": str,
+            "metrics_json": str,
+            "started_at": str,
+            "finished_at": str,
+        },
+        pk="id",
+    )
+
+
+@migrations()
+def m002_provenance_and_history(db: Database) -> None:
+    # Time to first token and the sampled token ids make replies re-scorable exactly (KL, staleness)
+    # without re-tokenising text; a replaced vote keeps its row and points at its successor.
+    db["replies"].add_column("ttft_s", float)
+    db["replies"].add_column("token_ids_json", str)
+    db["feedback"].add_column("replaced_by", int)
+    db["turns"].add_column("note", str)  # shown to the person when the context was truncated
+    db["replies"].create_index(["turn_id", "pair"])
+    db["feedback"].create_index(["turn_id", "pair", "kind"])
+    db["turns"].create_index(["conversation_id", "idx"])
+
+
+def apply(db: Database, stop_before: str | None = None) -> None:
+    migrations.apply(db, stop_before=stop_before)
+
+
+def applied_names(db: Database) -> list[str]:
+    return [m.name for m in migrations.applied(db)]
