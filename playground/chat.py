@@ -1,0 +1,294 @@
+"""One person's conversation: what they sent, the pair being judged, and every action on it.
+
+`ChatSession` is plain per-session data (it lives in a `gr.State`); `ChatService` holds the shared
+pieces (policy, store, limits) and implements each action once, for the browser UI and the public API
+alike. Actions raise `ChatError` with a message meant for the person; nothing is written when they do.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import threading
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from playground.generation import SampledReply, SamplingSettings, sample_pair
+from playground.limits import DEFAULT_MAX_CONTEXT_TOKENS, MAX_STORED_MESSAGE_CHARS
+from playground.policy import PolicyHolder, PolicySnapshot
+from playground.prompting import build_prompt
+from store import CHOICES, RATINGS, SLOTS, FeedbackError, Store, StoreError
+
+DEFAULT_USER = "anonymous"
+SEED_BITS = 31
+UNSAVED_NOTE = "These replies are not saved yet"
+
+
+class ChatError(Exception):
+    """An action that cannot be done as asked; the message says why and what to do instead."""
+
+
+@dataclass
+class Pair:
+    """The two replies of the current turn, and what the person said about them."""
+
+    replies: list[SampledReply]
+    version: str
+    settings: SamplingSettings
+    generating: bool = True
+    turn_id: int | None = None  # set once stored
+    index: int = 0  # 0 for the first pair of the turn, +1 per regenerate
+    reply_ids: list[int] = field(default_factory=list)
+    choice: str | None = None
+    ratings: dict[str, str] = field(default_factory=dict)
+    edit: str | None = None
+
+    def reply(self, slot: str) -> SampledReply:
+        return self.replies[SLOTS.index(slot)]
+
+    def continuation(self) -> str:
+        """The assistant turn the conversation goes on from: the chosen reply, else the edit, else A."""
+        if self.choice in ("a", "b"):
+            return self.reply(self.choice).text
+        if self.edit:
+            return self.edit
+        return self.reply("a").text
+
+
+@dataclass
+class ChatSession:
+    session_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    user: str = DEFAULT_USER
+    conversation_id: int | None = None
+    history: list[dict[str, str]] = field(default_factory=list)  # finished turns, chat-template roles
+    user_message: str | None = None  # the current turn's message, exactly as typed
+    context: list[dict[str, str]] = field(default_factory=list)  # what the model saw for it
+    prompt_ids: list[int] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    pair: Pair | None = None
+    system_prompt: str = ""
+    # Guards the idle -> generating transition: two clicks in one session run on two threads.
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def __deepcopy__(self, memo):
+        # Gradio deep-copies a State's initial value for each new browser session: give each a fresh id.
+        return ChatSession(user=self.user, system_prompt=self.system_prompt)
+
+    def messages(self) -> list[dict[str, str]]:
+        """The conversation as shown: finished turns, then the current message and its continuation."""
+        shown = list(self.history)
+        if self.user_message is not None:
+            shown.append({"role": "user", "content": self.user_message})
+            if self.pair is not None and not self.pair.generating:
+                shown.append({"role": "assistant", "content": self.pair.continuation()})
+        return shown
+
+
+class ChatService:
+    def __init__(self, policy: PolicyHolder, store: Store, max_context_tokens: int = DEFAULT_MAX_CONTEXT_TOKENS):
+        self.policy = policy
+        self.store = store
+        self.max_context_tokens = max_context_tokens
+
+    # -- sending and sampling ---------------------------------------------------------------------
+
+    def send(self, session: ChatSession, message: str, settings: SamplingSettings) -> Iterator[Pair]:
+        """Start a turn and stream its pair; the last yield is stored (or says why it was not)."""
+        if message is None or not message.strip():
+            raise ChatError("Type a message first: an empty message has nothing to reply to.")
+        if len(message) > MAX_STORED_MESSAGE_CHARS:
+            raise ChatError(
+                f"That message has {len(message):,} characters; the limit is {MAX_STORED_MESSAGE_CHARS:,}. "
+                "Nothing was sent."
+            )
+        snapshot = self.policy.snapshot()
+        with session.lock:
+            self._check_idle(session)
+            history = session.messages()  # the previous turn's continuation becomes history now
+            budget = min(self.max_context_tokens, snapshot.context_window - settings.max_new_tokens)
+            prompt = build_prompt(snapshot.tokenizer, session.system_prompt, history, message, budget)
+            session.history = history
+            session.user_message = message
+            session.context = prompt.messages
+            session.prompt_ids = prompt.ids
+            session.notes = prompt.notes
+            previous, session.pair = None, Pair(replies=[], version=snapshot.version, settings=settings)
+        yield from self._stream(session, snapshot, previous)
+
+    def regenerate(self, session: ChatSession, settings: SamplingSettings) -> Iterator[Pair]:
+        snapshot = self.policy.snapshot()
+        with session.lock:
+            if session.pair is None:
+                raise ChatError("There is no pair to regenerate yet: send a message first.")
+            self._check_idle(session)
+            previous = session.pair
+            session.pair = Pair(
+                replies=[], version=snapshot.version, settings=settings,
+                turn_id=previous.turn_id, index=previous.index + 1,
+            )
+        yield from self._stream(session, snapshot, previous)
+
+    def _stream(self, session: ChatSession, snapshot: PolicySnapshot, previous: Pair | None) -> Iterator[Pair]:
+        pair = session.pair
+        seeds = (secrets.randbits(SEED_BITS), secrets.randbits(SEED_BITS))
+        try:
+            for replies in sample_pair(snapshot.model, snapshot.tokenizer, session.prompt_ids, pair.settings, seeds):
+                pair.replies = replies
+                yield pair
+        except BaseException:
+            # A failed or abandoned generation leaves no pair behind: a regenerate falls back to the
+            # pair it replaced, a new turn to the conversation before it.
+            session.pair = previous
+            if previous is None:
+                session.user_message = None
+            raise
+        pair.generating = False
+        self._save_pair(session, pair)
+        yield pair
+
+    def _save_pair(self, session: ChatSession, pair: Pair) -> None:
+        """Store a finished pair; on a database error keep it on screen, unsaved, with a note."""
+        rows = [_reply_row(r, pair, self.policy.model_id) for r in pair.replies]
+        try:
+            if session.conversation_id is None:
+                session.conversation_id = self.store.start_conversation(
+                    session.session_id, session.user, self.policy.model_id, session.system_prompt
+                )
+            if pair.turn_id is not None:  # a regenerated pair of a stored turn
+                pair.index, pair.reply_ids = self.store.record_regenerated_pair(pair.turn_id, rows)
+            else:
+                idx = sum(1 for m in session.history if m["role"] == "user")
+                pair.turn_id, pair.reply_ids = self.store.record_turn(
+                    session.conversation_id, idx, session.context, session.user_message, rows,
+                    note=" ".join(session.notes) or None,
+                )
+            session.notes = [n for n in session.notes if not n.startswith(UNSAVED_NOTE)]
+        except StoreError as exc:
+            # The pair stays on screen; the next judgment tries to save it again before recording itself.
+            session.notes = [n for n in session.notes if not n.startswith(UNSAVED_NOTE)]
+            session.notes.append(f"{UNSAVED_NOTE} ({exc}).")
+
+    def _ensure_saved(self, session: ChatSession) -> Pair:
+        pair = session.pair
+        if not pair.reply_ids:
+            self._save_pair(session, pair)
+            if not pair.reply_ids:
+                raise ChatError(f"{session.notes[-1]} Nothing was recorded; try again in a moment.")
+        return pair
+
+    # -- feedback ---------------------------------------------------------------------------------
+
+    def vote(self, session: ChatSession, choice: str) -> Pair:
+        choice = (choice or "").strip().lower()
+        if choice not in CHOICES:
+            raise ChatError(f"Unknown choice {choice!r}: use one of {', '.join(CHOICES)}.")
+        pair = self._judgeable(session)
+        self._record(lambda: self.store.record_choice(pair.turn_id, pair.index, choice, session.user, session.session_id))
+        pair.choice = choice
+        return pair
+
+    def rate(self, session: ChatSession, slot: str, rating: str) -> Pair:
+        slot, rating = (slot or "").strip().lower(), (rating or "").strip().lower()
+        if slot not in SLOTS:
+            raise ChatError(f"Unknown reply {slot!r}: use 'a' or 'b'.")
+        if rating not in RATINGS:
+            raise ChatError(f"Unknown rating {rating!r}: use 'up' or 'down'.")
+        pair = self._judgeable(session)
+        reply_id = pair.reply_ids[SLOTS.index(slot)]
+        self._record(lambda: self.store.record_rating(reply_id, rating, session.user, session.session_id))
+        pair.ratings[slot] = rating
+        return pair
+
+    def edit(self, session: ChatSession, text: str) -> Pair:
+        if text is None or not text.strip():
+            raise ChatError("The better reply is empty: write the reply you would have wanted.")
+        if len(text) > MAX_STORED_MESSAGE_CHARS:
+            raise ChatError(f"The better reply is over {MAX_STORED_MESSAGE_CHARS:,} characters; nothing saved.")
+        pair = self._judgeable(session)
+        self._record(lambda: self.store.record_edit(pair.turn_id, pair.index, text, session.user, session.session_id))
+        pair.edit = text
+        return pair
+
+    def new_conversation(self, session: ChatSession) -> None:
+        with session.lock:
+            self._check_idle(session)
+            self._reset(session)
+
+    @staticmethod
+    def _reset(session: ChatSession) -> None:
+        session.conversation_id = None
+        session.history = []
+        session.user_message = None
+        session.context = []
+        session.prompt_ids = []
+        session.notes = []
+        session.pair = None
+
+    def _judgeable(self, session: ChatSession) -> Pair:
+        if session.pair is None:
+            raise ChatError("There is nothing to judge yet: send a message first.")
+        if session.pair.generating:
+            raise ChatError("The replies are still being written: wait until both have finished.")
+        return self._ensure_saved(session)
+
+    def _check_idle(self, session: ChatSession) -> None:
+        if session.pair is not None and session.pair.generating:
+            raise ChatError("Replies are still being written: wait until both have finished.")
+
+    @staticmethod
+    def _record(write) -> None:
+        try:
+            write()
+        except FeedbackError as exc:
+            raise ChatError(f"Not recorded: {exc}.") from exc
+        except StoreError as exc:
+            raise ChatError(f"Your judgment was NOT saved: {exc}. Please try again.") from exc
+
+
+def _reply_row(reply: SampledReply, pair: Pair, model_id: str) -> dict:
+    return {
+        "slot": reply.slot,
+        "text": reply.text,
+        "policy_version": pair.version,
+        "model_id": model_id,
+        "seed": reply.seed,
+        "temperature": pair.settings.temperature,
+        "top_p": pair.settings.top_p,
+        "max_new_tokens": pair.settings.max_new_tokens,
+        "finish_reason": reply.finish_reason,
+        "n_tokens": reply.n_tokens,
+        "logprob_sum": reply.logprob_sum,
+        "latency_s": reply.latency_s,
+        "ttft_s": reply.ttft_s,
+        "token_ids_json": json.dumps(reply.token_ids),
+    }
+
+
+def pair_summary(session: ChatSession) -> dict:
+    """The current pair as plain JSON, for API clients."""
+    pair = session.pair
+    if pair is None:
+        return {"conversation_id": session.conversation_id, "pair": None, "notes": session.notes}
+    return {
+        "conversation_id": session.conversation_id,
+        "turn_id": pair.turn_id,
+        "pair": pair.index,
+        "generating": pair.generating,
+        "saved": bool(pair.reply_ids),
+        "choice": pair.choice,
+        "ratings": dict(pair.ratings),
+        "edit": pair.edit,
+        "notes": list(session.notes),
+        "replies": {
+            r.slot: {
+                "id": pair.reply_ids[i] if pair.reply_ids else None,
+                "text": r.text,
+                "policy_version": pair.version,
+                "n_tokens": r.n_tokens,
+                "finish_reason": r.finish_reason,
+                "seed": r.seed,
+            }
+            for i, r in enumerate(pair.replies)
+        },
+    }

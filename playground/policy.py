@@ -1,0 +1,46 @@
+"""The policy being served: a base model and the name of the live version.
+
+A generation takes a `PolicySnapshot` when it starts and keeps it to the end, so a version switch
+never happens mid-stream: requests that start after `set_live` get the new one. The lock only guards
+the swap of one reference, so it never blocks for longer than that.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+from playground.models import LoadedModel
+
+BASE_VERSION = "v0"
+
+
+@dataclass(frozen=True)
+class PolicySnapshot:
+    version: str
+    model: object
+    tokenizer: object
+    model_id: str
+
+    @property
+    def context_window(self) -> int:
+        return int(getattr(self.model.config, "max_position_embeddings", 2048))
+
+
+class PolicyHolder:
+    def __init__(self, loaded: LoadedModel):
+        self.loaded = loaded
+        self._lock = threading.Lock()
+        self._live = PolicySnapshot(BASE_VERSION, loaded.model, loaded.tokenizer, loaded.model_id)
+
+    @property
+    def model_id(self) -> str:
+        return self.loaded.model_id
+
+    def snapshot(self) -> PolicySnapshot:
+        with self._lock:
+            return self._live
+
+    def set_live(self, snapshot: PolicySnapshot) -> None:
+        with self._lock:
+            self._live = snapshot

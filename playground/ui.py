@@ -1,0 +1,246 @@
+"""The Gradio app: `build_ui(service) -> gr.Blocks`. Callbacks are thin: they call `ChatService`.
+
+Every action exists twice on purpose: once wired to the visible components (private events that
+return component updates) and once as a named public endpoint (`/send`, `/vote`, ...) that takes
+plain values and returns the pair as JSON for `gradio_client`. Both share the session's `gr.State`.
+
+Text from people and from the model is shown with markdown rendering off and HTML sanitised: it is
+displayed exactly as written, and markup in it is never interpreted.
+"""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from playground.chat import ChatError, ChatService, ChatSession, Pair, pair_summary
+from playground.generation import SampledReply, SamplingSettings
+from playground.limits import MAX_NEW_TOKENS_LIMIT, MAX_TEMPERATURE, MIN_TEMPERATURE
+
+GENERATE_CONCURRENCY = "generate"  # one decode at a time: on 2 cores two would only share the bandwidth
+CHOICE_LABELS = {"a": "A is better", "b": "B is better", "tie": "Tie", "both_bad": "Both are bad"}
+FINISH_LABELS = {"stop": "end of turn", "length": "length limit", None: "writing…"}
+
+CSS = """
+.reply-panel { min-height: 260px; }
+.badge { font-size: 0.85em; opacity: 0.85; }
+.vote-row button { min-width: 120px; }
+"""
+
+
+def badge(pair: Pair | None, reply: SampledReply | None) -> str:
+    if pair is None or reply is None:
+        return ""
+    rating = pair.ratings.get(reply.slot)
+    parts = [f"`{pair.version}`", f"{reply.n_tokens} tokens", FINISH_LABELS.get(reply.finish_reason, "")]
+    if rating:
+        parts.append("👍 rated up" if rating == "up" else "👎 rated down")
+    if pair.choice == reply.slot:
+        parts.append("**chosen**")
+    return " · ".join(parts)
+
+
+def notice(session: ChatSession) -> str:
+    lines = [f"⚠️ {n}" for n in session.notes]
+    pair = session.pair
+    if pair is not None and not pair.generating:
+        if pair.choice:
+            lines.append(f"Saved: {CHOICE_LABELS[pair.choice]}. Send your next message to continue.")
+        elif pair.reply_ids:
+            lines.append("Which reply is better? Your vote trains the next version.")
+        if pair.edit:
+            lines.append("Saved your better reply.")
+    return "\n\n".join(lines)
+
+
+def build_ui(service: ChatService, title: str = "RLHF Playground") -> gr.Blocks:
+    model_id = service.policy.model_id
+    with gr.Blocks(title=title, fill_width=True) as demo:
+        session = gr.State(lambda: ChatSession())  # a factory: each browser session gets its own
+        gr.Markdown(f"## {title}")
+        status = gr.Markdown(elem_id="status")
+        history = gr.Chatbot(
+            label="Conversation", height=260, render_markdown=False, sanitize_html=True, elem_id="history",
+            placeholder="Send a message: you will get two replies to compare.",
+        )
+        with gr.Row(equal_height=True):
+            panels, badges, thumbs = {}, {}, {}
+            for slot in ("a", "b"):
+                with gr.Column(elem_id=f"column-{slot}"):
+                    panels[slot] = gr.Chatbot(
+                        label=f"Reply {slot.upper()}", height=300, render_markdown=False, sanitize_html=True,
+                        elem_id=f"reply-{slot}", elem_classes="reply-panel",
+                    )
+                    badges[slot] = gr.Markdown(elem_id=f"badge-{slot}", elem_classes="badge")
+                    with gr.Row():
+                        thumbs[slot, "up"] = gr.Button("👍", size="sm", interactive=False, elem_id=f"up-{slot}")
+                        thumbs[slot, "down"] = gr.Button("👎", size="sm", interactive=False, elem_id=f"down-{slot}")
+        with gr.Row(elem_classes="vote-row"):
+            votes = {
+                choice: gr.Button(label, interactive=False, variant="primary" if choice in "ab" else "secondary",
+                                  elem_id=f"vote-{choice}")
+                for choice, label in CHOICE_LABELS.items()
+            }
+        note = gr.Markdown(elem_id="notice")
+        with gr.Row():
+            message = gr.Textbox(
+                show_label=False, placeholder="Type a message and press Enter", lines=2, max_lines=8, scale=5,
+                elem_id="message",
+            )
+            send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
+        with gr.Row():
+            regenerate = gr.Button("Regenerate", interactive=False, elem_id="regenerate")
+            new_chat = gr.Button("New conversation", elem_id="new-conversation")
+        with gr.Accordion("Write a better reply", open=False):
+            edit_text = gr.Textbox(show_label=False, lines=4, placeholder="The reply you would have wanted")
+            edit_save = gr.Button("Save better reply", interactive=False, elem_id="save-edit")
+        with gr.Accordion("Sampling settings", open=False):
+            temperature = gr.Slider(MIN_TEMPERATURE, MAX_TEMPERATURE, value=SamplingSettings.temperature,
+                                    step=0.05, label="Temperature")
+            top_p = gr.Slider(0.05, 1.0, value=SamplingSettings.top_p, step=0.01, label="Top-p")
+            max_new_tokens = gr.Slider(1, MAX_NEW_TOKENS_LIMIT, value=SamplingSettings.max_new_tokens, step=1,
+                                       label="Max new tokens")
+            system_prompt = gr.Textbox(value="", label="System prompt (applies from the next conversation's first message)",
+                                       lines=2)
+        sampling = [temperature, top_p, max_new_tokens, system_prompt]
+
+        judge_buttons = [*votes.values(), *thumbs.values(), edit_save]
+        view_outputs = [history, panels["a"], panels["b"], badges["a"], badges["b"], note, status,
+                        *judge_buttons, regenerate, send, new_chat]
+
+        def view(state: ChatSession) -> list:
+            pair = state.pair
+            busy = pair is not None and pair.generating
+            judgeable = pair is not None and not busy
+            replies = {r.slot: r for r in pair.replies} if pair else {}
+            out = [
+                state.messages(),
+                [{"role": "assistant", "content": replies["a"].text}] if "a" in replies else [],
+                [{"role": "assistant", "content": replies["b"].text}] if "b" in replies else [],
+                badge(pair, replies.get("a")),
+                badge(pair, replies.get("b")),
+                notice(state),
+                f"Model **{model_id}** · live policy **{service.policy.snapshot().version}**",
+            ]
+            out += [gr.Button(interactive=judgeable) for _ in judge_buttons]
+            out += [gr.Button(interactive=judgeable), gr.Button(interactive=not busy), gr.Button(interactive=not busy)]
+            return out
+
+        def settings_of(temp, p, max_tokens) -> SamplingSettings:
+            try:
+                return SamplingSettings(float(temp), float(p), int(max_tokens))
+            except (TypeError, ValueError) as exc:
+                raise gr.Error(f"Sampling settings: {exc}") from exc
+
+        def guarded(fn, *args):
+            try:
+                return fn(*args)
+            except ChatError as exc:
+                raise gr.Error(str(exc)) from exc
+
+        def streamed(iterator_fn, state, *args):
+            try:
+                for _ in iterator_fn(state, *args):
+                    yield state
+            except ChatError as exc:
+                raise gr.Error(str(exc)) from exc
+
+        # -- browser events -----------------------------------------------------------------------
+
+        def on_send(state, text, temp, p, max_tokens, system):
+            if state.conversation_id is None and state.pair is None:
+                state.system_prompt = system or ""
+            settings = settings_of(temp, p, max_tokens)
+            for state in streamed(service.send, state, text, settings):
+                # The box is cleared only once the pair is done: a failed send loses nothing typed.
+                yield [state, gr.skip() if state.pair.generating else ""] + view(state)
+
+        def on_regenerate(state, temp, p, max_tokens):
+            for state in streamed(service.regenerate, state, settings_of(temp, p, max_tokens)):
+                yield [state] + view(state)
+
+        def judge(fn, *fixed):
+            def run(state, *args):
+                guarded(fn, state, *fixed, *args)
+                return [state] + view(state)
+            return run
+
+        send_args = dict(fn=on_send, inputs=[session, message, *sampling], outputs=[session, message, *view_outputs],
+                         concurrency_id=GENERATE_CONCURRENCY, api_visibility="private")
+        send.click(**send_args)
+        message.submit(**send_args)
+        regenerate.click(on_regenerate, [session, temperature, top_p, max_new_tokens], [session, *view_outputs],
+                         concurrency_id=GENERATE_CONCURRENCY, api_visibility="private")
+        for choice, button in votes.items():
+            button.click(judge(service.vote, choice), [session], [session, *view_outputs], api_visibility="private")
+        for (slot, rating), button in thumbs.items():
+            button.click(judge(service.rate, slot, rating), [session], [session, *view_outputs],
+                         api_visibility="private")
+        edit_save.click(judge(service.edit), [session, edit_text], [session, *view_outputs], api_visibility="private")
+
+        def on_new(state):
+            guarded(service.new_conversation, state)
+            return [state, ""] + view(state)
+
+        new_chat.click(on_new, [session], [session, edit_text, *view_outputs], api_visibility="private")
+        demo.load(lambda state: [state] + view(state), [session], [session, *view_outputs], api_visibility="private")
+
+        # -- the public API: the same actions, plain values in, the pair as JSON out ---------------
+        with gr.Group(visible=False):
+            api_text = gr.Textbox()
+            api_slot = gr.Textbox()
+            api_value = gr.Textbox()
+            api_num1, api_num2, api_num3 = gr.Number(), gr.Number(), gr.Number()
+            api_out = gr.JSON()
+            api_trigger = gr.Button()
+
+        def api_settings(temperature, top_p, max_new_tokens) -> SamplingSettings:
+            default = SamplingSettings()
+            return settings_of(
+                default.temperature if temperature is None else temperature,
+                default.top_p if top_p is None else top_p,
+                default.max_new_tokens if max_new_tokens is None else max_new_tokens,
+            )
+
+        def api_send(state, message: str, temperature: float | None = None, top_p: float | None = None,
+                     max_new_tokens: int | None = None, system_prompt: str | None = None):
+            if state.conversation_id is None and state.pair is None:
+                state.system_prompt = system_prompt or ""
+            for state in streamed(service.send, state, message, api_settings(temperature, top_p, max_new_tokens)):
+                yield state, pair_summary(state)
+
+        def api_regenerate(state, temperature: float | None = None, top_p: float | None = None,
+                           max_new_tokens: int | None = None):
+            for state in streamed(service.regenerate, state, api_settings(temperature, top_p, max_new_tokens)):
+                yield state, pair_summary(state)
+
+        def api_vote(state, choice: str):
+            guarded(service.vote, state, choice)
+            return state, pair_summary(state)
+
+        def api_rate(state, slot: str, rating: str):
+            guarded(service.rate, state, slot, rating)
+            return state, pair_summary(state)
+
+        def api_edit(state, text: str):
+            guarded(service.edit, state, text)
+            return state, pair_summary(state)
+
+        def api_new_conversation(state):
+            guarded(service.new_conversation, state)
+            return state, pair_summary(state)
+
+        def api_state(state):
+            return state, pair_summary(state)
+
+        api = api_trigger.click
+        api(api_send, [session, api_text, api_num1, api_num2, api_num3, api_value], [session, api_out],
+            api_name="send", concurrency_id=GENERATE_CONCURRENCY)
+        api(api_regenerate, [session, api_num1, api_num2, api_num3], [session, api_out],
+            api_name="regenerate", concurrency_id=GENERATE_CONCURRENCY)
+        api(api_vote, [session, api_value], [session, api_out], api_name="vote")
+        api(api_rate, [session, api_slot, api_value], [session, api_out], api_name="rate")
+        api(api_edit, [session, api_text], [session, api_out], api_name="edit")
+        api(api_new_conversation, [session], [session, api_out], api_name="new_conversation")
+        api(api_state, [session], [session, api_out], api_name="state")
+    demo.queue(default_concurrency_limit=4)
+    return demo

@@ -1,0 +1,168 @@
+"""The real app over HTTP, driven by gradio_client the way a user's script would drive it."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+
+import pytest
+from gradio_client import Client
+
+from tests.servers import running_app
+
+NASTY = "nul\x00 bell\x07 emoji 🙂 rtl שלום مرحبا <script>alert(1)</script> <img src=x onerror=alert(2)>"
+PASTE = "\n".join(f"line {i}" for i in range(10_000))
+FAST = {"max_new_tokens": 12, "temperature": 1.0, "top_p": 1.0}
+
+
+@pytest.fixture(scope="module")
+def app(tiny_loaded, tmp_path_factory):
+    db = tmp_path_factory.mktemp("api") / "api.db"
+    with running_app(tiny_loaded, db) as (url, service):
+        yield url, service, db
+
+
+def rows(db, sql, *args):
+    conn = sqlite3.connect(db)
+    conn.row_factory = sqlite3.Row
+    try:
+        return [dict(r) for r in conn.execute(sql, args)]
+    finally:
+        conn.close()
+
+
+def client(url):
+    return Client(url, verbose=False)
+
+
+def test_two_concurrent_sessions_full_flow_then_every_row(app):
+    url, service, db = app
+    before = {t: rows(db, f"select count(*) n from {t}")[0]["n"] for t in ("conversations", "turns", "feedback")}
+    results = {}
+
+    def session(name, message, choice):
+        c = client(url)
+        c.predict(api_name="/new_conversation")
+        first = c.predict(message, api_name="/send", **FAST)
+        voted = c.predict(choice, api_name="/vote")
+        rated = c.predict("b", "down", api_name="/rate")
+        edited = c.predict(f"{name}'s better reply", api_name="/edit")
+        regenerated = c.predict(api_name="/regenerate", **FAST)
+        revoted = c.predict("a", api_name="/vote")
+        revoted = c.predict("tie", api_name="/vote")  # replaces the vote just given
+        second = c.predict(f"{name} follows up", api_name="/send", **FAST)
+        results[name] = dict(first=first, voted=voted, rated=rated, edited=edited, regenerated=regenerated,
+                             revoted=revoted, second=second)
+
+    threads = [threading.Thread(target=session, args=("ann", "hello from ann", "a")),
+               threading.Thread(target=session, args=("bob", "hello from bob", "b"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert set(results) == {"ann", "bob"}
+
+    ann, bob = results["ann"], results["bob"]
+    assert ann["first"]["conversation_id"] != bob["first"]["conversation_id"]
+    for name, r in results.items():
+        first, regen = r["first"], r["regenerated"]
+        assert r["voted"]["choice"] in ("a", "b") and r["rated"]["ratings"] == {"b": "down"}
+        assert r["edited"]["edit"] == f"{name}'s better reply"
+        assert regen["turn_id"] == first["turn_id"] and regen["pair"] == 1 and regen["choice"] is None
+        assert r["second"]["turn_id"] != first["turn_id"]
+
+        turn_id = first["turn_id"]
+        replies = rows(db, "select * from replies where turn_id = ? order by pair, slot", turn_id)
+        assert [(x["pair"], x["slot"], x["superseded"]) for x in replies] == [
+            (0, "a", 1), (0, "b", 1), (1, "a", 0), (1, "b", 0)]
+        for x in replies:
+            assert x["policy_version"] == "v0" and x["model_id"] == service.policy.model_id
+            assert x["finish_reason"] in ("stop", "length") and x["n_tokens"] >= 1 and x["logprob_sum"] < 0
+            assert x["max_new_tokens"] == 12 and x["seed"] is not None and x["latency_s"] > 0
+        assert [x["text"] for x in replies[:2]] == [first["replies"]["a"]["text"], first["replies"]["b"]["text"]]
+
+        feedback = rows(db, "select * from feedback where turn_id = ? order by id", turn_id)
+        assert [(f["kind"], f["pair"], f["value"], f["replaced_by"] is None) for f in feedback] == [
+            ("choice", 0, r["voted"]["choice"], True),
+            ("rating", 0, "down", True),
+            ("edit", 0, f"{name}'s better reply", True),
+            ("choice", 1, "a", False),
+            ("choice", 1, "tie", True),
+        ]
+        assert feedback[1]["reply_id"] == replies[1]["id"]
+        assert len({f["session_id"] for f in feedback}) == 1
+
+        # After a tie with an edit on the *old* pair, the new pair has no edit: the conversation goes on from A.
+        turns = rows(db, "select * from turns where conversation_id = ? order by idx", first["conversation_id"])
+        assert [t["idx"] for t in turns] == [0, 1]
+        context = json.loads(turns[1]["context_json"])
+        assert context[-3:] == [
+            {"role": "user", "content": f"hello from {name}"},
+            {"role": "assistant", "content": regen["replies"]["a"]["text"]},
+            {"role": "user", "content": f"{name} follows up"},
+        ]
+    after = {t: rows(db, f"select count(*) n from {t}")[0]["n"] for t in ("conversations", "turns", "feedback")}
+    assert after["conversations"] - before["conversations"] == 2
+    assert after["turns"] - before["turns"] == 4
+    assert after["feedback"] - before["feedback"] == 10
+
+
+def test_bad_input_gets_a_clear_error_and_writes_nothing(app):
+    url, _, db = app
+    c = client(url)
+    c.predict(api_name="/new_conversation")
+    count = lambda: rows(db, "select count(*) n from feedback")[0]["n"]  # noqa: E731
+    before = count()
+    for call, message in [
+        (lambda: c.predict("a", api_name="/vote"), "send a message first"),
+        (lambda: c.predict("   ", api_name="/send"), "empty"),
+    ]:
+        with pytest.raises(Exception, match=message):
+            call()
+    c.predict("hi", api_name="/send", **FAST)
+    for call, message in [
+        (lambda: c.predict("best", api_name="/vote"), "Unknown choice"),
+        (lambda: c.predict("c", "up", api_name="/rate"), "Unknown reply"),
+        (lambda: c.predict("a", "meh", api_name="/rate"), "Unknown rating"),
+        (lambda: c.predict("", api_name="/edit"), "empty"),
+        (lambda: c.predict("x", api_name="/send", temperature=9.0), "temperature"),
+        (lambda: c.predict("x" * 200_001, api_name="/send"), "limit"),
+    ]:
+        with pytest.raises(Exception, match=message):
+            call()
+    assert count() == before
+
+
+def test_awkward_text_is_stored_exactly(app):
+    url, _, db = app
+    c = client(url)
+    notes = {}
+    for text in (NASTY, PASTE, "[click](javascript:alert(3))"):
+        c.predict(api_name="/new_conversation")
+        out = c.predict(text, api_name="/send", **FAST)
+        stored = rows(db, "select user_message, note from turns where id = ?", out["turn_id"])[0]
+        assert stored["user_message"] == text
+        assert c.predict("a", api_name="/vote")["choice"] == "a"
+        notes[text] = (stored["note"], out["notes"])
+    # The 10,000-line paste is stored whole; the model read its first 8,000 characters and the person is told.
+    assert "first 8,000" in notes[PASTE][0] and any("first 8,000" in n for n in notes[PASTE][1])
+    assert notes[NASTY] == (None, [])
+
+
+def test_locked_database_vote_is_not_saved_then_saved(app):
+    url, _, db = app
+    c = client(url)
+    c.predict(api_name="/new_conversation")
+    out = c.predict("lock test", api_name="/send", **FAST)
+    other = sqlite3.connect(db, isolation_level=None)
+    other.execute("begin exclusive")
+    try:
+        with pytest.raises(Exception, match="NOT saved"):
+            c.predict("a", api_name="/vote")
+    finally:
+        other.execute("rollback")
+        other.close()
+    assert rows(db, "select count(*) n from feedback where turn_id = ?", out["turn_id"])[0]["n"] == 0
+    assert c.predict("a", api_name="/vote")["choice"] == "a"
+    assert rows(db, "select value from feedback where turn_id = ?", out["turn_id"]) == [{"value": "a"}]
