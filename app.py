@@ -80,7 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ModelLoadError, StoreError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    demo.launch(server_name=args.host, server_port=args.port, show_error=True)
+    from playground.ui import launch
+
+    launch(demo, args.host, args.port, show_error=True)
     return 0
 
 

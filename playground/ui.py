@@ -4,11 +4,13 @@ Every action exists twice on purpose: once wired to the visible components (priv
 return component updates) and once as a named public endpoint (`/send`, `/vote`, ...) that takes
 plain values and returns the pair as JSON for `gradio_client`. Both share the session's `gr.State`.
 
-Text from people and from the model is shown with markdown rendering off and HTML sanitised: it is
-displayed exactly as written, and markup in it is never interpreted.
+Text from people and from the model is shown with markdown rendering off and HTML escaped (and the
+Chatbot's sanitiser on as a second wall): it is displayed exactly as written, never interpreted.
 """
 
 from __future__ import annotations
+
+import html
 
 import gradio as gr
 
@@ -21,10 +23,15 @@ CHOICE_LABELS = {"a": "A is better", "b": "B is better", "tie": "Tie", "both_bad
 FINISH_LABELS = {"stop": "end of turn", "length": "length limit", None: "writing…"}
 
 CSS = """
-.reply-panel { min-height: 260px; }
+.message-content .md { white-space: pre-wrap; }  /* keep a reply's indentation and blank lines */
 .badge { font-size: 0.85em; opacity: 0.85; }
 .vote-row button { min-width: 120px; }
 """
+
+
+def shown(role: str, text: str) -> dict:
+    """A chat message for display: the Chatbot renders HTML, so escape it to show markup as typed."""
+    return {"role": role, "content": html.escape(text, quote=False)}
 
 
 def badge(pair: Pair | None, reply: SampledReply | None) -> str:
@@ -59,21 +66,24 @@ def build_ui(service: ChatService, title: str = "RLHF Playground") -> gr.Blocks:
         gr.Markdown(f"## {title}")
         status = gr.Markdown(elem_id="status")
         history = gr.Chatbot(
-            label="Conversation", height=260, render_markdown=False, sanitize_html=True, elem_id="history",
+            label="Conversation", height=260, buttons=["copy_all"], render_markdown=False, sanitize_html=True, elem_id="history",
             placeholder="Send a message: you will get two replies to compare.",
         )
         with gr.Row(equal_height=True):
             panels, badges, thumbs = {}, {}, {}
             for slot in ("a", "b"):
                 with gr.Column(elem_id=f"column-{slot}"):
+                    gr.Markdown(f"**Reply {slot.upper()}**")
                     panels[slot] = gr.Chatbot(
-                        label=f"Reply {slot.upper()}", height=300, render_markdown=False, sanitize_html=True,
-                        elem_id=f"reply-{slot}", elem_classes="reply-panel",
+                        show_label=False, height=300, render_markdown=False, sanitize_html=True,
+                        elem_id=f"reply-{slot}", elem_classes="reply-panel", buttons=["copy"],
                     )
-                    badges[slot] = gr.Markdown(elem_id=f"badge-{slot}", elem_classes="badge")
-                    with gr.Row():
-                        thumbs[slot, "up"] = gr.Button("👍", size="sm", interactive=False, elem_id=f"up-{slot}")
-                        thumbs[slot, "down"] = gr.Button("👎", size="sm", interactive=False, elem_id=f"down-{slot}")
+                    with gr.Row(equal_height=True):
+                        badges[slot] = gr.Markdown(elem_id=f"badge-{slot}", elem_classes="badge")
+                        thumbs[slot, "up"] = gr.Button("👍 Good", size="sm", interactive=False, scale=0,
+                                                       elem_id=f"up-{slot}")
+                        thumbs[slot, "down"] = gr.Button("👎 Bad", size="sm", interactive=False, scale=0,
+                                                         elem_id=f"down-{slot}")
         with gr.Row(elem_classes="vote-row"):
             votes = {
                 choice: gr.Button(label, interactive=False, variant="primary" if choice in "ab" else "secondary",
@@ -113,9 +123,9 @@ def build_ui(service: ChatService, title: str = "RLHF Playground") -> gr.Blocks:
             judgeable = pair is not None and not busy
             replies = {r.slot: r for r in pair.replies} if pair else {}
             out = [
-                state.messages(),
-                [{"role": "assistant", "content": replies["a"].text}] if "a" in replies else [],
-                [{"role": "assistant", "content": replies["b"].text}] if "b" in replies else [],
+                [shown(m["role"], m["content"]) for m in state.messages()],
+                [shown("assistant", replies["a"].text)] if "a" in replies else [],
+                [shown("assistant", replies["b"].text)] if "b" in replies else [],
                 badge(pair, replies.get("a")),
                 badge(pair, replies.get("b")),
                 notice(state),
@@ -244,3 +254,8 @@ def build_ui(service: ChatService, title: str = "RLHF Playground") -> gr.Blocks:
         api(api_state, [session], [session, api_out], api_name="state")
     demo.queue(default_concurrency_limit=4)
     return demo
+
+
+def launch(demo: gr.Blocks, host: str, port: int, **kwargs) -> None:
+    """Start the server with the app's CSS (Gradio 6 takes page styling at launch)."""
+    demo.launch(server_name=host, server_port=port, css=CSS, **kwargs)

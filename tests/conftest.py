@@ -42,3 +42,11 @@ def store(tmp_path):
 def artifacts_dir():
     os.makedirs(ARTIFACTS, exist_ok=True)
     return ARTIFACTS
+
+
+@pytest.fixture(scope="session")
+def bundled_loaded():
+    """The real bundled SmolLM2-135M-Instruct (converted once into data/models, like `make run`)."""
+    from playground.models import load_model
+
+    return load_model("bundled", "cpu")

@@ -7,7 +7,7 @@ import socket
 
 from playground.chat import ChatService
 from playground.policy import PolicyHolder
-from playground.ui import build_ui
+from playground.ui import build_ui, launch
 from store import Store
 
 
@@ -24,7 +24,7 @@ def running_app(loaded, db_path, busy_timeout_ms: int = 200):
     service = ChatService(PolicyHolder(loaded), store)
     demo = build_ui(service)
     port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    launch(demo, "127.0.0.1", port, prevent_thread_lock=True, quiet=True)
     try:
         yield f"http://127.0.0.1:{port}/", service
     finally:

@@ -1,0 +1,95 @@
+"""A real Chromium page against the real app on the bundled model: chat, stream, vote, and no XSS."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+
+import pytest
+
+from tests.servers import running_app
+
+pytestmark = pytest.mark.browser
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run", "--disable-sync"]
+PAYLOAD = ('<script>window.__xss = "script"</script> <img src=x onerror="window.__xss = \'img\'"> '
+           '[click me](javascript:window.__xss="link") **bold?**')
+STREAM_RECORDER = """
+() => {
+  window.__frames = [];
+  const target = document.querySelector('#reply-a');
+  new MutationObserver(() => window.__frames.push(target.innerText)).observe(
+    target, {subtree: true, childList: true, characterData: true});
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def page_and_app(bundled_loaded, tmp_path_factory):
+    if not os.path.exists(CHROMIUM):
+        pytest.fail(f"{CHROMIUM} is missing: `make setup-test` installs Debian's chromium")
+    from playwright.sync_api import sync_playwright
+
+    db = tmp_path_factory.mktemp("browser") / "browser.db"
+    with running_app(bundled_loaded, db) as (url, service), sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        page = browser.new_page(viewport={"width": 1280, "height": 1100})
+        dialogs = []
+        page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+        page.goto(url)
+        page.wait_for_selector("#message textarea")
+        yield page, db, dialogs
+        browser.close()
+
+
+def send_and_wait(page, text):
+    box = page.locator("#message textarea")
+    box.fill(text)
+    page.locator("#send").click()
+    # Both replies finished and stored: the notice asks for a vote and the vote buttons come alive.
+    page.wait_for_function("document.querySelector('#notice').innerText.includes('Which reply is better')",
+                           timeout=120_000)
+    page.wait_for_selector("#vote-a:not([disabled])")
+
+
+def test_chat_streams_two_replies_and_a_vote_lands_in_sqlite(page_and_app, artifacts_dir):
+    page, db, _ = page_and_app
+    page.evaluate(STREAM_RECORDER)
+    started = time.time()
+    send_and_wait(page, "Give me three tips for staying focused while studying.")
+    frames = page.evaluate("window.__frames")
+    texts_a = page.locator("#reply-a").inner_text()
+    texts_b = page.locator("#reply-b").inner_text()
+    assert len(set(frames)) >= 3, f"reply A did not stream (saw {len(set(frames))} states)"
+    assert len(texts_a.strip()) > 0 and len(texts_b.strip()) > 0 and texts_a != texts_b
+    assert "v0" in page.locator("#badge-a").inner_text() and "tokens" in page.locator("#badge-b").inner_text()
+
+    page.locator("#vote-a").click()
+    page.wait_for_function("document.querySelector('#notice').innerText.includes('Saved: A is better')")
+    conn = sqlite3.connect(db)
+    votes = conn.execute("select value, kind from feedback").fetchall()
+    conn.close()
+    assert votes == [("a", "choice")]
+    page.screenshot(path=os.path.join(artifacts_dir, "chat_after_vote.png"), full_page=True)
+    assert time.time() - started < 300
+
+
+def test_markup_is_shown_as_text_and_never_runs(page_and_app, artifacts_dir):
+    page, db, dialogs = page_and_app
+    send_and_wait(page, PAYLOAD)
+    history = page.locator("#history").inner_text()
+    assert '<script>window.__xss = "script"</script>' in history
+    assert "<img src=x onerror=" in history and "[click me](javascript:" in history
+    assert page.evaluate("window.__xss") is None
+    assert page.locator('a[href^="javascript:"]').count() == 0
+    assert page.locator("#history img[src='x']").count() == 0
+    assert dialogs == []
+    conn = sqlite3.connect(db)
+    stored = conn.execute("select user_message from turns order by id desc limit 1").fetchone()[0]
+    conn.close()
+    assert stored == PAYLOAD
+    page.locator("#vote-b").click()
+    page.wait_for_function("document.querySelector('#notice').innerText.includes('Saved: B is better')")
+    page.screenshot(path=os.path.join(artifacts_dir, "chat_markup.png"), full_page=True)
