@@ -20,6 +20,7 @@ from typing import Any
 from sqlite_utils import Database
 
 from store import migrations
+from store.training import TrainingQueries
 
 # How long a write waits for another process's lock before giving up (the trainer holds short ones).
 BUSY_TIMEOUT_MS = 5000
@@ -70,7 +71,7 @@ def _explain(exc: sqlite3.Error) -> str:
     return f"database error: {exc}"
 
 
-class Store:
+class Store(TrainingQueries):
     def __init__(self, path: str | Path, busy_timeout_ms: int = BUSY_TIMEOUT_MS):
         # A "file:...?mode=ro" URI opens read-only (the read-only test and read-only mounts use it).
         is_uri = str(path).startswith("file:")
@@ -90,6 +91,8 @@ class Store:
         except sqlite3.OperationalError:
             pass
         self.migrate()
+
+    _now = staticmethod(now)
 
     def migrate(self, stop_before: str | None = None) -> None:
         with self._lock:
@@ -287,7 +290,8 @@ class Store:
     def stats(self) -> dict[str, Any]:
         counts = {
             table: self._rows(f"select count(*) as n from [{table}]")[0]["n"]
-            for table in ("conversations", "turns", "replies", "feedback", "policy_versions", "training_runs")
+            for table in ("conversations", "turns", "replies", "feedback", "policy_versions", "training_runs",
+                          "metrics", "live_events")
         }
         by_kind = self._rows(
             "select kind, value, count(*) as n from feedback where replaced_by is null group by kind, value"

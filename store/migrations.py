@@ -121,8 +121,31 @@ def m002_provenance_and_history(db: Database) -> None:
     db["turns"].create_index(["conversation_id", "idx"])
 
 
+@migrations()
+def m003_training_loop(db: Database) -> None:
+    # A round's live progress (the UI polls it), what data it consumed, and its step curves; which
+    # version is live is an append-only log, so rollbacks are recorded and nothing is deleted.
+    for column, kind in [("step", int), ("total_steps", int), ("loss", float), ("max_feedback_id", int),
+                         ("model_id", str), ("pid", int), ("trigger", str)]:
+        db["training_runs"].add_column(column, kind)
+    db["metrics"].create(
+        {"id": int, "run_id": int, "step": int, "name": str, "value": float},
+        pk="id",
+        foreign_keys=[("run_id", "training_runs", "id")],
+    )
+    db["metrics"].create_index(["run_id", "name", "step"])
+    db["live_events"].create(
+        {"id": int, "model_id": str, "version": str, "action": str, "note": str, "created_at": str},
+        pk="id",
+    )
+
+
 def apply(db: Database, stop_before: str | None = None) -> None:
     migrations.apply(db, stop_before=stop_before)
+
+
+def all_names() -> list[str]:
+    return [m.name for m in migrations._migrations]
 
 
 def applied_names(db: Database) -> list[str]:

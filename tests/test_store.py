@@ -38,16 +38,18 @@ def test_fresh_database_has_every_table_wal_and_foreign_keys(store):
     assert {"conversations", "turns", "replies", "feedback", "policy_versions", "training_runs"} <= names
     assert store.db.execute("pragma journal_mode").fetchone()[0] == "wal"
     assert store.db.execute("pragma foreign_keys").fetchone()[0] == 1
-    assert schema.applied_names(store.db) == ["m001_initial", "m002_provenance_and_history"]
+    assert schema.applied_names(store.db) == schema.all_names()
+    assert schema.all_names()[:3] == ["m001_initial", "m002_provenance_and_history", "m003_training_loop"]
 
 
-def test_migrating_a_database_from_the_previous_schema_keeps_its_rows(tmp_path):
+@pytest.mark.parametrize("stop_before", schema.all_names()[1:])
+def test_migrating_a_database_from_an_older_schema_keeps_its_rows(tmp_path, stop_before):
     path = tmp_path / "old.db"
     from sqlite_utils import Database
 
-    db = Database(path)  # a database as the previous release left it: only the first migration
-    schema.apply(db, stop_before="m002_provenance_and_history")
-    assert "ttft_s" not in db["replies"].columns_dict
+    db = Database(path)  # a database as an older release left it
+    schema.apply(db, stop_before=stop_before)
+    assert schema.applied_names(db) == schema.all_names()[: schema.all_names().index(stop_before)]
     db["conversations"].insert({"id": 1, "session_id": "s", "user": "u", "model_id": "m", "system_prompt": "",
                                 "created_at": "t"})
     db["turns"].insert({"id": 1, "conversation_id": 1, "idx": 0, "context_json": "[]", "user_message": "old",
@@ -56,9 +58,10 @@ def test_migrating_a_database_from_the_previous_schema_keeps_its_rows(tmp_path):
     db.conn.close()
 
     upgraded = Store(path)
-    assert schema.applied_names(upgraded.db) == ["m001_initial", "m002_provenance_and_history"]
+    assert schema.applied_names(upgraded.db) == schema.all_names()
     assert "ttft_s" in upgraded.db["replies"].columns_dict
     assert "replaced_by" in upgraded.db["feedback"].columns_dict
+    assert {"metrics", "live_events"} <= set(upgraded.db.table_names())
     assert upgraded.replies_for_turn(1)[0]["text"] == "kept"
     Store(path).close()  # migrating again is a no-op
     upgraded.close()
@@ -195,3 +198,16 @@ def test_stats_cli_prints_counts_as_json(tmp_path):
     stats = json.loads(out.stdout)
     assert stats["turns"] == 1 and stats["replies"] == 2 and stats["feedback"] == 1
     assert stats["current_feedback"] == {"choice": {"tie": 1}}
+
+
+def test_full_disk_reports_and_writes_nothing(tmp_path):
+    path = tmp_path / "full.db"
+    store = Store(path)
+    _, turn_id, _ = a_turn(store)
+    pages = store.db.execute("pragma page_count").fetchone()[0]
+    # Cap the file at its current size: the next write that needs a page fails as a full disk does.
+    store.db.execute(f"pragma max_page_count = {pages}")
+    with pytest.raises(StoreError, match="disk is full"):
+        store.record_edit(turn_id, 0, "x" * 100_000, "u", "s")
+    assert store.stats()["feedback"] == 0
+    store.close()

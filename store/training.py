@@ -1,0 +1,158 @@
+"""Queries of the training loop: judged pairs to train on, rounds, their curves, versions, what is live.
+
+A mixin of `Store` (it uses the store's connection, lock and transactions); kept apart so that the
+chat's queries and the loop's each read as one file.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+RUN_STATUSES = ("running", "succeeded", "failed", "skipped")
+LIVE_ACTIONS = ("start", "promote", "rollback")
+
+
+class TrainingQueries:
+    # -- the data a round trains on ---------------------------------------------------------------
+
+    def judged_pairs(self) -> list[dict[str, Any]]:
+        """Every pair of replies with current (not replaced) feedback, with its context and replies.
+
+        One dict per (turn, pair): turn_id, pair, conversation_id, context (messages), superseded,
+        replies {slot: {id, text, policy_version}}, feedback [{id, kind, value, reply_id}].
+        """
+        feedback = self._rows(
+            "select f.id, f.turn_id, f.pair, f.kind, f.value, f.reply_id, t.conversation_id, t.context_json"
+            " from feedback f join turns t on t.id = f.turn_id"
+            " where f.replaced_by is null order by f.id"
+        )
+        groups: dict[tuple[int, int], dict[str, Any]] = {}
+        for row in feedback:
+            key = (row["turn_id"], row["pair"])
+            group = groups.setdefault(key, {
+                "turn_id": row["turn_id"], "pair": row["pair"], "conversation_id": row["conversation_id"],
+                "context": json.loads(row["context_json"]), "replies": {}, "feedback": [], "superseded": False,
+            })
+            group["feedback"].append({k: row[k] for k in ("id", "kind", "value", "reply_id")})
+        if groups:
+            replies = self._rows(
+                "select id, turn_id, pair, slot, text, policy_version, superseded from replies"
+                f" where turn_id in ({','.join('?' * len({k[0] for k in groups}))})",
+                sorted({k[0] for k in groups}),
+            )
+            for r in replies:
+                group = groups.get((r["turn_id"], r["pair"]))
+                if group is not None:
+                    group["replies"][r["slot"]] = {"id": r["id"], "text": r["text"],
+                                                   "policy_version": r["policy_version"]}
+                    group["superseded"] = group["superseded"] or bool(r["superseded"])
+        return list(groups.values())
+
+    def last_consumed_feedback_id(self, model_id: str) -> int:
+        """Feedback up to this id was in a successful round; later feedback makes 'new' pairs."""
+        row = self._rows(
+            "select max(max_feedback_id) as m from training_runs where status = 'succeeded' and model_id = ?",
+            [model_id],
+        )[0]
+        return int(row["m"] or 0)
+
+    # -- rounds -----------------------------------------------------------------------------------
+
+    def create_run(self, algo: str, config: dict, model_id: str, parent_version: str, trigger: str) -> int:
+        with self._write("the training round") as db:
+            return int(db["training_runs"].insert({
+                "algo": algo, "status": "running", "config_json": json.dumps(config), "model_id": model_id,
+                "parent_version": parent_version, "trigger": trigger, "started_at": self._now(),
+            }).last_pk)
+
+    def set_run_pid(self, run_id: int, pid: int) -> None:
+        with self._write("the round's process id") as db:
+            db.execute("update training_runs set pid = ? where id = ?", [pid, run_id])
+
+    def update_run_progress(self, run_id: int, step: int, total_steps: int, loss: float | None,
+                            metrics: dict[str, float] | None = None) -> None:
+        with self._write("the round's progress") as db:
+            db.execute("update training_runs set step = ?, total_steps = ?, loss = ? where id = ?",
+                       [step, total_steps, loss, run_id])
+            if metrics:
+                db["metrics"].insert_all(
+                    [{"run_id": run_id, "step": step, "name": k, "value": float(v)} for k, v in metrics.items()
+                     if v is not None]
+                )
+
+    def finish_run(self, run_id: int, status: str, reason: str | None = None, version: str | None = None,
+                   n_pairs: int | None = None, metrics: dict | None = None,
+                   max_feedback_id: int | None = None) -> None:
+        if status not in RUN_STATUSES:
+            raise ValueError(f"unknown run status {status!r}")
+        with self._write("the round's result") as db:
+            db.execute(
+                "update training_runs set status = ?, reason = ?, version = coalesce(?, version),"
+                " n_pairs = coalesce(?, n_pairs), metrics_json = coalesce(?, metrics_json),"
+                " max_feedback_id = coalesce(?, max_feedback_id), finished_at = ? where id = ?",
+                [status, reason, version, n_pairs, json.dumps(metrics) if metrics is not None else None,
+                 max_feedback_id, self._now(), run_id],
+            )
+
+    def fail_interrupted_runs(self, reason: str) -> list[int]:
+        """Mark rounds left 'running' (their process is gone) as failed; returns their ids."""
+        with self._write("interrupted rounds") as db:
+            ids = [r["id"] for r in db.query("select id from training_runs where status = 'running'")]
+            for run_id in ids:
+                db.execute("update training_runs set status = 'failed', reason = ?, finished_at = ? where id = ?",
+                           [reason, self._now(), run_id])
+            return ids
+
+    def fail_run_if_running(self, run_id: int, reason: str) -> bool:
+        with self._write("the round's failure") as db:
+            cursor = db.execute(
+                "update training_runs set status = 'failed', reason = ?, finished_at = ?"
+                " where id = ? and status = 'running'", [reason, self._now(), run_id])
+            return cursor.rowcount > 0
+
+    def run(self, run_id: int) -> dict[str, Any] | None:
+        rows = self._rows("select * from training_runs where id = ?", [run_id])
+        return rows[0] if rows else None
+
+    def runs(self, limit: int = 50) -> list[dict[str, Any]]:
+        return self._rows("select * from training_runs order by id desc limit ?", [limit])
+
+    def running_run(self) -> dict[str, Any] | None:
+        rows = self._rows("select * from training_runs where status = 'running' order by id desc limit 1")
+        return rows[0] if rows else None
+
+    def metrics_for_run(self, run_id: int) -> list[dict[str, Any]]:
+        return self._rows("select step, name, value from metrics where run_id = ? order by name, step", [run_id])
+
+    # -- versions and what is live ----------------------------------------------------------------
+
+    def next_version_name(self, model_id: str) -> str:
+        rows = self._rows("select name from policy_versions where model_id = ?", [model_id])
+        numbers = [int(r["name"][1:]) for r in rows if r["name"][1:].isdigit()]
+        return f"v{max(numbers, default=0) + 1}"
+
+    def record_version(self, name: str, model_id: str, parent: str, adapter_dir: str, manifest: dict) -> None:
+        with self._write("the new version") as db:
+            db["policy_versions"].insert({
+                "name": name, "model_id": model_id, "parent": parent, "adapter_dir": adapter_dir,
+                "manifest_json": json.dumps(manifest), "created_at": self._now(),
+            })
+
+    def version(self, model_id: str, name: str) -> dict[str, Any] | None:
+        rows = self._rows("select * from policy_versions where model_id = ? and name = ?", [model_id, name])
+        return rows[0] if rows else None
+
+    def record_live(self, model_id: str, version: str, action: str, note: str | None = None) -> None:
+        if action not in LIVE_ACTIONS:
+            raise ValueError(f"unknown live action {action!r}")
+        with self._write("the live version") as db:
+            db["live_events"].insert({"model_id": model_id, "version": version, "action": action, "note": note,
+                                      "created_at": self._now()})
+
+    def live_version(self, model_id: str) -> str | None:
+        rows = self._rows("select version from live_events where model_id = ? order by id desc limit 1", [model_id])
+        return rows[0]["version"] if rows else None
+
+    def live_events(self, model_id: str) -> list[dict[str, Any]]:
+        return self._rows("select * from live_events where model_id = ? order by id", [model_id])
