@@ -1,0 +1,134 @@
+"""Adapter folders on disk: published atomically, verified before anything serves them.
+
+A version is `adapters/vN/`: a standard PEFT adapter (`adapter_config.json`,
+`adapter_model.safetensors`) plus `manifest.json` (parent version, algorithm, config, data counts,
+metrics, and the sha256 of every file). It is written into a hidden temporary folder and renamed into
+place only when complete and verified, so a killed trainer can leave only a `.tmp-*` folder, which is
+never served and is cleaned up by the next round.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+MANIFEST = "manifest.json"
+REQUIRED_FILES = ("adapter_config.json", "adapter_model.safetensors")
+TMP_PREFIX = ".tmp-"
+
+
+class AdapterError(RuntimeError):
+    """An adapter folder that must not be served; the message says what is wrong with it."""
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def publish(adapters_dir: Path, name: str, write: Callable[[Path], None], manifest: dict,
+            verify: Callable[[Path], None] | None = None) -> Path:
+    """Write an adapter with `write(tmp)`, add the manifest, verify, then rename to adapters_dir/name."""
+    adapters_dir = Path(adapters_dir)
+    adapters_dir.mkdir(parents=True, exist_ok=True)
+    final = adapters_dir / name
+    if final.exists():
+        raise AdapterError(f"{final} already exists; versions are never overwritten")
+    tmp = adapters_dir / f"{TMP_PREFIX}{name}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        write(tmp)
+        manifest = dict(manifest, name=name, files={p.name: sha256(p) for p in sorted(tmp.iterdir())})
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        check_files(tmp)
+        if verify is not None:
+            verify(tmp)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def clean_temporary(adapters_dir: Path) -> list[str]:
+    """Remove half-written folders that a killed trainer left behind."""
+    removed = []
+    for path in Path(adapters_dir).glob(f"{TMP_PREFIX}*"):
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path.name)
+    return removed
+
+
+def check_files(folder: Path, base_model_id: str | None = None) -> dict:
+    """The manifest parses, names this base model, and every file matches its hash. Returns it."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise AdapterError(f"{folder} is not a folder")
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except FileNotFoundError as exc:
+        raise AdapterError(f"{folder} has no {MANIFEST}: not a published version") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterError(f"{folder}/{MANIFEST} is corrupt: {exc}") from exc
+    if base_model_id is not None and manifest.get("base_model_id") != base_model_id:
+        raise AdapterError(
+            f"{folder.name} was trained on {manifest.get('base_model_id')!r}, not on the served {base_model_id!r}"
+        )
+    for required in REQUIRED_FILES:
+        if required not in manifest.get("files", {}):
+            raise AdapterError(f"{folder.name} lacks {required}")
+    for name, digest in manifest.get("files", {}).items():
+        path = folder / name
+        if not path.is_file():
+            raise AdapterError(f"{folder.name}/{name} is missing")
+        if sha256(path) != digest:
+            raise AdapterError(f"{folder.name}/{name} does not match its hash: truncated or corrupt")
+    return manifest
+
+
+def merged_model(base_model, folder: Path):
+    """A copy of the base model with the adapter merged in: fast to decode, and independent of the base.
+
+    Each version gets its own weights, so a generation that started on one version finishes on it
+    whatever becomes live meanwhile, with no global 'active adapter' to switch.
+    """
+    from peft import PeftModel
+
+    from playground.fastlinear import use_skinny_linear
+
+    try:
+        peft_model = PeftModel.from_pretrained(copy.deepcopy(base_model), str(folder))
+        model = peft_model.merge_and_unload()
+    except Exception as exc:  # peft raises many kinds: size mismatch, bad config, unreadable tensors
+        raise AdapterError(f"{Path(folder).name} does not load onto this base model: {exc}") from exc
+    model.eval()
+    if next(model.parameters()).device.type == "cpu":
+        use_skinny_linear(model)
+    probe_finite(model)
+    return model
+
+
+@torch.inference_mode()
+def probe_finite(model) -> None:
+    device = next(model.parameters()).device
+    ids = torch.arange(1, 9, device=device)[None, :] % model.config.vocab_size
+    logits = model(input_ids=ids).logits
+    if not torch.isfinite(logits).all():
+        raise AdapterError("the adapter produces non-finite logits")
+
+
+def load_version(base_model, folder: Path, base_model_id: str):
+    """Verify a published version and return (manifest, merged model); raises AdapterError."""
+    manifest = check_files(folder, base_model_id)
+    return manifest, merged_model(base_model, folder)
