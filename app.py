@@ -11,7 +11,12 @@ import logging
 import os
 import sys
 
-from playground.limits import DEFAULT_MAX_CONTEXT_TOKENS
+from playground.limits import (
+    DEFAULT_ADAPTERS_DIR,
+    DEFAULT_MAX_CONTEXT_TOKENS,
+    DEFAULT_MIN_NEW_PAIRS,
+    DEFAULT_TRAIN_EVERY_MIN,
+)
 from playground.models import BUNDLED, DEFAULT_CACHE_DIR, DEVICES
 
 DEFAULT_DB = "data/playground.db"
@@ -38,21 +43,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-context-tokens", type=int, default=DEFAULT_MAX_CONTEXT_TOKENS,
                         help="prompt tokens kept before the oldest turns are dropped; also capped by the "
                              "model's window (default: %(default)s)")
+    parser.add_argument("--adapters-dir", default=DEFAULT_ADAPTERS_DIR,
+                        help="where trained versions vN/ are published (default: %(default)s)")
+    parser.add_argument("--train-every", type=float, default=DEFAULT_TRAIN_EVERY_MIN,
+                        help="minutes between checks for enough new pairs to train on; fractions allowed "
+                             "(default: %(default)s)")
+    parser.add_argument("--min-new-pairs", type=int, default=DEFAULT_MIN_NEW_PAIRS,
+                        help="new training pairs a scheduled round needs (default: %(default)s)")
+    parser.add_argument("--no-train", action="store_true",
+                        help="turn the training schedule off (Train now and rollback still work)")
     parser.add_argument("--threads", type=int, default=0,
                         help="CPU threads for torch; 0 keeps torch's choice (default: %(default)s)")
     args = parser.parse_args(argv)
     if not 1 <= args.port <= 65535:
         parser.error(f"--port {args.port} is not a port number (1-65535)")
+    if args.train_every <= 0:
+        parser.error(f"--train-every {args.train_every} must be a positive number of minutes")
+    if args.min_new_pairs < 1:
+        parser.error(f"--min-new-pairs {args.min_new_pairs} must be at least 1")
     if args.max_context_tokens < 64:
         parser.error(f"--max-context-tokens {args.max_context_tokens} is too small (at least 64)")
     return args
 
 
 def build_app(args: argparse.Namespace):
-    """Load the model, open the store, and return the Gradio app (not yet launched)."""
+    """Load the model, open the store, start the loop; return (the Gradio app, not yet launched, the loop)."""
     import torch
 
     from playground.chat import ChatService
+    from playground.loop import LoopSettings, TrainingLoop
     from playground.models import load_model
     from playground.policy import PolicyHolder
     from playground.ui import build_ui
@@ -63,8 +82,16 @@ def build_app(args: argparse.Namespace):
     loaded = load_model(args.model, args.device, args.model_cache)
     store = Store(args.db)
     store.ensure_base_version(loaded.model_id)
-    service = ChatService(PolicyHolder(loaded), store, max_context_tokens=args.max_context_tokens)
-    return build_ui(service), service
+    policy = PolicyHolder(loaded)
+    service = ChatService(policy, store, max_context_tokens=args.max_context_tokens)
+    # The trainer subprocess trains on the CPU unless the app serves from a GPU.
+    train_device = "cuda" if loaded.device.type == "cuda" else "cpu"
+    loop = TrainingLoop(LoopSettings(db=args.db, adapters_dir=args.adapters_dir, model=args.model,
+                                     model_cache=args.model_cache, device=train_device,
+                                     train_every_min=args.train_every, min_new_pairs=args.min_new_pairs,
+                                     enabled=not args.no_train), store, policy)
+    loop.start()
+    return build_ui(service, loop), loop
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,13 +103,16 @@ def main(argv: list[str] | None = None) -> int:
     from store import StoreError
 
     try:
-        demo, _ = build_app(args)
+        demo, loop = build_app(args)
     except (ModelLoadError, StoreError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     from playground.ui import launch
 
-    launch(demo, args.host, args.port, show_error=True)
+    try:
+        launch(demo, args.host, args.port, show_error=True)
+    finally:
+        loop.shutdown()
     return 0
 
 

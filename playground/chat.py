@@ -68,6 +68,8 @@ class ChatSession:
     notes: list[str] = field(default_factory=list)
     pair: Pair | None = None
     system_prompt: str = ""
+    seen_version: str | None = None  # the live version this tab last saw, for the 'new version' toast
+    curves_run: int | None = None  # the round whose curves this tab shows (None: the latest)
     # Guards the idle -> generating transition: two clicks in one session run on two threads.
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 

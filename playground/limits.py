@@ -10,3 +10,8 @@ DEFAULT_MAX_CONTEXT_TOKENS = 2048
 MIN_TEMPERATURE = 0.05
 MAX_TEMPERATURE = 2.0
 MAX_NEW_TOKENS_LIMIT = 1024
+
+# The training loop's defaults (app.py's --train-every, --min-new-pairs, --adapters-dir).
+DEFAULT_TRAIN_EVERY_MIN = 5.0
+DEFAULT_MIN_NEW_PAIRS = 16
+DEFAULT_ADAPTERS_DIR = "adapters"

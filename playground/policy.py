@@ -31,7 +31,8 @@ class PolicyHolder:
     def __init__(self, loaded: LoadedModel):
         self.loaded = loaded
         self._lock = threading.Lock()
-        self._live = PolicySnapshot(BASE_VERSION, loaded.model, loaded.tokenizer, loaded.model_id)
+        self.base = PolicySnapshot(BASE_VERSION, loaded.model, loaded.tokenizer, loaded.model_id)
+        self._live = self.base
 
     @property
     def model_id(self) -> str:

@@ -17,6 +17,7 @@ import gradio as gr
 from playground.chat import ChatError, ChatService, ChatSession, Pair, pair_summary
 from playground.generation import SampledReply, SamplingSettings
 from playground.limits import MAX_NEW_TOKENS_LIMIT, MAX_TEMPERATURE, MIN_TEMPERATURE
+from playground.loop import TrainingLoop
 
 GENERATE_CONCURRENCY = "generate"  # one decode at a time: on 2 cores two would only share the bandwidth
 CHOICE_LABELS = {"a": "A is better", "b": "B is better", "tie": "Tie", "both_bad": "Both are bad"}
@@ -59,12 +60,15 @@ def notice(session: ChatSession) -> str:
     return "\n\n".join(lines)
 
 
-def build_ui(service: ChatService, title: str = "RLHF Playground") -> gr.Blocks:
+def build_ui(service: ChatService, loop: TrainingLoop | None = None, title: str = "RLHF Playground") -> gr.Blocks:
     model_id = service.policy.model_id
     with gr.Blocks(title=title, fill_width=True) as demo:
         session = gr.State(lambda: ChatSession())  # a factory: each browser session gets its own
         gr.Markdown(f"## {title}")
         status = gr.Markdown(elem_id="status")
+        loop_status = gr.Markdown(elem_id="loop-status", visible=loop is not None)
+        round_progress = gr.Slider(0, 1, value=0, label="Round progress", interactive=False, visible=False,
+                                   elem_id="round-progress")
         history = gr.Chatbot(
             label="Conversation", height=260, buttons=["copy_all"], render_markdown=False, sanitize_html=True, elem_id="history",
             placeholder="Send a message: you will get two replies to compare.",
@@ -129,7 +133,7 @@ def build_ui(service: ChatService, title: str = "RLHF Playground") -> gr.Blocks:
                 badge(pair, replies.get("a")),
                 badge(pair, replies.get("b")),
                 notice(state),
-                f"Model **{model_id}** · live policy **{service.policy.snapshot().version}**",
+                f"Model **{model_id}**" + (f" · these replies by **{pair.version}**" if pair else ""),
             ]
             out += [gr.Button(interactive=judgeable) for _ in judge_buttons]
             out += [gr.Button(interactive=judgeable), gr.Button(interactive=not busy), gr.Button(interactive=not busy)]
@@ -193,6 +197,38 @@ def build_ui(service: ChatService, title: str = "RLHF Playground") -> gr.Blocks:
 
         new_chat.click(on_new, [session], [session, edit_text, *view_outputs], api_visibility="private")
         demo.load(lambda state: [state] + view(state), [session], [session, *view_outputs], api_visibility="private")
+
+        # -- the training loop: status every few seconds, a toast when a new version goes live -----
+        if loop is not None:
+            from playground.admin import STATUS_REFRESH_S, build_admin, curves_frame, runs_frame, status_line
+            from playground.admin import progress_fraction, version_choices
+
+            admin = build_admin(loop)
+            timer = gr.Timer(STATUS_REFRESH_S)
+
+            def on_tick(state: ChatSession, run_pick_value=None):
+                current = loop.status()
+                if state.seen_version is not None and state.seen_version != current["live"]:
+                    gr.Info(f"Version {current['live']} is now live: your next message is answered by it.")
+                state.seen_version = current["live"]
+                fraction = progress_fraction(current)
+                return [state, status_line(current), gr.Slider(value=fraction, visible=current["running"] is not None),
+                        runs_frame(loop), curves_frame(loop, state.curves_run),
+                        gr.Dropdown(choices=version_choices(loop))]
+
+            tick_outputs = [session, loop_status, round_progress, admin["runs"], admin["curves"], admin["version"]]
+            timer.tick(on_tick, [session], tick_outputs, api_visibility="private", show_progress="hidden")
+            demo.load(on_tick, [session], tick_outputs, api_visibility="private")
+
+            def pick_run(state: ChatSession, text: str):
+                text = (text or "").strip()
+                if text and not text.isdigit():
+                    raise gr.Error(f"{text!r} is not a round id.")
+                state.curves_run = int(text) if text else None
+                return state, curves_frame(loop, state.curves_run)
+
+            admin["run_pick"].submit(pick_run, [session, admin["run_pick"]], [session, admin["curves"]],
+                                     api_visibility="private")
 
         # -- the public API: the same actions, plain values in, the pair as JSON out ---------------
         with gr.Group(visible=False):

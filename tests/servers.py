@@ -6,6 +6,7 @@ import contextlib
 import socket
 
 from playground.chat import ChatService
+from playground.loop import LoopSettings, TrainingLoop
 from playground.policy import PolicyHolder
 from playground.ui import build_ui, launch
 from store import Store
@@ -18,15 +19,23 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_app(loaded, db_path, busy_timeout_ms: int = 200):
+def running_app(loaded, db_path, busy_timeout_ms: int = 200, loop_settings: dict | None = None):
+    """Yields (url, service) — or (url, service, loop) when loop_settings are given."""
     store = Store(db_path, busy_timeout_ms=busy_timeout_ms)
     store.ensure_base_version(loaded.model_id)
-    service = ChatService(PolicyHolder(loaded), store)
-    demo = build_ui(service)
+    policy = PolicyHolder(loaded)
+    service = ChatService(policy, store)
+    loop = None
+    if loop_settings is not None:
+        loop = TrainingLoop(LoopSettings(db=str(db_path), model=loaded.model_id, **loop_settings), store, policy)
+        loop.start()
+    demo = build_ui(service, loop)
     port = free_port()
     launch(demo, "127.0.0.1", port, prevent_thread_lock=True, quiet=True)
     try:
-        yield f"http://127.0.0.1:{port}/", service
+        yield (f"http://127.0.0.1:{port}/", service) if loop is None else (f"http://127.0.0.1:{port}/", service, loop)
     finally:
+        if loop is not None:
+            loop.shutdown()
         demo.close()
         store.close()

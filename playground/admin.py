@@ -1,0 +1,130 @@
+"""The training side of the UI: a status line, the admin panel, and the round curves.
+
+`build_status(loop)` and `build_admin(loop)` are called inside `build_ui`'s Blocks; callbacks stay
+thin and call `TrainingLoop`. Public endpoints: `/train_now`, `/pause`, `/resume`, `/rollback`,
+`/training_status`.
+"""
+
+from __future__ import annotations
+
+import gradio as gr
+import pandas as pd
+
+from playground.loop import TrainingLoop
+
+STATUS_REFRESH_S = 2.0
+CURVES = ("loss", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected", "grad_norm")
+RUN_COLUMNS = ["id", "status", "version", "parent_version", "n_pairs", "trigger", "started_at", "reason"]
+
+
+def status_line(status: dict) -> str:
+    parts = [f"Live policy **{status['live']}**"]
+    running = status["running"]
+    if running:
+        total = running["total_steps"] or "?"
+        loss = f" · loss {running['loss']:.4f}" if running["loss"] is not None else ""
+        parts.append(f"round {running['run_id']} training: step {running['step']}/{total}{loss}")
+    parts.append(f"new pairs {status['new_pairs']}/{status['min_new_pairs']}")
+    if not status["enabled"]:
+        parts.append("schedule off (--no-train)")
+    elif status["paused"]:
+        parts.append("schedule paused")
+    elif status["next_check"]:
+        parts.append(f"next check {status['next_check'][11:19]} UTC")
+    return " · ".join(parts)
+
+
+def progress_fraction(status: dict) -> float:
+    running = status["running"]
+    if not running or not running["total_steps"]:
+        return 0.0
+    return running["step"] / running["total_steps"]
+
+
+def runs_frame(loop: TrainingLoop) -> pd.DataFrame:
+    rows = loop.store.runs(limit=20)
+    return pd.DataFrame([{c: r.get(c) for c in RUN_COLUMNS} for r in rows], columns=RUN_COLUMNS)
+
+
+def curves_frame(loop: TrainingLoop, run_id) -> pd.DataFrame:
+    if run_id in (None, ""):
+        runs = [r for r in loop.store.runs(limit=20) if r["status"] in ("succeeded", "running")]
+        if not runs:
+            return pd.DataFrame(columns=["step", "value", "metric"])
+        run_id = runs[0]["id"]
+    rows = [r for r in loop.store.metrics_for_run(int(run_id)) if r["name"] in CURVES]
+    return pd.DataFrame([{"step": r["step"], "value": r["value"], "metric": r["name"]} for r in rows],
+                        columns=["step", "value", "metric"])
+
+
+def version_choices(loop: TrainingLoop) -> list[str]:
+    return [v["name"] for v in loop.store.policy_versions(loop.policy.model_id)]
+
+
+def build_admin(loop: TrainingLoop):
+    with gr.Accordion("Training loop (admin)", open=False, elem_id="admin"):
+        with gr.Row():
+            train_now = gr.Button("Train now", variant="primary", elem_id="train-now")
+            pause = gr.Button("Pause schedule", elem_id="pause")
+            resume = gr.Button("Resume schedule", elem_id="resume")
+        admin_note = gr.Markdown(elem_id="admin-note")
+        with gr.Row():
+            beta = gr.Slider(0.01, 1.0, value=0.1, step=0.01, label="beta (next round)")
+            learning_rate = gr.Number(value=None, label="learning rate (blank: default)")
+            epochs = gr.Number(value=None, label="epochs (blank: default)", precision=0)
+            loss_type = gr.Radio(["sigmoid", "ipo"], value="sigmoid", label="loss")
+            ref = gr.Radio(["base", "previous"], value="base", label="reference policy")
+        apply = gr.Button("Use these settings for the next round", elem_id="apply-settings")
+        with gr.Row():
+            version = gr.Dropdown(choices=version_choices(loop), label="Version", elem_id="version-pick",
+                                  allow_custom_value=True)
+            rollback = gr.Button("Make this version live", elem_id="rollback")
+        runs = gr.Dataframe(value=lambda: runs_frame(loop), label="Rounds", interactive=False, elem_id="runs")
+        run_pick = gr.Textbox(label="Round id for the curves (blank: the latest)", elem_id="run-pick")
+        curves = gr.LinePlot(value=lambda: curves_frame(loop, None), x="step", y="value", color="metric",
+                             label="Round curves", elem_id="curves", height=280)
+
+    def note(message: str) -> str:
+        return f"**{message}**"
+
+    train_now.click(lambda: note(loop.train_now()), None, admin_note, api_name="train_now")
+    pause.click(lambda: (loop.set_paused(True), note("Schedule paused."))[1], None, admin_note, api_name="pause")
+    resume.click(lambda: (loop.set_paused(False), note("Schedule running."))[1], None, admin_note,
+                 api_name="resume")
+
+    def apply_settings(beta_value, lr, n_epochs, loss_value, ref_value):
+        config = {"beta": float(beta_value), "loss": loss_value, "ref": ref_value}
+        if lr not in (None, ""):
+            config["learning_rate"] = float(lr)
+        if n_epochs not in (None, ""):
+            config["epochs"] = int(n_epochs)
+        try:
+            from trainers.dpo import DPOConfig
+
+            DPOConfig(**config)
+        except (TypeError, ValueError) as exc:
+            raise gr.Error(f"Not applied: {exc}") from exc
+        loop.settings.next_config = config
+        return note(f"The next round uses {config}.")
+
+    apply.click(apply_settings, [beta, learning_rate, epochs, loss_type, ref], admin_note, api_visibility="private")
+
+    def do_rollback(name: str):
+        if not name:
+            raise gr.Error("Pick a version first.")
+        if name not in version_choices(loop):
+            raise gr.Error(f"There is no version {name!r}.")
+        try:
+            seconds = loop.rollback(name)
+        except Exception as exc:  # an adapter that fails verification: say why, keep serving
+            raise gr.Error(f"{name} was not made live: {exc}") from exc
+        return note(f"{name} is live (swap took {seconds * 1000:.1f} ms).")
+
+    rollback.click(do_rollback, [version], admin_note, api_name="rollback")
+
+    def training_status() -> dict:
+        """The loop's state: live version, round in progress, next check, new pairs, recent events."""
+        return loop.status()
+
+    gr.api(training_status, api_name="training_status")
+    return {"runs": runs, "curves": curves, "version": version, "run_pick": run_pick}

@@ -1,0 +1,220 @@
+"""The live loop inside the app: scheduled rounds in a subprocess, then a hot-swap of the new version.
+
+Every `train_every` minutes APScheduler calls `check()`: when at least `min_new_pairs` new training
+pairs exist and no round is running, it records a round and starts `python -m trainers.run` as a
+subprocess. A watcher thread waits for it; when the round succeeded, the new adapter is verified,
+merged into a copy of the base weights and made live (`PolicyHolder.set_live`), which new requests
+pick up while generations already streaming finish on the version they started with. Rollback is the
+same swap to an older version, recorded as such. A round killed mid-way leaves the live version
+serving and is marked failed; its half-written folder is never loaded.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from playground.adapters import AdapterError, load_version
+from playground.limits import DEFAULT_MIN_NEW_PAIRS, DEFAULT_TRAIN_EVERY_MIN
+from playground.policy import BASE_VERSION, PolicyHolder, PolicySnapshot
+from store import Store, StoreError
+from trainers.data import count_new_pairs
+
+log = logging.getLogger(__name__)
+
+TRAINER_NICENESS = 10
+STATUS_CACHE_S = 1.0
+INTERRUPTED = "interrupted: the app stopped while the round was running"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class LoopSettings:
+    db: str
+    adapters_dir: str
+    model: str
+    model_cache: str
+    device: str = "cpu"
+    train_every_min: float = DEFAULT_TRAIN_EVERY_MIN
+    min_new_pairs: int = DEFAULT_MIN_NEW_PAIRS
+    enabled: bool = True
+    next_config: dict = field(default_factory=dict)  # DPO settings for the next round (admin panel)
+
+
+class TrainingLoop:
+    def __init__(self, settings: LoopSettings, store: Store, policy: PolicyHolder):
+        self.settings = settings
+        self.store = store
+        self.policy = policy
+        self.paused = not settings.enabled
+        self.events: list[dict] = []  # what happened, newest last: promotions, refusals, failures
+        self.last_swap_s: float | None = None
+        self._lock = threading.Lock()  # one round at a time; guards _process
+        self._swap_lock = threading.Lock()
+        self._process: subprocess.Popen | None = None
+        self._scheduler = BackgroundScheduler(daemon=True)
+        self._job = None
+        self._status_cache: tuple[float, dict] | None = None
+
+    # -- start and stop ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        for run_id in self.store.fail_interrupted_runs(INTERRUPTED):
+            self._event("failed", f"round {run_id} was interrupted by a restart")
+        live = self.store.live_version(self.policy.model_id)
+        if live and live != BASE_VERSION:
+            try:
+                self._swap(live, action=None)
+            except (AdapterError, StoreError) as exc:
+                self._event("refused", f"{live} could not be restored ({exc}); serving v0")
+                self.store.record_live(self.policy.model_id, BASE_VERSION, "rollback", f"restore failed: {exc}")
+        elif live is None:
+            self.store.record_live(self.policy.model_id, BASE_VERSION, "start")
+        if self.settings.enabled:
+            seconds = max(1.0, self.settings.train_every_min * 60)
+            self._job = self._scheduler.add_job(self.check, "interval", seconds=seconds, id="train-check",
+                                                max_instances=1, coalesce=True)
+            self._scheduler.start()
+
+    def shutdown(self) -> None:
+        if self._scheduler.running:
+            self._scheduler.shutdown(wait=False)
+        with self._lock:
+            if self._process is not None and self._process.poll() is None:
+                self._process.terminate()
+
+    # -- rounds -----------------------------------------------------------------------------------
+
+    def check(self) -> str:
+        """The scheduled check: start a round when enough new pairs wait and none is running."""
+        if self.paused:
+            return "the schedule is paused"
+        return self.start_round(trigger="schedule", min_new_pairs=self.settings.min_new_pairs)
+
+    def train_now(self) -> str:
+        return self.start_round(trigger="manual", min_new_pairs=1)
+
+    def start_round(self, trigger: str, min_new_pairs: int) -> str:
+        with self._lock:
+            if self._process is not None and self._process.poll() is None:
+                return "a round is already running"
+            new = count_new_pairs(self.store, self.policy.model_id)
+            if new < min_new_pairs:
+                return f"{new} new pair(s); a round needs {min_new_pairs}"
+            parent = self.policy.snapshot().version
+            run_id = self.store.create_run("dpo", dict(self.settings.next_config), self.policy.model_id, parent,
+                                           trigger)
+            command = [
+                sys.executable, "-m", "trainers.run", "--algo", "dpo", "--db", self.settings.db,
+                "--adapters-dir", self.settings.adapters_dir, "--model", self.settings.model,
+                "--model-cache", self.settings.model_cache, "--device", self.settings.device,
+                "--run-id", str(run_id), "--trigger", trigger, "--min-new-pairs", str(min_new_pairs),
+                "--config", json.dumps(self.settings.next_config), "--no-progress",
+            ]
+            # Niced: on a small machine the chat's decoding keeps priority over the round.
+            self._process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                             text=True, preexec_fn=lambda: os.nice(TRAINER_NICENESS))
+            self.store.set_run_pid(run_id, self._process.pid)
+            threading.Thread(target=self._watch, args=(self._process, run_id), daemon=True,
+                             name=f"round-{run_id}").start()
+            self._event("started", f"round {run_id} started ({trigger}) on {new} new pair(s)")
+            return f"round {run_id} started on {new} new pair(s)"
+
+    def _watch(self, process: subprocess.Popen, run_id: int) -> None:
+        _, stderr = process.communicate()
+        if process.returncode < 0:
+            reason = f"the trainer was killed by signal {-process.returncode}"
+        elif process.returncode != 0:
+            tail = (stderr or "").strip().splitlines()[-1:] or ["no output"]
+            reason = f"the trainer exited with status {process.returncode}: {tail[0][:300]}"
+        else:
+            reason = None
+        if reason and self.store.fail_run_if_running(run_id, reason):
+            self._event("failed", f"round {run_id}: {reason}")
+        run = self.store.run(run_id) or {}
+        if run.get("status") == "succeeded" and run.get("version"):
+            try:
+                self.promote(run["version"], action="promote")
+            except (AdapterError, StoreError) as exc:
+                self._event("refused", f"{run['version']} was not served: {exc}")
+        elif run.get("status") in ("failed", "skipped"):
+            self._event(run["status"], f"round {run_id}: {run.get('reason')}")
+
+    # -- versions ---------------------------------------------------------------------------------
+
+    def promote(self, version: str, action: str = "promote", note: str | None = None) -> float:
+        """Make a version live (verified first); returns the seconds the swap itself took."""
+        swap_s = self._swap(version, action=action, note=note)
+        self._event(action, f"{version} is live")
+        return swap_s
+
+    def rollback(self, version: str) -> float:
+        return self.promote(version, action="rollback", note=f"rolled back from {self.policy.snapshot().version}")
+
+    def _swap(self, version: str, action: str | None, note: str | None = None) -> float:
+        with self._swap_lock:
+            if version == BASE_VERSION:
+                snapshot = self.policy.base
+            else:
+                row = self.store.version(self.policy.model_id, version)
+                if row is None:
+                    raise AdapterError(f"no version {version} for {self.policy.model_id}")
+                # Load and verify before the swap: the live version keeps serving all the while.
+                _, model = load_version(self.policy.base.model, Path(row["adapter_dir"]), self.policy.model_id)
+                snapshot = PolicySnapshot(version, model, self.policy.base.tokenizer, self.policy.model_id)
+            started = time.perf_counter()
+            self.policy.set_live(snapshot)
+            self.last_swap_s = time.perf_counter() - started
+            if action is not None:
+                self.store.record_live(self.policy.model_id, version, action, note)
+            return self.last_swap_s
+
+    # -- what the UI shows ------------------------------------------------------------------------
+
+    def status(self) -> dict:
+        # Every open tab polls this; one computation per second serves them all.
+        now = time.monotonic()
+        if self._status_cache is not None and now - self._status_cache[0] < STATUS_CACHE_S:
+            return self._status_cache[1]
+        status = self._compute_status()
+        self._status_cache = (now, status)
+        return status
+
+    def _compute_status(self) -> dict:
+        running = self.store.running_run()
+        next_check = None
+        if self._job is not None and not self.paused and self._job.next_run_time is not None:
+            next_check = self._job.next_run_time.astimezone(datetime.timezone.utc).isoformat(timespec="seconds")
+        return {
+            "live": self.policy.snapshot().version,
+            "running": None if running is None else {
+                "run_id": running["id"], "step": running["step"] or 0, "total_steps": running["total_steps"],
+                "loss": running["loss"]},
+            "next_check": next_check,
+            "new_pairs": count_new_pairs(self.store, self.policy.model_id),
+            "min_new_pairs": self.settings.min_new_pairs,
+            "paused": self.paused,
+            "enabled": self.settings.enabled,
+            "events": self.events[-5:],
+        }
+
+    def set_paused(self, paused: bool) -> None:
+        self.paused = paused
+        self._event("paused" if paused else "resumed", "the schedule is " + ("paused" if paused else "running"))
+
+    def _event(self, kind: str, message: str) -> None:
+        log.info("%s: %s", kind, message)
+        self._status_cache = None
+        self.events.append({"kind": kind, "message": message,
+                            "at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
+        del self.events[:-50]

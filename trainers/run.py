@@ -1,0 +1,174 @@
+"""One training round from stored feedback to a published adapter version.
+
+    python -m trainers.run --algo dpo --db data/playground.db --adapters-dir adapters
+
+The scheduler in the app starts this as a subprocess (so serving never stalls and the served model is
+never the one being trained); a person can run it by hand too. It records the round in
+`training_runs` (progress, step curves in `metrics`, a skip or failure reason), publishes
+`adapters/vN/` atomically, records the version, and prints the round's metrics as JSON on stdout.
+Exit status: 0 succeeded or skipped, 1 failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+ALGOS = ("dpo",)
+DEFAULT_MIN_NEW_PAIRS = 1
+DEFAULT_REPLAY_RATIO = 1.0  # as many older pairs as new ones: keeps earlier lessons without drowning new votes
+
+log = logging.getLogger("trainers.run")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from playground.limits import DEFAULT_ADAPTERS_DIR
+    from playground.models import BUNDLED, DEFAULT_CACHE_DIR, DEVICES
+
+    p = argparse.ArgumentParser(prog="python -m trainers.run", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--algo", default="dpo", choices=ALGOS, help="training algorithm (default: %(default)s)")
+    p.add_argument("--db", default="data/playground.db", help="the app's SQLite file (default: %(default)s)")
+    p.add_argument("--adapters-dir", default=DEFAULT_ADAPTERS_DIR,
+                   help="where versions vN/ are published (default: %(default)s)")
+    p.add_argument("--model", default=BUNDLED, help="base model, as for app.py (default: %(default)s)")
+    p.add_argument("--device", default="cpu", choices=DEVICES, help="training device (default: %(default)s)")
+    p.add_argument("--model-cache", default=DEFAULT_CACHE_DIR, help="GGUF conversion cache (default: %(default)s)")
+    p.add_argument("--min-new-pairs", type=int, default=DEFAULT_MIN_NEW_PAIRS,
+                   help="skip the round with fewer new training pairs (default: %(default)s)")
+    p.add_argument("--replay-ratio", type=float, default=DEFAULT_REPLAY_RATIO,
+                   help="older pairs replayed per new pair (default: %(default)s)")
+    p.add_argument("--ref", choices=("base", "previous"), default=None,
+                   help="reference policy: the base model (default) or the previous version")
+    p.add_argument("--config", default="{}", help="JSON object of DPO settings overriding the defaults")
+    p.add_argument("--run-id", type=int, default=None, help="a round the scheduler already recorded")
+    p.add_argument("--trigger", default="manual", help="what started the round, recorded on it")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    return p.parse_args(argv)
+
+
+def dpo_config(args: argparse.Namespace):
+    from trainers.dpo import DPOConfig
+
+    try:
+        overrides = json.loads(args.config)
+    except json.JSONDecodeError as exc:
+        raise SystemExit(f"--config is not JSON: {exc}")
+    if not isinstance(overrides, dict):
+        raise SystemExit("--config must be a JSON object")
+    if args.ref is not None:
+        overrides["ref"] = args.ref
+    known = {f.name for f in dataclasses.fields(DPOConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise SystemExit(f"unknown DPO settings {unknown}; known: {sorted(known)}")
+    return DPOConfig(**overrides)
+
+
+def run_round(args: argparse.Namespace) -> tuple[int, dict]:
+    from playground.adapters import AdapterError, check_files, clean_temporary, load_version, publish
+    from playground.models import load_model
+    from store import Store
+    from trainers.data import build_round
+    from trainers.dpo import TrainingAborted, config_dict, save_adapter, train_dpo
+
+    store = Store(args.db)
+    config = dpo_config(args)
+    loaded = load_model(args.model, args.device, args.model_cache)
+    model_id = loaded.model_id
+    store.ensure_base_version(model_id)
+    parent = store.live_version(model_id) or "v0"
+    run_id = args.run_id or store.create_run(args.algo, config_dict(config), model_id, parent, args.trigger)
+    adapters_dir = Path(args.adapters_dir)
+    started = time.perf_counter()
+
+    def finish(status: str, reason: str | None = None, **extra) -> tuple[int, dict]:
+        store.finish_run(run_id, status, reason=reason, **extra)
+        summary = {"run_id": run_id, "status": status, "reason": reason, "parent": parent,
+                   "seconds": round(time.perf_counter() - started, 2), **extra}
+        return (1 if status == "failed" else 0), summary
+
+    try:
+        for name in clean_temporary(adapters_dir):
+            log.info("removed half-written %s left by an earlier round", name)
+        data = build_round(store, loaded.tokenizer, model_id, config.max_length, args.replay_ratio, config.seed)
+        counts = data.counts()
+        if data.new_pairs < args.min_new_pairs:
+            why = f"{data.new_pairs} new training pair(s), fewer than the {args.min_new_pairs} needed"
+            if data.skipped:
+                why += f" (skipped: {data.skipped})"
+            return finish("skipped", why, n_pairs=len(data.train), metrics={"counts": counts})
+
+        init_adapter = None
+        if parent != "v0":
+            init_adapter = adapters_dir / parent
+            check_files(init_adapter, model_id)
+
+        progress = _progress_bar(args.no_progress)
+
+        def on_step(m: dict) -> None:
+            store.update_run_progress(run_id, m["step"], m["total_steps"], m.get("loss"),
+                                      {k: v for k, v in m.items() if k not in ("step", "total_steps")})
+            progress(m)
+
+        result = train_dpo(loaded.model, data.train, data.held_out, config, init_adapter_dir=init_adapter,
+                           on_step=on_step)
+        name = store.next_version_name(model_id)
+        metrics = {"held_out_before": result.eval_before, "held_out_after": result.eval_after,
+                   "last_step": result.steps[-1] if result.steps else None, "train_seconds": round(result.seconds, 2),
+                   "skipped_too_long": result.skipped_too_long}
+        manifest = {
+            "base_model_id": model_id, "parent": parent, "algo": args.algo, "config": config_dict(config),
+            "data": counts, "metrics": metrics, "run_id": run_id,
+        }
+        folder = publish(adapters_dir, name, lambda tmp: save_adapter(result, tmp), manifest,
+                         verify=lambda tmp: load_version(loaded.model, tmp, model_id))
+        store.record_version(name, model_id, parent, str(folder), manifest)
+        return finish("succeeded", version=name, n_pairs=len(data.train), metrics=metrics | {"counts": counts},
+                      max_feedback_id=data.max_feedback_id)
+    except TrainingAborted as exc:
+        return finish("failed", f"training stopped: {exc}")
+    except AdapterError as exc:
+        return finish("failed", f"adapter refused: {exc}")
+    except Exception as exc:  # the round is recorded as failed whatever went wrong, with the reason
+        log.exception("round %s failed", run_id)
+        return finish("failed", f"{type(exc).__name__}: {exc}")
+
+
+def _progress_bar(disabled: bool):
+    from tqdm.auto import tqdm
+
+    bar = None
+
+    def update(m: dict) -> None:
+        nonlocal bar
+        if disabled:
+            return
+        if bar is None:
+            bar = tqdm(total=m["total_steps"], desc="dpo", file=sys.stderr)
+        bar.set_postfix(loss=f"{m.get('loss', float('nan')):.4f}", acc=f"{m.get('rewards/accuracies', 0):.2f}")
+        bar.update(m["step"] - bar.n)
+        if m["step"] >= m["total_steps"]:
+            bar.close()
+
+    return update
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    args = parse_args(argv)
+    code, summary = run_round(args)
+    print(json.dumps(summary, default=str))
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
