@@ -58,7 +58,8 @@ class TrainingLoop:
         self.policy = policy
         self.paused = not settings.enabled
         self.events: list[dict] = []  # what happened, newest last: promotions, refusals, failures
-        self.last_swap_s: float | None = None
+        self.last_swap_s: float | None = None  # the switch of the live reference itself
+        self.last_load_s: float | None = None  # verifying and merging the adapter before the switch
         self._lock = threading.Lock()  # one round at a time; guards _process
         self._swap_lock = threading.Lock()
         self._process: subprocess.Popen | None = None
@@ -163,6 +164,7 @@ class TrainingLoop:
 
     def _swap(self, version: str, action: str | None, note: str | None = None) -> float:
         with self._swap_lock:
+            loading = time.perf_counter()
             if version == BASE_VERSION:
                 snapshot = self.policy.base
             else:
@@ -172,6 +174,7 @@ class TrainingLoop:
                 # Load and verify before the swap: the live version keeps serving all the while.
                 _, model = load_version(self.policy.base.model, Path(row["adapter_dir"]), self.policy.model_id)
                 snapshot = PolicySnapshot(version, model, self.policy.base.tokenizer, self.policy.model_id)
+            self.last_load_s = time.perf_counter() - loading
             started = time.perf_counter()
             self.policy.set_live(snapshot)
             self.last_swap_s = time.perf_counter() - started
@@ -206,6 +209,8 @@ class TrainingLoop:
             "paused": self.paused,
             "enabled": self.settings.enabled,
             "events": self.events[-5:],
+            "last_swap_s": self.last_swap_s,
+            "last_load_s": self.last_load_s,
         }
 
     def set_paused(self, paused: bool) -> None:

@@ -37,8 +37,9 @@ def test_readme_opens_with_the_two_commands():
 
 
 def test_every_api_endpoint_is_documented():
-    for endpoint in ("/send", "/vote", "/rate", "/edit", "/regenerate", "/new_conversation", "/state"):
-        assert f"`{endpoint}`" in README, endpoint
+    for endpoint in ("/send", "/vote", "/rate", "/edit", "/regenerate", "/new_conversation", "/state",
+                     "/training_status", "/train_now", "/pause", "/resume", "/rollback"):
+        assert f"`{endpoint}`" in README or f"`{endpoint}`," in README, endpoint
 
 
 def test_bad_flag_values_are_refused_with_a_message():
