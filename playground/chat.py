@@ -21,6 +21,7 @@ from playground.prompting import build_prompt
 from store import CHOICES, RATINGS, SLOTS, FeedbackError, Store, StoreError
 
 DEFAULT_USER = "anonymous"
+MAX_USER_CHARS = 100
 SEED_BITS = 31
 UNSAVED_NOTE = "These replies are not saved yet"
 
@@ -60,6 +61,7 @@ class Pair:
 class ChatSession:
     session_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     user: str = DEFAULT_USER
+    simulated: bool = False  # a simulated annotator (the autopilot), marked as such in the store
     conversation_id: int | None = None
     history: list[dict[str, str]] = field(default_factory=list)  # finished turns, chat-template roles
     user_message: str | None = None  # the current turn's message, exactly as typed
@@ -75,7 +77,7 @@ class ChatSession:
 
     def __deepcopy__(self, memo):
         # Gradio deep-copies a State's initial value for each new browser session: give each a fresh id.
-        return ChatSession(user=self.user, system_prompt=self.system_prompt)
+        return ChatSession(user=self.user, simulated=self.simulated, system_prompt=self.system_prompt)
 
     def messages(self) -> list[dict[str, str]]:
         """The conversation as shown: finished turns, then the current message and its continuation."""
@@ -155,7 +157,8 @@ class ChatService:
         try:
             if session.conversation_id is None:
                 session.conversation_id = self.store.start_conversation(
-                    session.session_id, session.user, self.policy.model_id, session.system_prompt
+                    session.session_id, session.user, self.policy.model_id, session.system_prompt,
+                    simulated=session.simulated,
                 )
             if pair.turn_id is not None:  # a regenerated pair of a stored turn
                 pair.index, pair.reply_ids = self.store.record_regenerated_pair(pair.turn_id, rows)
@@ -212,10 +215,19 @@ class ChatService:
         pair.edit = text
         return pair
 
-    def new_conversation(self, session: ChatSession) -> None:
+    def new_conversation(self, session: ChatSession, user: str | None = None, simulated: bool | None = None) -> None:
+        """Start over; optionally say who is talking (the autopilot marks its annotators as simulated)."""
+        if user is not None:
+            user = user.strip()
+            if not user or len(user) > MAX_USER_CHARS or not user.isprintable():
+                raise ChatError(f"A user name must be 1 to {MAX_USER_CHARS} printable characters.")
         with session.lock:
             self._check_idle(session)
             self._reset(session)
+            if user is not None:
+                session.user = user
+            if simulated is not None:
+                session.simulated = bool(simulated)
 
     @staticmethod
     def _reset(session: ChatSession) -> None:
@@ -270,9 +282,11 @@ def _reply_row(reply: SampledReply, pair: Pair, model_id: str) -> dict:
 def pair_summary(session: ChatSession) -> dict:
     """The current pair as plain JSON, for API clients."""
     pair = session.pair
+    who = {"user": session.user, "simulated": session.simulated}
     if pair is None:
-        return {"conversation_id": session.conversation_id, "pair": None, "notes": session.notes}
+        return {"conversation_id": session.conversation_id, "pair": None, "notes": session.notes, **who}
     return {
+        **who,
         "conversation_id": session.conversation_id,
         "turn_id": pair.turn_id,
         "pair": pair.index,

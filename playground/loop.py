@@ -48,6 +48,7 @@ class LoopSettings:
     train_every_min: float = DEFAULT_TRAIN_EVERY_MIN
     min_new_pairs: int = DEFAULT_MIN_NEW_PAIRS
     enabled: bool = True
+    include_simulated: bool = True  # train on the autopilot's simulated votes too (a demo's whole point)
     next_config: dict = field(default_factory=dict)  # DPO settings for the next round (admin panel)
 
 
@@ -109,7 +110,7 @@ class TrainingLoop:
         with self._lock:
             if self._process is not None and self._process.poll() is None:
                 return "a round is already running"
-            new = count_new_pairs(self.store, self.policy.model_id)
+            new = count_new_pairs(self.store, self.policy.model_id, self.settings.include_simulated)
             if new < min_new_pairs:
                 return f"{new} new pair(s); a round needs {min_new_pairs}"
             parent = self.policy.snapshot().version
@@ -121,7 +122,7 @@ class TrainingLoop:
                 "--model-cache", self.settings.model_cache, "--device", self.settings.device,
                 "--run-id", str(run_id), "--trigger", trigger, "--min-new-pairs", str(min_new_pairs),
                 "--config", json.dumps(self.settings.next_config), "--no-progress",
-            ]
+            ] + ([] if self.settings.include_simulated else ["--exclude-simulated"])
             # Niced: on a small machine the chat's decoding keeps priority over the round.
             self._process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                              text=True, preexec_fn=lambda: os.nice(TRAINER_NICENESS))
@@ -204,7 +205,7 @@ class TrainingLoop:
                 "run_id": running["id"], "step": running["step"] or 0, "total_steps": running["total_steps"],
                 "loss": running["loss"]},
             "next_check": next_check,
-            "new_pairs": count_new_pairs(self.store, self.policy.model_id),
+            "new_pairs": count_new_pairs(self.store, self.policy.model_id, self.settings.include_simulated),
             "min_new_pairs": self.settings.min_new_pairs,
             "paused": self.paused,
             "enabled": self.settings.enabled,

@@ -236,6 +236,7 @@ def build_ui(service: ChatService, loop: TrainingLoop | None = None, title: str 
             api_slot = gr.Textbox()
             api_value = gr.Textbox()
             api_num1, api_num2, api_num3 = gr.Number(), gr.Number(), gr.Number()
+            api_flag = gr.Checkbox(value=None)
             api_out = gr.JSON()
             api_trigger = gr.Button()
 
@@ -271,8 +272,8 @@ def build_ui(service: ChatService, loop: TrainingLoop | None = None, title: str 
             guarded(service.edit, state, text)
             return state, pair_summary(state)
 
-        def api_new_conversation(state):
-            guarded(service.new_conversation, state)
+        def api_new_conversation(state, user: str | None = None, simulated: bool | None = None):
+            guarded(service.new_conversation, state, user or None, simulated)
             return state, pair_summary(state)
 
         def api_state(state):
@@ -286,7 +287,7 @@ def build_ui(service: ChatService, loop: TrainingLoop | None = None, title: str 
         api(api_vote, [session, api_value], [session, api_out], api_name="vote")
         api(api_rate, [session, api_slot, api_value], [session, api_out], api_name="rate")
         api(api_edit, [session, api_text], [session, api_out], api_name="edit")
-        api(api_new_conversation, [session], [session, api_out], api_name="new_conversation")
+        api(api_new_conversation, [session, api_slot, api_flag], [session, api_out], api_name="new_conversation")
         api(api_state, [session], [session, api_out], api_name="state")
     demo.queue(default_concurrency_limit=4)
     return demo

@@ -123,7 +123,8 @@ class Store(TrainingQueries):
 
     # -- conversations and turns ------------------------------------------------------------------
 
-    def start_conversation(self, session_id: str, user: str, model_id: str, system_prompt: str) -> int:
+    def start_conversation(self, session_id: str, user: str, model_id: str, system_prompt: str,
+                           simulated: bool = False) -> int:
         with self._write("the conversation") as db:
             table = db["conversations"].insert(
                 {
@@ -131,6 +132,7 @@ class Store(TrainingQueries):
                     "user": user,
                     "model_id": model_id,
                     "system_prompt": system_prompt,
+                    "simulated": int(simulated),
                     "created_at": now(),
                 }
             )

@@ -140,6 +140,12 @@ def m003_training_loop(db: Database) -> None:
     )
 
 
+@migrations()
+def m004_simulated_users(db: Database) -> None:
+    # Votes from the autopilot's simulated annotators are marked, so training can include or exclude them.
+    db["conversations"].add_column("simulated", int, not_null_default=0)
+
+
 def apply(db: Database, stop_before: str | None = None) -> None:
     migrations.apply(db, stop_before=stop_before)
 

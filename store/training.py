@@ -16,7 +16,7 @@ LIVE_ACTIONS = ("start", "promote", "rollback")
 class TrainingQueries:
     # -- the data a round trains on ---------------------------------------------------------------
 
-    def judged_pairs(self) -> list[dict[str, Any]]:
+    def judged_pairs(self, include_simulated: bool = True) -> list[dict[str, Any]]:
         """Every pair of replies with current (not replaced) feedback, with its context and replies.
 
         One dict per (turn, pair): turn_id, pair, conversation_id, context (messages), superseded,
@@ -24,8 +24,8 @@ class TrainingQueries:
         """
         feedback = self._rows(
             "select f.id, f.turn_id, f.pair, f.kind, f.value, f.reply_id, t.conversation_id, t.context_json"
-            " from feedback f join turns t on t.id = f.turn_id"
-            " where f.replaced_by is null order by f.id"
+            " from feedback f join turns t on t.id = f.turn_id join conversations c on c.id = t.conversation_id"
+            " where f.replaced_by is null" + ("" if include_simulated else " and c.simulated = 0") + " order by f.id"
         )
         groups: dict[tuple[int, int], dict[str, Any]] = {}
         for row in feedback:

@@ -166,3 +166,19 @@ def test_locked_database_vote_is_not_saved_then_saved(app):
     assert rows(db, "select count(*) n from feedback where turn_id = ?", out["turn_id"])[0]["n"] == 0
     assert c.predict("a", api_name="/vote")["choice"] == "a"
     assert rows(db, "select value from feedback where turn_id = ?", out["turn_id"]) == [{"value": "a"}]
+
+
+def test_a_simulated_user_is_marked_in_the_store(app):
+    url, _, db = app
+    c = client(url)
+    out = c.predict("sim-concise-1", True, api_name="/new_conversation")
+    assert out["user"] == "sim-concise-1" and out["simulated"] is True
+    out = c.predict("hello", api_name="/send", **FAST)
+    c.predict("a", api_name="/vote")
+    conversation = rows(db, "select user, simulated from conversations where id = ?", out["conversation_id"])[0]
+    assert conversation == {"user": "sim-concise-1", "simulated": 1}
+    assert rows(db, "select user from feedback where turn_id = ?", out["turn_id"]) == [{"user": "sim-concise-1"}]
+    with pytest.raises(Exception, match="user name"):
+        c.predict("x" * 500, api_name="/new_conversation")
+    plain = c.predict(api_name="/new_conversation")
+    assert plain["simulated"] is False

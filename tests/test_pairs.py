@@ -85,8 +85,8 @@ def test_tokenized_pair_prompt_is_a_prefix_and_reply_ends_the_turn(tiny_loaded):
     assert tok.decode(pair.prompt_ids).endswith("<|im_start|>assistant\n")
 
 
-def make_judged_turn(store, conversation_session, choice, a="Paris.", b="London."):
-    conv = store.start_conversation(conversation_session, "u", "tiny", "")
+def make_judged_turn(store, conversation_session, choice, a="Paris.", b="London.", simulated=False):
+    conv = store.start_conversation(conversation_session, "u", "tiny", "", simulated=simulated)
     rows = []
     for slot, text in (("a", a), ("b", b)):
         rows.append({"slot": slot, "text": text, "policy_version": "v0", "model_id": "tiny", "seed": 1,
@@ -126,3 +126,11 @@ def test_a_store_of_only_ties_gives_no_pairs(store, tiny_loaded, choice):
     for i in range(5):
         make_judged_turn(store, f"s{i}", choice)
     assert count_new_pairs(store, "tiny") == 0
+
+
+def test_simulated_votes_can_be_left_out_of_training(store):
+    people = [make_judged_turn(store, f"p{i}", "a") for i in range(20)]
+    robots = [make_judged_turn(store, f"r{i}", "a", simulated=True) for i in range(20)]
+    in_training = lambda convs: len([c for c in convs if not is_held_out(c)])  # noqa: E731
+    assert count_new_pairs(store, "tiny") == in_training(people) + in_training(robots)
+    assert count_new_pairs(store, "tiny", include_simulated=False) == in_training(people)

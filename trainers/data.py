@@ -123,9 +123,10 @@ class RoundData:
                 "replayed": self.replayed, "skipped": dict(self.skipped)}
 
 
-def split_specs(store, model_id: str) -> tuple[list[PairSpec], list[PairSpec], list[PairSpec], int]:
+def split_specs(store, model_id: str, include_simulated: bool = True
+                ) -> tuple[list[PairSpec], list[PairSpec], list[PairSpec], int]:
     """(new training specs, older training specs, held-out specs, newest feedback id)."""
-    specs = pair_specs(store.judged_pairs())
+    specs = pair_specs(store.judged_pairs(include_simulated))
     watermark = store.last_consumed_feedback_id(model_id)
     train = [s for s in specs if not is_held_out(s.conversation_id)]
     held_out = [s for s in specs if is_held_out(s.conversation_id)]
@@ -135,14 +136,14 @@ def split_specs(store, model_id: str) -> tuple[list[PairSpec], list[PairSpec], l
     return new, old, held_out, newest
 
 
-def count_new_pairs(store, model_id: str) -> int:
-    return len(split_specs(store, model_id)[0])
+def count_new_pairs(store, model_id: str, include_simulated: bool = True) -> int:
+    return len(split_specs(store, model_id, include_simulated)[0])
 
 
 def build_round(store, tokenizer, model_id: str, max_length: int, replay_ratio: float = 1.0,
-                seed: int = 0) -> RoundData:
+                seed: int = 0, include_simulated: bool = True) -> RoundData:
     """The pairs of one round: every new pair, plus a replay sample of older ones (replay_ratio x new)."""
-    new, old, held_out, newest = split_specs(store, model_id)
+    new, old, held_out, newest = split_specs(store, model_id, include_simulated)
     rng = random.Random(seed)
     replay = rng.sample(old, min(len(old), int(round(replay_ratio * len(new)))))
     skipped: dict[str, int] = {}

@@ -46,6 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="older pairs replayed per new pair (default: %(default)s)")
     p.add_argument("--ref", choices=("base", "previous"), default=None,
                    help="reference policy: the base model (default) or the previous version")
+    p.add_argument("--exclude-simulated", action="store_true",
+                   help="train only on votes from people, not on the autopilot's simulated annotators")
     p.add_argument("--config", default="{}", help="JSON object of DPO settings overriding the defaults")
     p.add_argument("--run-id", type=int, default=None, help="a round the scheduler already recorded")
     p.add_argument("--trigger", default="manual", help="what started the round, recorded on it")
@@ -97,7 +99,8 @@ def run_round(args: argparse.Namespace) -> tuple[int, dict]:
     try:
         for name in clean_temporary(adapters_dir):
             log.info("removed half-written %s left by an earlier round", name)
-        data = build_round(store, loaded.tokenizer, model_id, config.max_length, args.replay_ratio, config.seed)
+        data = build_round(store, loaded.tokenizer, model_id, config.max_length, args.replay_ratio, config.seed,
+                           include_simulated=not args.exclude_simulated)
         counts = data.counts()
         if data.new_pairs < args.min_new_pairs:
             why = f"{data.new_pairs} new training pair(s), fewer than the {args.min_new_pairs} needed"
