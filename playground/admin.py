@@ -10,10 +10,17 @@ from __future__ import annotations
 import gradio as gr
 import pandas as pd
 
+from playground.gold import GOLD_NAMES, GoldError
 from playground.loop import TrainingLoop
+from playground.prompts import PromptFileError
+from playground.simulate import LocalBackend, SimulationConfig, Simulator
+from trainers.dpo import DPOConfig
 
 STATUS_REFRESH_S = 2.0
-CURVES = ("loss", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected", "grad_norm")
+# Two plots, each of metrics on one scale: the loss side, and the log-probs (a falling chosen log-prob
+# while the margin grows is likelihood displacement).
+CURVES = ("loss", "rewards/margins", "rewards/accuracies", "grad_norm")
+LOGP_CURVES = ("logps/chosen", "logps/rejected")
 RUN_COLUMNS = ["id", "status", "version", "parent_version", "n_pairs", "trigger", "started_at", "reason"]
 
 
@@ -46,13 +53,14 @@ def runs_frame(loop: TrainingLoop) -> pd.DataFrame:
     return pd.DataFrame([{c: r.get(c) for c in RUN_COLUMNS} for r in rows], columns=RUN_COLUMNS)
 
 
-def curves_frame(loop: TrainingLoop, run_id) -> pd.DataFrame:
+def curves_frame(loop: TrainingLoop, run_id, names: tuple[str, ...] = CURVES) -> pd.DataFrame:
     if run_id in (None, ""):
-        runs = [r for r in loop.store.runs(limit=20) if r["status"] in ("succeeded", "running")]
+        # The latest round that has logged a step: a round just starting has none yet.
+        runs = [r for r in loop.store.runs(limit=20) if r["step"]]
         if not runs:
             return pd.DataFrame(columns=["step", "value", "metric"])
         run_id = runs[0]["id"]
-    rows = [r for r in loop.store.metrics_for_run(int(run_id)) if r["name"] in CURVES]
+    rows = [r for r in loop.store.metrics_for_run(int(run_id)) if r["name"] in names]
     return pd.DataFrame([{"step": r["step"], "value": r["value"], "metric": r["name"]} for r in rows],
                         columns=["step", "value", "metric"])
 
@@ -61,7 +69,49 @@ def version_choices(loop: TrainingLoop) -> list[str]:
     return [v["name"] for v in loop.store.policy_versions(loop.policy.model_id)]
 
 
-def build_admin(loop: TrainingLoop):
+class Autopilot:
+    """The admin panel's autopilot: the same Simulator as `python -m playground.simulate`, in-process."""
+
+    def __init__(self, service, loop: TrainingLoop):
+        self.service, self.loop = service, loop
+        self.simulator: Simulator | None = None
+        self.thread = None
+        self.lines: list[str] = []
+
+    @property
+    def running(self) -> bool:
+        return self.thread is not None and self.thread.is_alive()
+
+    def start(self, gold: str, users: int, turns: int, flip_rate: float) -> str:
+        import threading
+
+        if self.running:
+            return "The autopilot is already running: stop it first."
+        config = SimulationConfig(gold=gold, users=int(users), turns=int(turns), flip_rate=float(flip_rate))
+        self.lines = []
+        self.simulator = Simulator(config, lambda: LocalBackend(self.service, self.loop),
+                                   report=lambda line: self.lines.append(line))
+        self.thread = threading.Thread(target=self.simulator.run, daemon=True, name="autopilot")
+        self.thread.start()
+        return f"Autopilot started: {users} simulated user(s) voting by '{gold}' for {turns} turns."
+
+    def stop(self) -> str:
+        if not self.running:
+            return "The autopilot is not running."
+        self.simulator.stop("stopped from the admin panel")
+        return "Stopping the autopilot after the replies being written."
+
+    def status(self) -> str:
+        if self.simulator is None:
+            return "Autopilot off."
+        summary = self.simulator.progress.summary()
+        state = "running" if self.running else f"finished ({summary['stopped_because'] or 'all turns done'})"
+        means = ", ".join(f"{v}: {s['mean_gold']:+.3f} ({s['replies']})" for v, s in summary["gold_by_version"].items())
+        return (f"Autopilot {state}: {summary['votes']}/{self.simulator.config.turns} votes by "
+                f"'{self.simulator.config.gold}'. Mean gold of replies by version: {means or 'none yet'}.")
+
+
+def build_admin(loop: TrainingLoop, service=None):
     with gr.Accordion("Training loop (admin)", open=False, elem_id="admin"):
         with gr.Row():
             train_now = gr.Button("Train now", variant="primary", elem_id="train-now")
@@ -70,8 +120,9 @@ def build_admin(loop: TrainingLoop):
         admin_note = gr.Markdown(elem_id="admin-note")
         with gr.Row():
             beta = gr.Slider(0.01, 1.0, value=0.1, step=0.01, label="beta (next round)")
-            learning_rate = gr.Number(value=None, label="learning rate (blank: default)")
-            epochs = gr.Number(value=None, label="epochs (blank: default)", precision=0)
+            defaults = DPOConfig()
+            learning_rate = gr.Number(value=defaults.learning_rate, label="learning rate")
+            epochs = gr.Number(value=defaults.epochs, label="epochs", precision=0)
             loss_type = gr.Radio(["sigmoid", "ipo"], value="sigmoid", label="loss")
             ref = gr.Radio(["base", "previous"], value="base", label="reference policy")
         apply = gr.Button("Use these settings for the next round", elem_id="apply-settings")
@@ -79,10 +130,28 @@ def build_admin(loop: TrainingLoop):
             version = gr.Dropdown(choices=version_choices(loop), label="Version", elem_id="version-pick",
                                   allow_custom_value=True)
             rollback = gr.Button("Make this version live", elem_id="rollback")
+        autopilot = Autopilot(service, loop) if service is not None else None
+        if autopilot is not None:
+            with gr.Group():
+                with gr.Row():
+                    gold = gr.Dropdown(choices=list(GOLD_NAMES), value="concise", allow_custom_value=True,
+                                       label="Autopilot preference (or 'package.module:function')",
+                                       elem_id="autopilot-gold")
+                    sim_users = gr.Number(value=3, precision=0, label="simulated users")
+                    sim_turns = gr.Number(value=200, precision=0, label="votes")
+                    sim_flip = gr.Slider(0.0, 0.5, value=0.25, step=0.05, label="flip rate (label noise)")
+                with gr.Row():
+                    start_autopilot = gr.Button("Start autopilot", elem_id="autopilot-start")
+                    stop_autopilot = gr.Button("Stop autopilot", elem_id="autopilot-stop")
+                autopilot_status = gr.Markdown(value=autopilot.status, elem_id="autopilot-status", every=2.0)
         runs = gr.Dataframe(value=lambda: runs_frame(loop), label="Rounds", interactive=False, elem_id="runs")
         run_pick = gr.Textbox(label="Round id for the curves (blank: the latest)", elem_id="run-pick")
-        curves = gr.LinePlot(value=lambda: curves_frame(loop, None), x="step", y="value", color="metric",
-                             label="Round curves", elem_id="curves", height=280)
+        with gr.Row():
+            curves = gr.LinePlot(value=lambda: curves_frame(loop, None), x="step", y="value", color="metric",
+                                 label="Loss, margin, accuracy, grad norm", elem_id="curves", height=280)
+            logp_curves = gr.LinePlot(value=lambda: curves_frame(loop, None, LOGP_CURVES), x="step", y="value",
+                                      color="metric", label="Log-probs of chosen and rejected replies",
+                                      elem_id="logp-curves", height=280)
 
     def note(message: str) -> str:
         return f"**{message}**"
@@ -99,8 +168,6 @@ def build_admin(loop: TrainingLoop):
         if n_epochs not in (None, ""):
             config["epochs"] = int(n_epochs)
         try:
-            from trainers.dpo import DPOConfig
-
             DPOConfig(**config)
         except (TypeError, ValueError) as exc:
             raise gr.Error(f"Not applied: {exc}") from exc
@@ -122,9 +189,19 @@ def build_admin(loop: TrainingLoop):
 
     rollback.click(do_rollback, [version], admin_note, api_name="rollback")
 
+    if autopilot is not None:
+        def begin(gold_spec, users, turns, flip):
+            try:
+                return note(autopilot.start(gold_spec, users, turns, flip))
+            except (GoldError, PromptFileError, ValueError, TypeError) as exc:
+                raise gr.Error(f"Autopilot not started: {exc}") from exc
+
+        start_autopilot.click(begin, [gold, sim_users, sim_turns, sim_flip], admin_note, api_visibility="private")
+        stop_autopilot.click(lambda: note(autopilot.stop()), None, admin_note, api_visibility="private")
+
     def training_status() -> dict:
         """The loop's state: live version, round in progress, next check, new pairs, recent events."""
         return loop.status()
 
     gr.api(training_status, api_name="training_status")
-    return {"runs": runs, "curves": curves, "version": version, "run_pick": run_pick}
+    return {"runs": runs, "curves": curves, "logp_curves": logp_curves, "version": version, "run_pick": run_pick}

@@ -64,6 +64,9 @@ class TrainingLoop:
         self._lock = threading.Lock()  # one round at a time; guards _process
         self._swap_lock = threading.Lock()
         self._process: subprocess.Popen | None = None
+        # Set from a round's start until its version is live (or it failed): the next round must see the
+        # previous one's version as its parent, so it may start only after the promotion, not at process exit.
+        self._round_active = threading.Event()
         self._scheduler = BackgroundScheduler(daemon=True)
         self._job = None
         self._status_cache: tuple[float, dict] | None = None
@@ -108,7 +111,7 @@ class TrainingLoop:
 
     def start_round(self, trigger: str, min_new_pairs: int) -> str:
         with self._lock:
-            if self._process is not None and self._process.poll() is None:
+            if self._round_active.is_set():
                 return "a round is already running"
             new = count_new_pairs(self.store, self.policy.model_id, self.settings.include_simulated)
             if new < min_new_pairs:
@@ -124,8 +127,14 @@ class TrainingLoop:
                 "--config", json.dumps(self.settings.next_config), "--no-progress",
             ] + ([] if self.settings.include_simulated else ["--exclude-simulated"])
             # Niced: on a small machine the chat's decoding keeps priority over the round.
-            self._process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                             text=True, preexec_fn=lambda: os.nice(TRAINER_NICENESS))
+            self._round_active.set()
+            try:
+                self._process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                                 text=True, preexec_fn=lambda: os.nice(TRAINER_NICENESS))
+            except OSError as exc:
+                self._round_active.clear()
+                self.store.fail_run_if_running(run_id, f"the trainer could not start: {exc}")
+                return f"round {run_id} could not start: {exc}"
             self.store.set_run_pid(run_id, self._process.pid)
             threading.Thread(target=self._watch, args=(self._process, run_id), daemon=True,
                              name=f"round-{run_id}").start()
@@ -133,6 +142,12 @@ class TrainingLoop:
             return f"round {run_id} started on {new} new pair(s)"
 
     def _watch(self, process: subprocess.Popen, run_id: int) -> None:
+        try:
+            self._finish_round(process, run_id)
+        finally:
+            self._round_active.clear()
+
+    def _finish_round(self, process: subprocess.Popen, run_id: int) -> None:
         _, stderr = process.communicate()
         if process.returncode < 0:
             reason = f"the trainer was killed by signal {-process.returncode}"

@@ -201,9 +201,9 @@ def build_ui(service: ChatService, loop: TrainingLoop | None = None, title: str 
         # -- the training loop: status every few seconds, a toast when a new version goes live -----
         if loop is not None:
             from playground.admin import STATUS_REFRESH_S, build_admin, curves_frame, runs_frame, status_line
-            from playground.admin import progress_fraction, version_choices
+            from playground.admin import LOGP_CURVES, progress_fraction, version_choices
 
-            admin = build_admin(loop)
+            admin = build_admin(loop, service)
             timer = gr.Timer(STATUS_REFRESH_S)
 
             def on_tick(state: ChatSession, run_pick_value=None):
@@ -214,9 +214,11 @@ def build_ui(service: ChatService, loop: TrainingLoop | None = None, title: str 
                 fraction = progress_fraction(current)
                 return [state, status_line(current), gr.Slider(value=fraction, visible=current["running"] is not None),
                         runs_frame(loop), curves_frame(loop, state.curves_run),
+                        curves_frame(loop, state.curves_run, LOGP_CURVES),
                         gr.Dropdown(choices=version_choices(loop))]
 
-            tick_outputs = [session, loop_status, round_progress, admin["runs"], admin["curves"], admin["version"]]
+            tick_outputs = [session, loop_status, round_progress, admin["runs"], admin["curves"],
+                            admin["logp_curves"], admin["version"]]
             timer.tick(on_tick, [session], tick_outputs, api_visibility="private", show_progress="hidden")
             demo.load(on_tick, [session], tick_outputs, api_visibility="private")
 
@@ -225,10 +227,10 @@ def build_ui(service: ChatService, loop: TrainingLoop | None = None, title: str 
                 if text and not text.isdigit():
                     raise gr.Error(f"{text!r} is not a round id.")
                 state.curves_run = int(text) if text else None
-                return state, curves_frame(loop, state.curves_run)
+                return state, curves_frame(loop, state.curves_run), curves_frame(loop, state.curves_run, LOGP_CURVES)
 
-            admin["run_pick"].submit(pick_run, [session, admin["run_pick"]], [session, admin["curves"]],
-                                     api_visibility="private")
+            admin["run_pick"].submit(pick_run, [session, admin["run_pick"]],
+                                     [session, admin["curves"], admin["logp_curves"]], api_visibility="private")
 
         # -- the public API: the same actions, plain values in, the pair as JSON out ---------------
         with gr.Group(visible=False):

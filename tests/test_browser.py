@@ -93,3 +93,35 @@ def test_markup_is_shown_as_text_and_never_runs(page_and_app, artifacts_dir):
     page.locator("#vote-b").click()
     page.wait_for_function("document.querySelector('#notice').innerText.includes('Saved: B is better')")
     page.screenshot(path=os.path.join(artifacts_dir, "chat_markup.png"), full_page=True)
+
+
+def test_admin_autopilot_trains_a_version_that_goes_live_in_the_page(tiny_loaded, tmp_path, artifacts_dir):
+    """The demo path: open the admin panel, start the autopilot, watch v1 go live, roll back."""
+    from playwright.sync_api import sync_playwright
+
+    from tests.test_loop import loop_settings
+
+    settings = loop_settings(tmp_path, min_new_pairs=6)
+    with running_app(tiny_loaded, tmp_path / "admin.db", loop_settings=settings) as (url, service, loop), \
+            sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        page = browser.new_page(viewport={"width": 1280, "height": 1600})
+        page.goto(url)
+        page.get_by_text("Training loop (admin)").click()
+        page.locator("#autopilot-start").click()
+        page.wait_for_function("document.querySelector('#admin-note').innerText.includes('Autopilot started')")
+        page.wait_for_function("document.querySelector('#loop-status').innerText.includes('Live policy v1')",
+                               timeout=180_000)
+        page.wait_for_function("document.querySelector('#autopilot-status').innerText.includes('votes by')")
+        page.wait_for_selector(".toast-body", timeout=10_000)  # the 'new version is live' toast
+        page.locator("#autopilot-stop").click()
+        page.screenshot(path=os.path.join(artifacts_dir, "admin_autopilot.png"), full_page=True)
+
+        page.locator("#version-pick input").fill("v0")
+        page.locator("#version-pick input").press("Enter")
+        page.locator("#rollback").click()
+        page.wait_for_function("document.querySelector('#admin-note').innerText.includes('v0 is live')")
+        assert loop.policy.snapshot().version == "v0"
+        users = {u for (u,) in service.store.db.execute("select distinct user from conversations")}
+        assert users and all(u.startswith("sim-concise-") for u in users)
+        browser.close()

@@ -1,0 +1,113 @@
+"""The autopilot against the real app: votes land marked simulated, a round triggers, the new version
+serves; bad settings fail before anything starts; a vanished app is retried, then reported."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from playground.simulate import LocalBackend, SimulationConfig, Simulator
+from tests.servers import running_app
+from tests.test_loop import loop_settings, wait_for
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def simulator_for(url, **overrides):
+    from playground.simulate import HttpBackend
+
+    config = SimulationConfig(**{"gold": "concise", "users": 2, "turns": 8, "max_new_tokens": 8, "retries": 2,
+                                 **overrides})
+    lines = []
+    return Simulator(config, lambda: HttpBackend(url), report=lines.append), lines
+
+
+def test_autopilot_votes_land_marked_simulated_and_the_new_version_serves(tiny_loaded, tmp_path):
+    settings = loop_settings(tmp_path, min_new_pairs=4)
+    with running_app(tiny_loaded, tmp_path / "sim.db", loop_settings=settings) as (url, service, loop):
+        simulator, lines = simulator_for(url, edit_rate=0.5)
+        summary = simulator.run()
+        assert summary["votes"] == 8 and summary["stopped_because"] is None
+        stats = service.store.stats()
+        assert stats["current_feedback"]["choice"] and sum(stats["current_feedback"]["choice"].values()) == 8
+        users = service.store.db.execute("select distinct user, simulated from conversations").fetchall()
+        assert sorted(users) == [("sim-concise-0", 1), ("sim-concise-1", 1)]
+        assert any(line.startswith("votes ") for line in lines)
+
+        wait_for(lambda: loop.policy.snapshot().version == "v1", what="the autopilot's votes to train v1")
+        later, lines = simulator_for(url, turns=4, seed=5)
+        summary = later.run()
+        assert "v1" in summary["gold_by_version"] and summary["votes"] == 4
+        assert any("v1 is live" in line or "live v1" in line for line in lines)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--gold", "brevity"], "unknown gold"),
+    (["--gold", "no_such_module:fn"], "import"),
+    (["--prompts", "/nonexistent/prompts.txt"], "prompts.txt"),
+    (["--users", "0"], "at least 1"),
+])
+def test_bad_settings_fail_before_anything_starts(args, message):
+    out = subprocess.run([sys.executable, "-m", "playground.simulate", "--url", "http://127.0.0.1:9", *args],
+                         capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert out.returncode == 2 and message.lower() in out.stderr.lower()
+
+
+def test_an_empty_prompt_file_is_refused(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n# only a comment\n")
+    out = subprocess.run([sys.executable, "-m", "playground.simulate", "--prompts", str(empty)],
+                         capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert out.returncode == 2 and "empty.txt" in out.stderr
+
+
+def test_no_app_listening_is_said_plainly():
+    out = subprocess.run([sys.executable, "-m", "playground.simulate", "--url", "http://127.0.0.1:9"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert out.returncode == 2 and "no app answers" in out.stderr
+
+
+def test_the_app_going_away_is_retried_then_reported(tiny_loaded, tmp_path):
+    with running_app(tiny_loaded, tmp_path / "gone.db") as (url, service):
+        simulator, _ = simulator_for(url, turns=10_000, users=1)
+        thread = threading.Thread(target=lambda: simulator.run(), daemon=True)
+        thread.start()
+        wait_for(lambda: simulator.progress.votes >= 3, what="a few votes")
+    # The server is closed here; the simulator backs off (1 s, 2 s), then stops and says so.
+    thread.join(timeout=60)
+    assert not thread.is_alive()
+    reason = simulator.progress.stopped_because
+    assert "stopped answering" in reason and f"{simulator.progress.votes} vote(s) landed" in reason
+
+
+class LostAnswers(LocalBackend):
+    """A real session whose first vote lands but whose answer never comes back (a dropped connection)."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.dropped = False
+
+    def vote(self, choice):
+        result = super().vote(choice)
+        if not self.dropped:
+            self.dropped = True
+            raise ConnectionError("the answer was lost")
+        return result
+
+
+def test_a_vote_whose_answer_was_lost_is_not_sent_twice(tiny_loaded, tmp_path):
+    from playground.chat import ChatService
+    from playground.policy import PolicyHolder
+    from store import Store
+
+    store = Store(tmp_path / "lost.db")
+    service = ChatService(PolicyHolder(tiny_loaded), store)
+    config = SimulationConfig(gold="concise", users=1, turns=3, max_new_tokens=8, retries=2, edit_rate=0.0)
+    summary = Simulator(config, lambda: LostAnswers(service), report=lambda line: None).run()
+    assert summary["votes"] == 3
+    assert store.stats()["feedback"] == 3  # one row per pair: the lost answer was checked, not re-sent
+    store.close()
