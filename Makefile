@@ -9,7 +9,7 @@ APT_PACKAGES := chromium fonts-noto-color-emoji
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 TEST_ENV := HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 GRADIO_ANALYTICS_ENABLED=False TOKENIZERS_PARALLELISM=false
 
-.PHONY: setup setup-test run test clean
+.PHONY: setup setup-test run test bench clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,10 @@ run: setup
 
 test: setup-test
 	$(TEST_ENV) $(PY) -m pytest $(PYTEST_ARGS)
+
+# The quick benchmarks (under 10 minutes here), printed as a table; docs/BENCHMARKS.md has the long ones.
+bench: setup-test
+	$(TEST_ENV) $(PY) bench/report.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache tests/artifacts

@@ -7,7 +7,8 @@ Starts `app.py` for real (a temporary database and adapters folder), votes throu
 until the scheduled round triggers, and meanwhile keeps a second client sending messages, counting
 any request that fails. Prints one JSON object: `vote_to_live_s`, `swap_pause_s` (the switch of the
 live version), `load_s` (verifying and merging the adapter before the switch, while the old version
-serves), `round_s` (the trainer subprocess, start to end), `failed_requests`, `requests_during`.
+serves), `round_s` (the trainer subprocess, start to end), `failed_requests`, `requests_during`, and the
+app process's memory (`app_rss_mb`, `app_peak_rss_mb`).
 """
 
 from __future__ import annotations
@@ -43,6 +44,19 @@ def wait_http(url: str, timeout: float) -> None:
         except OSError:
             time.sleep(0.5)
     raise SystemExit(f"the app did not answer at {url} within {timeout:.0f} s")
+
+
+def app_memory_mb(pid: int) -> dict:
+    """The app process's resident memory now and at its peak (Linux /proc), in MB."""
+    values = {}
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            key, _, rest = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                values[key] = round(int(rest.split()[0]) / 1024, 1)
+    except OSError:
+        pass
+    return values
 
 
 def main() -> None:
@@ -111,8 +125,11 @@ def main() -> None:
         from datetime import datetime
 
         round_s = (datetime.fromisoformat(run["finished_at"]) - datetime.fromisoformat(run["started_at"]))
+        memory = app_memory_mb(app.pid)
         print(json.dumps({
             "vote_to_live_s": round(first_new[0] - crossed_at, 2),
+            "app_rss_mb": memory.get("VmRSS"),
+            "app_peak_rss_mb": memory.get("VmHWM"),
             "swap_pause_s": status["last_swap_s"],
             "load_s": status["last_load_s"],
             "round_s": round(round_s.total_seconds(), 2),
