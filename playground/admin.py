@@ -7,6 +7,8 @@ thin and call `TrainingLoop`. Public endpoints: `/train_now`, `/pause`, `/resume
 
 from __future__ import annotations
 
+import json
+
 import gradio as gr
 import pandas as pd
 
@@ -21,7 +23,8 @@ STATUS_REFRESH_S = 2.0
 # while the margin grows is likelihood displacement).
 CURVES = ("loss", "rewards/margins", "rewards/accuracies", "grad_norm")
 LOGP_CURVES = ("logps/chosen", "logps/rejected")
-RUN_COLUMNS = ["id", "status", "version", "parent_version", "n_pairs", "trigger", "started_at", "reason"]
+RUN_COLUMNS = ["id", "status", "version", "parent_version", "n_pairs", "held_out_acc", "trigger", "started_at",
+               "reason"]
 
 
 def status_line(status: dict) -> str:
@@ -48,9 +51,22 @@ def progress_fraction(status: dict) -> float:
     return running["step"] / running["total_steps"]
 
 
+def held_out_accuracy(run: dict) -> str | None:
+    """'0.45 -> 0.70': the round's held-out implicit-reward accuracy before and after it trained."""
+    try:
+        metrics = json.loads(run.get("metrics_json") or "{}")
+        before, after = metrics["held_out_before"], metrics["held_out_after"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    if not after.get("n"):
+        return "no held-out pairs yet"
+    return f"{before['accuracy']:.2f} -> {after['accuracy']:.2f} (n={after['n']})"
+
+
 def runs_frame(loop: TrainingLoop) -> pd.DataFrame:
     rows = loop.store.runs(limit=20)
-    return pd.DataFrame([{c: r.get(c) for c in RUN_COLUMNS} for r in rows], columns=RUN_COLUMNS)
+    return pd.DataFrame([{**{c: r.get(c) for c in RUN_COLUMNS}, "held_out_acc": held_out_accuracy(r)} for r in rows],
+                        columns=RUN_COLUMNS)
 
 
 def curves_frame(loop: TrainingLoop, run_id, names: tuple[str, ...] = CURVES) -> pd.DataFrame:
