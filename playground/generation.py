@@ -4,6 +4,10 @@ Both replies come from the same policy with different seeds (on-policy pairs). T
 prefilled once and its KV cache repeated for the two rows, then every step decodes both rows in one
 forward pass: on a CPU a step is bound by reading the weights, so the second row is almost free.
 
+The forward passes go through `playground.engine` (a lean decode loop with its own copy of the
+weights, built once per model object and cached) when it supports the model, and through the HF
+model otherwise; both give the same logits to ~1e-5, so a seed gives the same reply either way.
+
 Each row samples with its own `torch.Generator`, so a stored seed reproduces its reply exactly. For
 every sampled token we also keep its log-probability under the policy's own distribution
 (temperature 1, no top-p): `logprob_sum` is what the KL and staleness metrics need later.
@@ -11,11 +15,16 @@ every sampled token we also keep its log-probability under the policy's own dist
 
 from __future__ import annotations
 
+import threading
 import time
+import weakref
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
+
+from playground import engine as engine_mod
 
 from playground.limits import (
     MAX_NEW_TOKENS_LIMIT,
@@ -74,16 +83,87 @@ def stop_token_ids(tokenizer, model) -> set[int]:
     return {int(i) for i in ids}
 
 
+TOP_P_CANDIDATES = 256  # tokens sorted per row at first; more only when they do not reach top_p
+
+
 def filter_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Mask (to -inf) the tail of each row outside the smallest set whose probability reaches top_p."""
+    """Mask (to -inf) the tail of each row outside the smallest set whose probability reaches top_p.
+
+    A full sort of a 50k vocabulary costs ~2 ms a row on a CPU; the kept set is almost always among
+    the few hundred most likely tokens, so those are sorted first (`topk`) and the search widens only
+    when their mass does not reach top_p. Same set as sorting everything.
+    """
     if top_p >= 1.0:
         return logits
-    sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-    probs = sorted_logits.softmax(dim=-1)
-    # A token is dropped when the mass before it already reaches top_p; the top token always stays.
-    drop_sorted = (probs.cumsum(dim=-1) - probs) >= top_p
-    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-    return logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    vocab = logits.shape[-1]
+    k = min(TOP_P_CANDIDATES, vocab)
+    while True:
+        top, order = probs.topk(k, dim=-1)  # sorted, most likely first
+        before = top.cumsum(dim=-1) - top
+        # A token is dropped when the mass before it already reaches top_p; the top token always stays.
+        # Once the last candidate of every row is dropped, so is every token outside the candidates.
+        if k == vocab or bool((before[..., -1] >= top_p).all()):
+            break
+        k = min(vocab, k * 8)
+    keep = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, order, before < top_p)
+    return logits.masked_fill(~keep, float("-inf"))
+
+
+# One engine per model object, built on its first generation (never at import). The fingerprint
+# catches a model whose weights were changed in place after its engine was built.
+_engines: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_engines_lock = threading.Lock()
+
+
+def _fingerprint(model) -> tuple:
+    with torch.no_grad():
+        params = list(model.parameters())
+        probes = torch.stack([p.reshape(-1)[:: max(1, p.numel() // 7)][:8].float().sum() for p in params])
+        return tuple((p.data_ptr(), p._version) for p in params), probes.tolist()
+
+
+def engine_for(model):
+    """The decode engine for `model` (built and cached on first use), or None to use the HF forward."""
+    device = next(model.parameters()).device
+    if device.type not in engine_mod.SUPPORTED_DEVICES or not engine_mod.supports(model):
+        return None
+    fingerprint = _fingerprint(model)
+    with _engines_lock:  # one build at a time; concurrent first requests wait for it
+        cached = _engines.get(model)
+        if cached is not None and cached[0] == fingerprint:
+            return cached[1]
+        engine = engine_mod.Engine.from_model(model)
+        _engines[model] = (fingerprint, engine)
+        return engine
+
+
+_sampler: ThreadPoolExecutor | None = None
+
+
+@torch.inference_mode()
+def _draw_rows(probs: torch.Tensor, generators: list[torch.Generator], start: int) -> list[torch.Tensor]:
+    return [torch.multinomial(probs[i], 1, generator=generators[i])[0] for i in range(start, len(generators))]
+
+
+def _draw(probs: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+    """One token per row: `torch.multinomial(probs[i], 1, generator=generators[i])`.
+
+    On a CPU a draw costs ~1 ms (it takes one exponential per vocabulary entry from the row's
+    generator, serially), so the rows after the first are drawn on a helper thread meanwhile; each
+    generator is still used by one thread at a time, so a seed gives the same token.
+    """
+    global _sampler
+    rows = len(generators)
+    if probs.device.type != "cpu" or rows < 2:
+        return torch.stack(_draw_rows(probs, generators, 0))
+    if _sampler is None:
+        with _engines_lock:
+            if _sampler is None:
+                _sampler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sample")
+    later = _sampler.submit(_draw_rows, probs, generators, 1)
+    first = torch.multinomial(probs[0], 1, generator=generators[0])[0]
+    return torch.stack([first, *later.result()])
 
 
 @torch.inference_mode()
@@ -94,28 +174,54 @@ def sample_pair(
     settings: SamplingSettings,
     seeds: tuple[int, int],
     stop_ids: set[int] | None = None,
+    use_engine: bool | None = None,
 ) -> Iterator[list[SampledReply]]:
-    """Yield the two replies after every decode step; the last yield has both finished."""
+    """Yield the two replies after every decode step; the last yield has both finished.
+
+    use_engine: None uses the decode engine where it supports the model, False the HF forward.
+    """
     device = next(model.parameters()).device
     stop_ids = stop_token_ids(tokenizer, model) if stop_ids is None else stop_ids
     replies = [SampledReply(slot=s, seed=int(seed)) for s, seed in zip(SLOTS, seeds)]
     generators = [torch.Generator(device=device).manual_seed(int(seed)) for seed in seeds]
     started = time.perf_counter()
+    rows = len(SLOTS)
+    max_new = int(settings.max_new_tokens)
 
-    # Prefill once, then share the prompt's cache between the two rows.
-    prompt = torch.tensor([prompt_ids], dtype=torch.long, device=device)
-    out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
-    cache = out.past_key_values
-    cache.batch_repeat_interleave(len(SLOTS))
-    logits = out.logits[:, -1, :].float().expand(len(SLOTS), -1)
+    engine = engine_for(model) if use_engine is not False else None
+    if engine is not None and len(prompt_ids) + max_new > engine.max_positions:
+        engine = None  # past the model's window: leave it to the HF forward
+    if engine is not None:
+        # The last sampled token is never fed back: prompt + max_new positions are enough.
+        state, logits = engine.prefill(list(prompt_ids), rows, len(prompt_ids) + max_new)
 
-    for step in range(int(settings.max_new_tokens)):
-        logprobs = torch.log_softmax(logits, dim=-1)
-        probs = filter_top_p(logits / settings.temperature, settings.top_p).softmax(dim=-1)
-        next_tokens = torch.stack(
-            [torch.multinomial(probs[i], 1, generator=generators[i])[0] for i in range(len(SLOTS))]
-        )
-        picked = logprobs.gather(-1, next_tokens[:, None])[:, 0].tolist()
+        def forward(tokens: torch.Tensor) -> torch.Tensor:
+            return engine.decode(state, tokens)
+    else:
+        # Prefill once, then share the prompt's cache between the two rows.
+        prompt = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+        out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(rows)
+        logits = out.logits[:, -1, :].float().expand(rows, -1)
+
+        def forward(tokens: torch.Tensor) -> torch.Tensor:
+            nonlocal cache
+            out = model(input_ids=tokens[:, None], past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            return out.logits[:, -1, :].float()
+
+    for step in range(max_new):
+        native = engine_mod.native_sampling_probs(logits, settings.temperature, settings.top_p)
+        if native is not None:  # the same distributions, ~1 ms a step sooner on a CPU
+            probs, lse = native
+            next_tokens = _draw(probs, generators)
+            picked = (logits.gather(-1, next_tokens[:, None])[:, 0] - lse).tolist()
+        else:
+            logprobs = torch.log_softmax(logits, dim=-1)
+            probs = filter_top_p(logits / settings.temperature, settings.top_p).softmax(dim=-1)
+            next_tokens = _draw(probs, generators)
+            picked = logprobs.gather(-1, next_tokens[:, None])[:, 0].tolist()
         elapsed = time.perf_counter() - started
         for i, reply in enumerate(replies):
             if reply.done:
@@ -127,7 +233,7 @@ def sample_pair(
                 reply.ttft_s = elapsed
             if token in stop_ids:
                 reply.finish_reason = "stop"
-            elif step + 1 == settings.max_new_tokens:
+            elif step + 1 == max_new:
                 reply.finish_reason = "length"
             if reply.done:
                 reply.latency_s = elapsed
@@ -138,6 +244,4 @@ def sample_pair(
             return
         # A finished row keeps decoding (its tokens are ignored): the batch shape stays fixed and a
         # row costs little next to reading the weights.
-        out = model(input_ids=next_tokens[:, None], past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
-        logits = out.logits[:, -1, :].float()
+        logits = forward(next_tokens)

@@ -1,0 +1,219 @@
+"""Pair decoding against the memory-bandwidth limit.
+
+    python bench/decode.py [--model bundled] [--new-tokens 128] [--repeats 3]
+
+On a CPU a decode step is bound by reading the weights once, so the limit for a pair is
+    read bandwidth / weight bytes x 2 sequences (tokens/s),
+with the read bandwidth measured here as torch's `x.sum()` over a 1 GB float32 tensor (the best of 3
+sums, measured next to every timed run, the median kept: this machine's bandwidth moves by +-30% with
+its neighbours' load). `ratio` is the pair decode rate over that limit.
+
+Prints one JSON object:
+- pair_tokens_per_s: `sample_pair` (engine path, sampling included: temperature 0.8, top-p 0.95),
+  2 x (new_tokens - 1) tokens over the time from the first to the last token (median of the repeats);
+- ttft_s: time to the first token of the pair (prefill + first sampling), median;
+- hf_sample_pair_tokens_per_s: the same `sample_pair` through the HF forward (the path before the engine);
+- hf_generate_pair_tokens_per_s: `model.generate(do_sample=True, num_return_sequences=2)`, prefill included;
+- engine_pair_decode_only_tokens_per_s and batched_tokens_per_s: engine.decode alone (no sampling)
+  for 2 rows and for --batch-rows rows;
+- read_bandwidth_gbs, limit_tokens_per_s, weight_bytes, rss_mb (model + engine, before the 1 GB
+  bandwidth buffer), engine_build_s, backend, threads.
+
+Every run decodes exactly --new-tokens tokens (stop tokens are ignored) from fixed seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+PROMPT = [{"role": "user", "content": "Write a short story about a lighthouse keeper who finds a message in a bottle."}]
+SEEDS = (1234, 5678)
+BANDWIDTH_FLOATS = 256 * 1024 * 1024  # 1 GiB of float32
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="bundled")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--cache-dir", default="data/models")
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--batch-rows", type=int, default=8)
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--skip-hf", action="store_true", help="leave out the two HF baselines (the slow part)")
+    return p.parse_args(argv)
+
+
+def rss_mb() -> float:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class Bandwidth:
+    """torch `x.sum()` over a 1 GiB float32 tensor: the best of 3 at each call."""
+
+    def __init__(self, device):
+        import torch
+
+        self.torch = torch
+        self.x = torch.ones(BANDWIDTH_FLOATS, dtype=torch.float32, device=device)
+        self.samples: list[float] = []
+
+    def measure(self) -> float:
+        torch = self.torch
+        best = 0.0
+        for _ in range(3):
+            if self.x.device.type == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            self.x.sum().item()
+            best = max(best, self.x.numel() * 4 / (time.perf_counter() - t) / 1e9)
+        self.samples.append(best)
+        return best
+
+
+def time_pair(model, tokenizer, prompt_ids, settings, use_engine):
+    """(ttft_s, decode tokens/s from the first to the last token) of one sample_pair run."""
+    from playground.generation import sample_pair
+
+    started = time.perf_counter()
+    first = last = None
+    steps = 0
+    for _ in sample_pair(model, tokenizer, prompt_ids, settings, SEEDS, stop_ids=set(), use_engine=use_engine):
+        now = time.perf_counter()
+        first = first or now
+        last = now
+        steps += 1
+    assert steps == settings.max_new_tokens
+    return first - started, 2 * (steps - 1) / (last - first)
+
+
+def time_engine_decode(engine, prompt_ids, rows, steps):
+    import torch
+
+    state, _ = engine.prefill(prompt_ids, rows, len(prompt_ids) + steps + 1)
+    tokens = torch.full((rows,), 100, dtype=torch.long)
+    engine.decode(state, tokens)
+    started = time.perf_counter()
+    for i in range(steps):
+        engine.decode(state, tokens + i)
+    return rows * steps / (time.perf_counter() - started)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    import torch
+
+    from playground import engine as engine_mod
+    from playground.generation import SamplingSettings, engine_for
+    from playground.models import load_model
+    from playground.prompting import render
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    lm = load_model(args.model, args.device, args.cache_dir)
+    model, tokenizer = lm.model, lm.tokenizer
+    prompt_ids = render(tokenizer, PROMPT)
+    settings = SamplingSettings(temperature=0.8, top_p=0.95, max_new_tokens=args.new_tokens)
+    warm = SamplingSettings(temperature=0.8, top_p=0.95, max_new_tokens=4)
+
+    t = time.perf_counter()
+    engine = engine_for(model)
+    build_s = time.perf_counter() - t
+    if engine is None:
+        print("the engine does not support this model: timing the HF path only", file=sys.stderr)
+    time_pair(model, tokenizer, prompt_ids, warm, use_engine=None)  # warm-up
+    rss = rss_mb()
+
+    bandwidth = Bandwidth(lm.device)
+    bandwidth.measure()
+    pair_rates, ttfts, ratios = [], [], []
+    weight_gb = lm.weight_bytes / 1e9
+    for _ in range(args.repeats):
+        ttft, rate = time_pair(model, tokenizer, prompt_ids, settings, use_engine=None)
+        bw = statistics.mean([bandwidth.samples[-1], bandwidth.measure()])
+        pair_rates.append(rate)
+        ttfts.append(ttft)
+        ratios.append(rate / (bw / weight_gb * 2))
+    result = {}
+    if engine is not None:
+        decode_pair = time_engine_decode(engine, prompt_ids, 2, min(64, args.new_tokens))
+        batched = time_engine_decode(engine, prompt_ids, args.batch_rows, min(32, args.new_tokens))
+        bandwidth.measure()
+    else:
+        decode_pair = batched = None
+
+    hf_pair = hf_generate = None
+    if not args.skip_hf:
+        time_pair(model, tokenizer, prompt_ids, warm, use_engine=False)
+        _, hf_pair = time_pair(model, tokenizer, prompt_ids, settings, use_engine=False)
+        ids = torch.tensor([prompt_ids], device=lm.device)
+        torch.manual_seed(SEEDS[0])
+        with torch.inference_mode():
+            model.generate(input_ids=ids, do_sample=True, num_return_sequences=2, max_new_tokens=4,
+                           attention_mask=torch.ones_like(ids), pad_token_id=tokenizer.pad_token_id)
+            t = time.perf_counter()
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                                 num_return_sequences=2, temperature=0.8, top_p=0.95, top_k=0,
+                                 max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                                 pad_token_id=tokenizer.pad_token_id)
+            elapsed = time.perf_counter() - t
+        hf_generate = (out.shape[0] * (out.shape[1] - ids.shape[1])) / elapsed
+        bandwidth.measure()
+
+    read_bw = statistics.median(bandwidth.samples)
+    limit = read_bw / weight_gb * 2
+    pair = statistics.median(pair_rates)
+
+    def r(x, digits=2):
+        return None if x is None else round(x, digits)
+
+    result.update({
+        "pair_tokens_per_s": r(pair),
+        "limit_tokens_per_s": r(limit),
+        "ratio": r(pair / limit, 3),
+        "read_bandwidth_gbs": r(read_bw),
+        "weight_bytes": lm.weight_bytes,
+        "ttft_s": r(statistics.median(ttfts), 4),
+        "hf_sample_pair_tokens_per_s": r(hf_pair),
+        "hf_generate_pair_tokens_per_s": r(hf_generate),
+        "engine_pair_decode_only_tokens_per_s": r(decode_pair),
+        "batched_rows": args.batch_rows if batched is not None else None,
+        "batched_tokens_per_s": r(batched),
+        "rss_mb": r(rss, 1),
+        "engine_build_s": r(build_s, 3),
+        "backend": engine.backend if engine is not None else "hf",
+        "threads": torch.get_num_threads(),
+        "model": lm.model_id,
+        "new_tokens": args.new_tokens,
+        "prompt_tokens": len(prompt_ids),
+        "repeats": {
+            "pair_tokens_per_s": [r(x) for x in pair_rates],
+            "ratio": [r(x, 3) for x in ratios],
+            "ttft_s": [r(x, 4) for x in ttfts],
+            "read_bandwidth_gbs": [r(x) for x in bandwidth.samples],
+        },
+    })
+    if (engine is None or engine.backend != "native") and engine_mod._native_error:
+        result["native_unavailable"] = engine_mod._native_error
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,198 @@
+"""The decode engine against the HF forward, on tiny random models built here (nothing downloaded)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from playground import engine as engine_mod
+from playground.engine import Engine, supports
+from playground.generation import SamplingSettings, engine_for, sample_pair
+
+BACKENDS = ["torch", "native"]
+
+
+def tiny_llama(seed: int = 0, **overrides):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    kwargs = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  tie_word_embeddings=True)
+    kwargs.update(overrides)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**kwargs)).float().eval()
+    _roughen_norms(model)
+    return model
+
+
+def _roughen_norms(model):
+    # Random init leaves the RMSNorm weights at 1 and biases at 0: make them matter.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith(".bias"):
+                p.copy_(torch.rand_like(p) + 0.5 if "norm" in name else torch.randn_like(p) * 0.1)
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_llama()
+
+
+@pytest.fixture(scope="module")
+def llama_untied():
+    return tiny_llama(seed=1, tie_word_embeddings=False)
+
+
+def build(model, backend: str) -> Engine:
+    if backend == "native" and engine_mod.native_library() is None:
+        pytest.skip(f"native kernels unavailable here: {engine_mod._native_error}")
+    engine = Engine.from_model(model, native=backend == "native")
+    assert engine.backend == backend
+    return engine
+
+
+def hf_steps(model, prompt, feeds):
+    """HF logits after the prompt (repeated for each row), then after each row of `feeds` [steps, rows]."""
+    rows = feeds.shape[1]
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([prompt]), use_cache=True)
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(rows)
+        logits = [out.logits[:, -1].expand(rows, -1)]
+        for tokens in feeds:
+            out = model(input_ids=tokens[:, None], past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            logits.append(out.logits[:, -1])
+    return logits
+
+
+def engine_steps(engine, prompt, feeds):
+    state, logits = engine.prefill(prompt, feeds.shape[1], len(prompt) + len(feeds))
+    out = [logits]
+    for tokens in feeds:
+        out.append(engine.decode(state, tokens))
+    return out
+
+
+def assert_same_logits(model, engine, prompt, rows=2, steps=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    feeds = torch.randint(0, model.config.vocab_size, (steps, rows), generator=g)
+    expected = hf_steps(model, prompt, feeds)
+    got = engine_steps(engine, prompt, feeds)
+    for step, (e, a) in enumerate(zip(expected, got)):
+        assert a.shape == e.shape and a.dtype == torch.float32
+        assert torch.allclose(a, e, atol=1e-5, rtol=1e-5), f"step {step}: max diff {(a - e).abs().max():.2e}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_logits_match_hf_prefill_and_decode(llama, backend):
+    engine = build(llama, backend)
+    assert_same_logits(llama, engine, [5, 17, 42, 99, 3, 250, 7], rows=2, steps=8)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_logits_match_hf_untied_one_row_three_rows_and_a_long_prompt(llama_untied, backend):
+    engine = build(llama_untied, backend)
+    assert not engine.tied
+    assert_same_logits(llama_untied, engine, [1, 2, 3], rows=1, steps=4)
+    assert_same_logits(llama_untied, engine, [9, 8, 7, 6], rows=3, steps=4, seed=1)
+    long_prompt = torch.randint(0, 300, (40,), generator=torch.Generator().manual_seed(2)).tolist()
+    assert_same_logits(llama_untied, engine, long_prompt, rows=2, steps=3)  # prefill past 16 rows
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_qwen2_biases_and_mistral(backend):
+    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    common = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=128)
+    torch.manual_seed(3)
+    qwen = Qwen2ForCausalLM(Qwen2Config(**common, tie_word_embeddings=False)).eval()
+    mistral = MistralForCausalLM(MistralConfig(**common, sliding_window=None, head_dim=32)).eval()
+    for model in (qwen, mistral):
+        _roughen_norms(model)
+        assert supports(model)
+        assert_same_logits(model, build(model, backend), [3, 1, 4, 1, 5], rows=2, steps=4)
+
+
+def test_unsupported_configs_fall_back(llama):
+    from transformers import GPT2Config, GPT2LMHeadModel, MistralConfig, MistralForCausalLM
+
+    assert supports(llama)
+    small = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                 num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    scaled = tiny_llama(rope_scaling={"rope_type": "linear", "factor": 2.0}, **small)
+    assert not supports(scaled)
+    assert not supports(tiny_llama(hidden_act="gelu", **small))
+    assert not supports(MistralForCausalLM(MistralConfig(**small, sliding_window=16)))
+    assert not supports(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)))
+    with pytest.raises(ValueError):
+        Engine.from_model(scaled)
+    # A LoRA-style wrapper in place of a Linear: the engine would miss the adapter.
+    wrapped = tiny_llama(**small)
+    wrapped.model.layers[0].self_attn.q_proj = torch.nn.Sequential(wrapped.model.layers[0].self_attn.q_proj)
+    assert not supports(wrapped)
+
+
+def test_the_engine_is_a_snapshot(llama):
+    model = tiny_llama(seed=4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    engine = Engine.from_model(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the model is untouched
+    state, first = engine.prefill([1, 2, 3], 2, 8)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.5)
+    _, again = engine.prefill([1, 2, 3], 2, 8)
+    assert torch.equal(first, again)  # later changes to the model do not reach the engine
+
+
+def test_engine_cache_per_model_and_rebuilt_after_in_place_change():
+    model = tiny_llama(seed=5)
+    first = engine_for(model)
+    assert first is not None and engine_for(model) is first
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.add_(0.01)
+    rebuilt = engine_for(model)
+    assert rebuilt is not first
+    assert engine_for(tiny_llama(seed=5, hidden_act="gelu")) is None
+
+
+class _Tokenizer:
+    eos_token_id = None
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(map(str, ids))
+
+
+@pytest.mark.parametrize("top_p,temperature", [(1.0, 1.0), (0.9, 0.7)])
+def test_sample_pair_gives_the_same_tokens_with_and_without_the_engine(llama, top_p, temperature):
+    settings = SamplingSettings(temperature=temperature, top_p=top_p, max_new_tokens=24)
+    prompt = [5, 17, 42, 99, 3]
+    runs = {}
+    for use_engine in (False, None):
+        last = None
+        for replies in sample_pair(llama, _Tokenizer(), prompt, settings, (7, 8), stop_ids={11},
+                                   use_engine=use_engine):
+            last = replies
+        runs[use_engine] = last
+    assert engine_for(llama) is not None
+    hf, eng = runs[False], runs[None]
+    for a, b in zip(hf, eng):
+        assert a.token_ids == b.token_ids and a.finish_reason == b.finish_reason
+        assert a.logprob_sum == pytest.approx(b.logprob_sum, abs=1e-4)
+    assert hf[0].token_ids != hf[1].token_ids
+
+
+def test_decode_refuses_a_full_cache_and_bad_tokens(llama):
+    engine = Engine.from_model(llama)
+    state, _ = engine.prefill([1, 2], 2, 3)
+    engine.decode(state, torch.tensor([4, 5]))
+    with pytest.raises(ValueError):
+        engine.decode(state, torch.tensor([4, 5]))
+    with pytest.raises(ValueError):
+        engine.prefill([1, 2, 300], 2, 8)
+    if engine.backend == "native":
+        state, _ = engine.prefill([1, 2], 2, 8)
+        with pytest.raises(RuntimeError):
+            engine.decode(state, torch.tensor([4, 300]))
