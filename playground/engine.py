@@ -17,14 +17,18 @@ Two backends run the decode step:
 
 - `native` (CPU, float32, x86-64 with AVX-512, a C compiler at hand): the whole step is one call into
   a small C library (`NATIVE_SOURCE` below, compiled once with `cc -O3 -march=native -fopenmp` into
-  ~/.cache/rlhf-playground/ and reused). The weights live in one arena backed by transparent huge
-  pages, each matrix packed in blocks of 8 rows x 16 columns so both threads stream memory linearly:
-  this reads the weights at about 90% of `x.sum()`'s bandwidth, where MKL manages 50-70% with 2 rows.
+  ~/.cache/rlhf-playground/native/ and reused; ~1 s). The weights live in one arena backed by
+  transparent huge pages, each matrix packed in blocks of 8 rows x 16 columns so each thread streams
+  memory linearly: this reads the weights at ~90% of `x.sum()`'s bandwidth, where MKL manages 50-70%
+  with 2 rows. RoPE, the cache writes and SwiGLU run in the matmuls' epilogues, so a layer is five
+  phases, separated by barriers that yield the core when the partner thread is descheduled.
+  It also provides `native_sampling_probs` (softmax, temperature and top-p for sample_pair).
 - `torch` (everything else: CUDA, bfloat16, other CPUs, or `PLAYGROUND_NATIVE=0`): eager ops, with
   `(W @ x.T).T` for CPU matmuls of a few rows (see fastlinear).
 
-Prefill always runs in torch (a prompt is a real GEMM, which MKL does well). Both backends agree with
-the HF forward to about 1e-5 in float32; tests/test_engine.py checks every step.
+Prefill runs in torch ops, its matmuls on the packed weights up to NATIVE_PREFILL_MAX_ROWS prompt
+tokens (MKL on an unpacked copy past that). Both backends agree with the HF forward to ~1e-5 in
+float32 (relative to logits of ~30, ~1e-4 absolute on SmolLM2); tests/test_engine.py checks every step.
 
 Usage (rows share one prompt, e.g. the two replies of a pair):
 

@@ -91,13 +91,14 @@ def test_logits_match_hf_prefill_and_decode(llama, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_logits_match_hf_untied_one_row_three_rows_and_a_long_prompt(llama_untied, backend):
+def test_logits_match_hf_untied_one_row_three_rows_and_a_long_prompt(llama_untied, backend, monkeypatch):
     engine = build(llama_untied, backend)
     assert not engine.tied
     assert_same_logits(llama_untied, engine, [1, 2, 3], rows=1, steps=4)
     assert_same_logits(llama_untied, engine, [9, 8, 7, 6], rows=3, steps=4, seed=1)
     long_prompt = torch.randint(0, 300, (40,), generator=torch.Generator().manual_seed(2)).tolist()
-    assert_same_logits(llama_untied, engine, long_prompt, rows=2, steps=3)  # prefill past 16 rows
+    monkeypatch.setattr(engine_mod, "NATIVE_PREFILL_MAX_ROWS", 16)  # the unpacked (MKL) prefill too
+    assert_same_logits(llama_untied, engine, long_prompt, rows=2, steps=3)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -196,3 +197,29 @@ def test_decode_refuses_a_full_cache_and_bad_tokens(llama):
         state, _ = engine.prefill([1, 2], 2, 8)
         with pytest.raises(RuntimeError):
             engine.decode(state, torch.tensor([4, 300]))
+
+
+def test_native_sampling_probs_match_top_p_filtering():
+    from playground.generation import filter_top_p
+
+    if engine_mod.native_library() is None:
+        pytest.skip(f"native kernels unavailable here: {engine_mod._native_error}")
+    g = torch.Generator().manual_seed(0)
+    for vocab, temperature, top_p, scale in [(300, 0.8, 0.95, 3.0), (5000, 1.0, 1.0, 1.0), (5000, 0.5, 0.5, 0.3),
+                                             (5000, 1.5, 0.99, 5.0), (300, 0.7, 0.01, 1.0)]:
+        logits = torch.randn(2, vocab, generator=g) * scale
+        probs, lse = engine_mod.native_sampling_probs(logits, temperature, top_p)
+        expected = filter_top_p(logits.double() / temperature, top_p).softmax(-1).float()
+        assert torch.equal(probs > 0, expected > 0)
+        assert torch.allclose(probs, expected, atol=1e-6, rtol=1e-4)
+        assert torch.allclose(lse, torch.logsumexp(logits, -1), atol=1e-5)
+
+
+def test_bfloat16_runs_on_the_torch_backend_within_rounding():
+    model = tiny_llama(seed=6).to(torch.bfloat16)
+    engine = Engine.from_model(model)
+    assert engine.backend == "torch" and engine.dtype == torch.bfloat16
+    feeds = torch.randint(0, 300, (4, 2), generator=torch.Generator().manual_seed(0))
+    for expected, got in zip(hf_steps(model, [5, 17, 42, 99], feeds), engine_steps(engine, [5, 17, 42, 99], feeds)):
+        assert got.dtype == torch.float32
+        assert torch.allclose(got, expected.float(), atol=2e-2)
