@@ -27,21 +27,29 @@ STREAM_RECORDER = """
 
 
 @pytest.fixture(scope="module")
-def page_and_app(bundled_loaded, tmp_path_factory):
+def browser():
+    """One Playwright driver and Chromium for the module (a second sync driver in one thread is refused)."""
     if not os.path.exists(CHROMIUM):
         pytest.fail(f"{CHROMIUM} is missing: `make setup-test` installs Debian's chromium")
     from playwright.sync_api import sync_playwright
 
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture(scope="module")
+def page_and_app(bundled_loaded, tmp_path_factory, browser):
     db = tmp_path_factory.mktemp("browser") / "browser.db"
-    with running_app(bundled_loaded, db) as (url, service), sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+    with running_app(bundled_loaded, db) as (url, service):
         page = browser.new_page(viewport={"width": 1280, "height": 1100})
         dialogs = []
         page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
         page.goto(url)
         page.wait_for_selector("#message textarea")
         yield page, db, dialogs
-        browser.close()
+        page.close()
 
 
 def send_and_wait(page, text):
@@ -95,16 +103,12 @@ def test_markup_is_shown_as_text_and_never_runs(page_and_app, artifacts_dir):
     page.screenshot(path=os.path.join(artifacts_dir, "chat_markup.png"), full_page=True)
 
 
-def test_admin_autopilot_trains_a_version_that_goes_live_in_the_page(tiny_loaded, tmp_path, artifacts_dir):
+def test_admin_autopilot_trains_a_version_that_goes_live_in_the_page(tiny_loaded, tmp_path, artifacts_dir, browser):
     """The demo path: open the admin panel, start the autopilot, watch v1 go live, roll back."""
-    from playwright.sync_api import sync_playwright
-
     from tests.test_loop import loop_settings
 
     settings = loop_settings(tmp_path, min_new_pairs=6)
-    with running_app(tiny_loaded, tmp_path / "admin.db", loop_settings=settings) as (url, service, loop), \
-            sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+    with running_app(tiny_loaded, tmp_path / "admin.db", loop_settings=settings) as (url, service, loop):
         page = browser.new_page(viewport={"width": 1280, "height": 1600})
         page.goto(url)
         page.get_by_text("Training loop (admin)").click()
@@ -124,4 +128,4 @@ def test_admin_autopilot_trains_a_version_that_goes_live_in_the_page(tiny_loaded
         assert loop.policy.snapshot().version == "v0"
         users = {u for (u,) in service.store.db.execute("select distinct user from conversations")}
         assert users and all(u.startswith("sim-concise-") for u in users)
-        browser.close()
+        page.close()
