@@ -15,7 +15,8 @@ Prints one JSON object:
 - hf_sample_pair_tokens_per_s: the same `sample_pair` through the HF forward (the path before the engine);
 - hf_generate_pair_tokens_per_s: `model.generate(do_sample=True, num_return_sequences=2)`, prefill included;
 - engine_pair_decode_only_tokens_per_s and batched_tokens_per_s: engine.decode alone (no sampling)
-  for 2 rows and for --batch-rows rows;
+  for 2 rows and for --batch-rows rows; torch_backend_pair_decode_only_tokens_per_s: the same for the
+  engine's torch backend (the fallback where the native kernels cannot run);
 - read_bandwidth_gbs, limit_tokens_per_s, weight_bytes, rss_mb (model + engine, before the 1 GB
   bandwidth buffer), engine_build_s, backend, threads.
 
@@ -151,9 +152,14 @@ def main(argv=None) -> dict:
         ttfts.append(ttft)
         ratios.append(rate / (bw / weight_gb * 2))
     result = {}
+    torch_decode_pair = None
     if engine is not None:
         decode_pair = time_engine_decode(engine, prompt_ids, 2, min(64, args.new_tokens))
         batched = time_engine_decode(engine, prompt_ids, args.batch_rows, min(32, args.new_tokens))
+        if engine.backend == "native":  # the fallback backend, for comparison
+            fallback = engine_mod.Engine.from_model(model, native=False)
+            torch_decode_pair = time_engine_decode(fallback, prompt_ids, 2, min(64, args.new_tokens))
+            del fallback
         bandwidth.measure()
     else:
         decode_pair = batched = None
@@ -193,6 +199,7 @@ def main(argv=None) -> dict:
         "hf_sample_pair_tokens_per_s": r(hf_pair),
         "hf_generate_pair_tokens_per_s": r(hf_generate),
         "engine_pair_decode_only_tokens_per_s": r(decode_pair),
+        "torch_backend_pair_decode_only_tokens_per_s": r(torch_decode_pair),
         "batched_rows": args.batch_rows if batched is not None else None,
         "batched_tokens_per_s": r(batched),
         "rss_mb": r(rss, 1),
