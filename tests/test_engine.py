@@ -223,3 +223,26 @@ def test_bfloat16_runs_on_the_torch_backend_within_rounding():
     for expected, got in zip(hf_steps(model, [5, 17, 42, 99], feeds), engine_steps(engine, [5, 17, 42, 99], feeds)):
         assert got.dtype == torch.float32
         assert torch.allclose(got, expected.float(), atol=2e-2)
+
+
+def test_concurrent_pairs_get_the_same_tokens_as_one_after_the_other(llama):
+    import threading
+
+    settings = SamplingSettings(temperature=0.9, top_p=0.95, max_new_tokens=16)
+
+    def run(seeds, out, key):
+        last = None
+        for replies in sample_pair(llama, _Tokenizer(), [5, 17, 42], settings, seeds, stop_ids=set()):
+            last = replies
+        out[key] = [r.token_ids for r in last]
+
+    alone, together = {}, {}
+    for key, seeds in (("x", (1, 2)), ("y", (3, 4))):
+        run(seeds, alone, key)
+    jobs = (("x", (1, 2)), ("y", (3, 4)))
+    threads = [threading.Thread(target=run, args=(seeds, together, key)) for key, seeds in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert together == alone
