@@ -5,10 +5,15 @@
 
 Starts `app.py` for real (a temporary database and adapters folder), votes through the public API
 until the scheduled round triggers, and meanwhile keeps a second client sending messages, counting
-any request that fails. Prints one JSON object: `vote_to_live_s`, `swap_pause_s` (the switch of the
-live version), `load_s` (verifying and merging the adapter before the switch, while the old version
-serves), `round_s` (the trainer subprocess, start to end), `failed_requests`, `requests_during`, and the
-app process's memory (`app_rss_mb`, `app_peak_rss_mb`).
+any request that fails. That client pauses `--think-s` seconds between messages, as a person reading
+two replies and voting would (default 8 s); `--think-s 0` is the stress case where the chat keeps both
+cores busy and the niced round gets what is left. Once the new version is live the client's pause is
+cut short, so the measured first reply is not delayed by it.
+
+Prints one JSON object: `vote_to_live_s`, `swap_pause_s` (the switch of the live version), `load_s`
+(verifying and merging the adapter before the switch, while the old version serves), `round_s` (the
+trainer subprocess, start to end), `failed_requests`, `requests_during`, and the app process's memory
+(`app_rss_mb`, `app_peak_rss_mb`).
 """
 
 from __future__ import annotations
@@ -70,6 +75,7 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--train-every", type=float, default=0.05, help="minutes between checks (3 s)")
     p.add_argument("--timeout", type=float, default=900)
+    p.add_argument("--think-s", type=float, default=8.0, help="the chatting client's pause between messages")
     args = p.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="vote-to-live-"))
@@ -98,7 +104,7 @@ def main() -> None:
 
         # A second person keeps chatting through the round and the swap; every failure is counted.
         requests, failures, first_new = [0], [0], [None]
-        stop = threading.Event()
+        stop, live = threading.Event(), threading.Event()
 
         def chat():
             while not stop.is_set():
@@ -111,10 +117,15 @@ def main() -> None:
                 except Exception:  # noqa: BLE001 - any failed request is what we count
                     failures[0] += 1
                     requests[0] += 1
+                live.wait(args.think_s)  # a person's pause; cut short once the new version is live
 
         thread = threading.Thread(target=chat, daemon=True)
         thread.start()
-        thread.join(timeout=args.timeout)
+        deadline = time.monotonic() + args.timeout
+        while thread.is_alive() and time.monotonic() < deadline:
+            if not live.is_set() and voter.predict(api_name="/training_status")["live"] != "v0":
+                live.set()  # the next message goes out now: its reply is the new version's first
+            thread.join(timeout=0.5)
         stop.set()
         if first_new[0] is None:
             raise SystemExit(f"no reply from a new version within {args.timeout:.0f} s; see {tmp / 'app.log'}")
@@ -140,6 +151,7 @@ def main() -> None:
             "live": status["live"],
             "model": args.model,
             "max_new_tokens": args.max_new_tokens,
+            "think_s": args.think_s,
         }))
     finally:
         app.terminate()

@@ -29,6 +29,7 @@ from playground.limits import DEFAULT_MIN_NEW_PAIRS, DEFAULT_TRAIN_EVERY_MIN
 from playground.policy import BASE_VERSION, PolicyHolder, PolicySnapshot
 from store import Store, StoreError
 from trainers.data import count_new_pairs
+from trainers.malloc import training_env
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +131,8 @@ class TrainingLoop:
             self._round_active.set()
             try:
                 self._process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                                 text=True, preexec_fn=lambda: os.nice(TRAINER_NICENESS))
+                                                 text=True, env=training_env(),
+                                                 preexec_fn=lambda: os.nice(TRAINER_NICENESS))
             except OSError as exc:
                 self._round_active.clear()
                 self.store.fail_run_if_running(run_id, f"the trainer could not start: {exc}")

@@ -321,3 +321,18 @@ def test_ipo_round_and_too_long_pairs(tiny_loaded):
     assert result.steps[0]["loss"] == pytest.approx((1 / (2 * 0.1)) ** 2)  # delta 0: (0 - 1/(2 beta))^2
     with pytest.raises(ValueError, match="max_length=20"):
         train_dpo(model, long, [], DPOConfig(**dict(FAST, max_length=20)))
+
+
+def test_bf16_base_products_train_close_to_float32(tiny_loaded):
+    # The opt-in bf16 mode: the same round trains, its first loss is ln 2 to bf16 rounding (not exactly,
+    # which is why float32 is the default), and the returned model is back on PEFT's own forward.
+    model = tiny_loaded.model
+    pairs = random_pairs(model.config.vocab_size, 8, seed=11)
+    exact = train_dpo(model, pairs, [], DPOConfig(**FAST))
+    rounded = train_dpo(model, pairs, [], DPOConfig(**dict(FAST, matmul_dtype="bfloat16")))
+    assert exact.steps[0]["loss"] == pytest.approx(LN2, abs=1e-6)
+    assert rounded.steps[0]["loss"] == pytest.approx(LN2, abs=1e-2)
+    assert all(math.isfinite(s["loss"]) and math.isfinite(s["grad_norm"]) for s in rounded.steps)
+    assert not any(hasattr(m, "_fast_weight") for m in rounded.model.modules())
+    with pytest.raises(ValueError, match="matmul_dtype"):
+        DPOConfig(matmul_dtype="fp8")
