@@ -53,7 +53,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import torch  # noqa: E402
 
 from trainers.dpo import DPOConfig, config_dict, train_dpo  # noqa: E402
-from trainers.malloc import reexec_with_training_malloc  # noqa: E402
+from trainers.procenv import reexec_for_training  # noqa: E402
 from trainers.pairs import PreferencePair  # noqa: E402
 
 MAX_NEW_TOKENS = 96
@@ -249,7 +249,7 @@ def _norm(grads: list[torch.Tensor]) -> float:
 
 
 def main() -> None:
-    reexec_with_training_malloc()  # the same malloc settings as a scheduled round, for ours and TRL alike
+    reexec_for_training()  # a scheduled round's process settings, for ours and TRL alike
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pairs-cache", type=Path, help="JSON file to keep the sampled pairs in between runs")
     parser.add_argument("--trl-variants", default="fast", help=f"comma-separated, from {list(TRL_VARIANTS)}")

@@ -249,12 +249,12 @@ class LoopBench:
 def main(argv=None) -> int:
     import os
 
-    from trainers.malloc import reexec_with_training_malloc
+    from trainers.procenv import reexec_for_training
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = parse_args(argv)
-    if argv is None:  # run as a program: the malloc settings of a scheduled round (trainers/malloc.py)
-        reexec_with_training_malloc()
+    if argv is None:  # run as a program: a scheduled round's process settings (trainers/procenv.py)
+        reexec_for_training()
     from playground.gold import GoldError
 
     try:

@@ -74,11 +74,17 @@ def curves_frame(loop: TrainingLoop, run_id, names: tuple[str, ...] = CURVES) ->
         # The latest round that has logged a step: a round just starting has none yet.
         runs = [r for r in loop.store.runs(limit=20) if r["step"]]
         if not runs:
-            return pd.DataFrame(columns=["step", "value", "metric"])
+            return _curve_types(pd.DataFrame(columns=["step", "value", "metric"]))
         run_id = runs[0]["id"]
     rows = [r for r in loop.store.metrics_for_run(int(run_id)) if r["name"] in names]
-    return pd.DataFrame([{"step": r["step"], "value": r["value"], "metric": r["name"]} for r in rows],
-                        columns=["step", "value", "metric"])
+    return _curve_types(pd.DataFrame([{"step": r["step"], "value": r["value"], "metric": r["name"]} for r in rows],
+                                     columns=["step", "value", "metric"]))
+
+
+def _curve_types(frame: pd.DataFrame) -> pd.DataFrame:
+    # Numeric columns must be numeric dtypes: the plot treats an object column (an empty frame, or a
+    # value column with a None in it) as categories, one tick per distinct number.
+    return frame.astype({"step": "int64", "value": "float64", "metric": "object"})
 
 
 def version_choices(loop: TrainingLoop) -> list[str]:

@@ -29,7 +29,7 @@ from playground.limits import DEFAULT_MIN_NEW_PAIRS, DEFAULT_TRAIN_EVERY_MIN
 from playground.policy import BASE_VERSION, PolicyHolder, PolicySnapshot
 from store import Store, StoreError
 from trainers.data import count_new_pairs
-from trainers.malloc import training_env
+from trainers.procenv import training_env
 
 log = logging.getLogger(__name__)
 

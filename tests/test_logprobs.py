@@ -146,11 +146,13 @@ def test_fast_lora_leaves_layers_with_dropout_to_peft(tiny_loaded, dropout):
         assert patched == 0
 
 
-def test_training_env_adds_the_malloc_tunables_once():
-    from trainers.malloc import TRAINING_MALLOC_TUNABLES, training_env
+def test_training_env_adds_the_malloc_tunables_once_and_passive_openmp():
+    from trainers.procenv import TRAINING_MALLOC_TUNABLES, training_env
 
     env = training_env({"PATH": "/bin"})
     assert env["GLIBC_TUNABLES"] == TRAINING_MALLOC_TUNABLES and env["PATH"] == "/bin"
+    assert env["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert training_env({"OMP_WAIT_POLICY": "ACTIVE"})["OMP_WAIT_POLICY"] == "ACTIVE"  # a user's choice stands
     kept = training_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})
     assert kept["GLIBC_TUNABLES"] == f"glibc.malloc.arena_max=2:{TRAINING_MALLOC_TUNABLES}"
     assert training_env(kept) == kept  # idempotent
