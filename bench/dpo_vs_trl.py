@@ -256,6 +256,8 @@ def main() -> None:
     parser.add_argument("--skip-trl", action="store_true", help="time ours only")
     parser.add_argument("--repeats", type=int, default=1, help="alternate ours and TRL N times, keep the best")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--matmul-dtype", default="float32", choices=["float32", "bfloat16", "auto"],
+                        help="our round's DPOConfig.matmul_dtype (TRL runs float32, its fastest here)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -263,7 +265,7 @@ def main() -> None:
     from playground.models import load_model
 
     loaded = load_model("bundled", "cpu")
-    config = DPOConfig()
+    config = DPOConfig(matmul_dtype=args.matmul_dtype)
     started = time.perf_counter()
     pairs = build_pairs(loaded, args.pairs_cache)
     sampling_s = time.perf_counter() - started

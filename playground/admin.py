@@ -69,14 +69,19 @@ def runs_frame(loop: TrainingLoop) -> pd.DataFrame:
                         columns=RUN_COLUMNS)
 
 
-def curves_frame(loop: TrainingLoop, run_id, names: tuple[str, ...] = CURVES) -> pd.DataFrame:
+def curves_frame(loop: TrainingLoop, run_id, names: tuple[str, ...] = CURVES) -> pd.DataFrame | None:
+    # None, not an empty frame, when there is nothing to plot: the plot takes its color domain (the metric
+    # names) from the first value it draws and later values only replace its rows, so an empty
+    # first frame leaves every line without a color (no lines, no legend) for good.
     if run_id in (None, ""):
         # The latest round that has logged a step: a round just starting has none yet.
         runs = [r for r in loop.store.runs(limit=20) if r["step"]]
         if not runs:
-            return _curve_types(pd.DataFrame(columns=["step", "value", "metric"]))
+            return None
         run_id = runs[0]["id"]
     rows = [r for r in loop.store.metrics_for_run(int(run_id)) if r["name"] in names]
+    if not rows:
+        return None
     return _curve_types(pd.DataFrame([{"step": r["step"], "value": r["value"], "metric": r["name"]} for r in rows],
                                      columns=["step", "value", "metric"]))
 
@@ -170,10 +175,10 @@ def build_admin(loop: TrainingLoop, service=None):
         run_pick = gr.Textbox(label="Round id for the curves (blank: the latest)", elem_id="run-pick")
         with gr.Row():
             curves = gr.LinePlot(value=lambda: curves_frame(loop, None), x="step", y="value", color="metric",
-                                 label="Loss, margin, accuracy, grad norm", elem_id="curves", height=280)
+                                 label="Loss, margin, accuracy, grad norm", elem_id="curves")
             logp_curves = gr.LinePlot(value=lambda: curves_frame(loop, None, LOGP_CURVES), x="step", y="value",
                                       color="metric", label="Log-probs of chosen and rejected replies",
-                                      elem_id="logp-curves", height=280)
+                                      elem_id="logp-curves")
 
     def note(message: str) -> str:
         return f"**{message}**"

@@ -119,7 +119,11 @@ def test_admin_autopilot_trains_a_version_that_goes_live_in_the_page(tiny_loaded
         page.wait_for_function("document.querySelector('#autopilot-status').innerText.includes('votes by')")
         page.wait_for_selector(".toast-body", timeout=10_000)  # the 'new version is live' toast
         page.locator("#autopilot-stop").click()
-        page.wait_for_timeout(2_000)  # the curve plots redraw on the next status tick
+        # The round's curves are drawn, with a legend naming the metrics (an empty first frame once left
+        # the plots with axes but no coloured lines).
+        for plot, metric in (("#curves", "rewards/margins"), ("#logp-curves", "logps/rejected")):
+            page.wait_for_function(f"document.querySelector('{plot}').textContent.includes('{metric}')",
+                                   timeout=20_000)
         page.screenshot(path=os.path.join(artifacts_dir, "admin_autopilot.png"), full_page=True)
 
         page.locator("#version-pick input").fill("v0")
