@@ -26,11 +26,12 @@ TRL N times and reports the fastest of each (the least disturbed run).
 Prints one JSON object: ours_s, trl_s, speedup, step1_loss_ours, step1_loss_trl, n_pairs, the settings.
 `--pairs-cache FILE` keeps the sampled pairs between runs (sampling takes a few minutes).
 
-Measured on 2 AMD EPYC cores (torch 2.13 CPU, `--repeats 2 --trl-variants fast,no_precompute`): ours
-83 s, TRL 143 s with TRL_FAST (1.73x), 169 s with a reference forward every step (2.05x); step-1 losses
-both ln 2; same-batch loss 0.687531 vs 0.687532, LoRA gradient norm 3.33553 vs 3.33553. Both spend most
-of a step in fp32 matrix products at near the CPU's peak; ours does fewer of them (the prompt once per
-pair, no padding, the LM head on reply tokens only, no entropy/logit metrics over the vocabulary).
+Measured on 2 AMD EPYC cores (torch 2.13 CPU, quiet machine, `--trl-variants fast --repeats 1`): ours
+88.6 s, TRL 121.5 s with TRL_FAST: 1.37x; step-1 losses both ln 2; same-batch loss 0.687531 vs
+0.687532, LoRA gradient norm 3.33553 vs 3.33553. Both spend most of a step in fp32 matrix products
+near the CPU's peak; ours does fewer of them (the prompt once per pair, no padding, the LM head on
+reply tokens only, no entropy/logit metrics over the vocabulary). docs/BENCHMARKS.md has the other
+runs (bf16: 1.89x, at the cost of an inexact first loss) and why 3x is out of reach in float32.
 """
 
 from __future__ import annotations
@@ -249,7 +250,8 @@ def _norm(grads: list[torch.Tensor]) -> float:
 
 
 def main() -> None:
-    reexec_for_training()  # a scheduled round's process settings, for ours and TRL alike
+    # A scheduled round's malloc settings, for ours and TRL alike; OpenMP left to spin: nothing else runs.
+    reexec_for_training(passive_openmp=False)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pairs-cache", type=Path, help="JSON file to keep the sampled pairs in between runs")
     parser.add_argument("--trl-variants", default="fast", help=f"comma-separated, from {list(TRL_VARIANTS)}")

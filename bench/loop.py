@@ -254,7 +254,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = parse_args(argv)
     if argv is None:  # run as a program: a scheduled round's process settings (trainers/procenv.py)
-        reexec_for_training()
+        reexec_for_training(passive_openmp=False)  # one process, nothing else runs: let OpenMP spin
     from playground.gold import GoldError
 
     try:

@@ -153,6 +153,7 @@ def test_training_env_adds_the_malloc_tunables_once_and_passive_openmp():
     assert env["GLIBC_TUNABLES"] == TRAINING_MALLOC_TUNABLES and env["PATH"] == "/bin"
     assert env["OMP_WAIT_POLICY"] == "PASSIVE"
     assert training_env({"OMP_WAIT_POLICY": "ACTIVE"})["OMP_WAIT_POLICY"] == "ACTIVE"  # a user's choice stands
+    assert "OMP_WAIT_POLICY" not in training_env({}, passive_openmp=False)  # a benchmark alone on the CPU
     kept = training_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})
     assert kept["GLIBC_TUNABLES"] == f"glibc.malloc.arena_max=2:{TRAINING_MALLOC_TUNABLES}"
     assert training_env(kept) == kept  # idempotent

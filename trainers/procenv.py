@@ -5,7 +5,9 @@ serves the chat. torch's OpenMP threads spin-wait at the end of every parallel r
 when another process holds one of the cores, each region waits for a descheduled thread, and a round
 of many small operations slows down by 10-30x (measured: a tiny-model DPO pass took 14-42 s with
 2 threads next to a busy process, 0.5 s with 1 thread, 0.8-1.1 s with 2 threads and
-OMP_WAIT_POLICY=PASSIVE). Big operations lose nothing measurable to the sleep/wake.
+OMP_WAIT_POLICY=PASSIVE). On a quiet machine passive threads cost a little (a 32-pair round of the
+bundled model: 96 s against 88 s spinning), a price worth paying for a process that by design runs
+next to the app's decoding; the benchmarks, which have the CPU to themselves, leave OpenMP spinning.
 
 **malloc.** A training step allocates and frees many activation tensors of megabytes each. glibc hands every
 allocation above its mmap threshold (dynamic, at most 32 MB by default) to a fresh mmap and returns it on
@@ -30,21 +32,24 @@ TRAINING_MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.
 _REEXEC_MARK = "RLHF_PLAYGROUND_TRAINING_ENV"
 
 
-def training_env(env: dict[str, str] | None = None) -> dict[str, str]:
-    """A copy of env (default: os.environ) with the malloc tunables added and OpenMP threads passive."""
+def training_env(env: dict[str, str] | None = None, passive_openmp: bool = True) -> dict[str, str]:
+    """A copy of env (default: os.environ) with the malloc tunables added and, unless passive_openmp is
+    False, OpenMP threads passive. A process that has the CPU to itself (a benchmark) spins faster:
+    a 32-pair round on the bundled model took 88 s with OMP_WAIT_POLICY=ACTIVE and 96 s with PASSIVE."""
     env = dict(os.environ if env is None else env)
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if passive_openmp:
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     current = env.get("GLIBC_TUNABLES", "")
     if TRAINING_MALLOC_TUNABLES not in current:
         env["GLIBC_TUNABLES"] = f"{current}:{TRAINING_MALLOC_TUNABLES}" if current else TRAINING_MALLOC_TUNABLES
     return env
 
 
-def reexec_for_training() -> None:
+def reexec_for_training(passive_openmp: bool = True) -> None:
     """Restart this Python process once with training_env() (no-op on non-Linux or if already done)."""
     if not sys.platform.startswith("linux") or os.environ.get(_REEXEC_MARK):
         return
-    env = training_env()
+    env = training_env(passive_openmp=passive_openmp)
     env[_REEXEC_MARK] = "1"
     sys.stdout.flush()
     sys.stderr.flush()
