@@ -23,7 +23,8 @@ import torch
 
 # Logit rows computed at a time by the fused head: 128 x a 49k vocabulary is 25 MB in float32, which
 # stays in cache between the product and the log-sum-exp, keeps the product efficient (measured on this
-# project's CPU: 128-row chunks within 5% of one big product) and stays under glibc's largest mmap
+# project's CPU: 128-row chunks 5-14% slower than one big product, in runs that drifted by more than
+# that) and stays under glibc's largest mmap
 # threshold (32 MB), so the allocation is reused from call to call instead of page-faulted in anew.
 HEAD_CHUNK_ROWS = 128
 
