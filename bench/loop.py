@@ -8,8 +8,9 @@ taste is a gold function (playground/gold.py) with label noise. Arms:
 
 - `onpolicy`: each round samples its pairs from the live version (the product's loop);
 - `offline`: the same number of labels, all sampled from v0 up front (a static dataset);
-- `goodhart`: the annotator votes by gold + lambda x (words / 100) while the report scores plain gold,
-  to show over-optimisation of a proxy.
+- `goodhart`: the annotator votes by gold + lambda x scale x (words / 100) while the report scores plain
+  gold, to show over-optimisation of a proxy. The default lambda (-40) makes the proxy "shorter is
+  better": it agrees with `concise` above the target length and keeps pushing below it, where gold falls.
 
 Prints one JSON object per round (round 0 is v0): labels so far, gold win rate of vN against v0 on
 held-out prompts with a 95% Wilson interval, mean gold, exact KL to v0 summed over the reply, reply
@@ -31,7 +32,11 @@ sys.path.insert(0, str(ROOT))
 
 ARMS = ("onpolicy", "offline", "goodhart")
 DEFAULT_EVAL_PROMPTS = 32
-DEFAULT_GOODHART_LAMBDA = 0.5  # proxy bonus per 100 words, in units of the gold's own scale
+# Proxy bonus per 100 words, in units of the gold's own scale. With `concise` (scale 0.25) -40 costs 0.1
+# per word: above the target the proxy ranks pairs as gold does, below it it still wants fewer words
+# while gold wants more - the over-optimisation to watch. (+0.5, the old default, was so small next to
+# gold that the proxy ranked almost every pair as gold did: nothing to over-optimise.)
+DEFAULT_GOODHART_LAMBDA = -40.0
 KL_BATCH = 8
 
 
@@ -61,10 +66,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def proxy_gold(gold, lam: float):
-    """gold + lam * scale * words/100: the goodhart arm's annotator prefers longer replies a little."""
+    """gold + lam * scale * words/100: the goodhart arm's annotator also has a taste in length."""
     from playground.gold import Gold, count_words
 
-    return Gold(name=f"{gold.name}+length", fn=lambda c, r: gold.score(c, r) + lam * gold.scale * count_words(r) / 100,
+    return Gold(name=f"{gold.name}{lam:+g}xlength", fn=lambda c, r: gold.score(c, r) + lam * gold.scale * count_words(r) / 100,
                 scale=gold.scale)
 
 

@@ -39,3 +39,20 @@ def test_an_unknown_gold_stops_before_anything_runs(tiny_model_dir):
     out = subprocess.run([sys.executable, "-m", "bench.loop", "--gold", "brevity", "--model", str(tiny_model_dir)],
                          capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 2 and "unknown gold" in out.stderr.lower()
+
+
+def test_goodhart_proxy_agrees_with_concise_above_its_target_and_not_below():
+    from bench.loop import DEFAULT_GOODHART_LAMBDA, proxy_gold
+    from playground.gold import resolve_gold
+
+    gold = resolve_gold("concise:target_words=25")
+    proxy = proxy_gold(gold, DEFAULT_GOODHART_LAMBDA)
+    context = [{"role": "user", "content": "Tell me about tea."}]
+    words = lambda n: " ".join(["tea"] * n)  # noqa: E731
+    # Above the target both prefer the shorter reply: the proxy looks right while the policy is long.
+    assert gold.score(context, words(60)) > gold.score(context, words(120))
+    assert proxy.score(context, words(60)) > proxy.score(context, words(120))
+    # Below it they disagree: gold wants the reply back up to 25 words, the proxy still wants fewer.
+    assert gold.score(context, words(25)) > gold.score(context, words(8))
+    assert proxy.score(context, words(8)) > proxy.score(context, words(25))
+    assert proxy.name == "concise-40xlength"
