@@ -2,7 +2,7 @@
 
     PYTHONPATH=. HF_HUB_OFFLINE=1 .venv/bin/python bench/dpo_vs_trl.py
 
-32 pairs of chat length on the bundled SmolLM2-135M (CPU, float32): 32 prompts written below, two replies
+32 pairs of chat length on the bundled SmolLM2-135M (CPU, float32 weights): 32 prompts written below, two replies
 each sampled by `playground.generation.sample_pair` with fixed seeds (max_new_tokens 96), rendered with
 the chat template; the shorter reply is the chosen one. Both trainers get the same token ids, the same
 initial LoRA weights (saved once, loaded by both), the same hyperparameters (DPOConfig defaults: batch
@@ -12,7 +12,9 @@ both first losses must be ln 2.
 
 TRL's settings: its defaults (gradient checkpointing on, bf16 autocast, a reference forward every step,
 tqdm, logging) took over 15 minutes for these 32 pairs; we time it with the settings that are fastest on
-a CPU (below, TRL_FAST), and with `--trl-variants` also a few others. The dataset goes in pre-tokenized
+a CPU (below, TRL_FAST), in float32 and with bf16 autocast ('fast+bf16'), and the speedup is against
+the faster of the two. Ours runs with DPOConfig's defaults (bf16 base products where the CPU has fast
+bf16: `--matmul-dtype` changes that). The dataset goes in pre-tokenized
 (`prompt_ids`/`chosen_ids`/`rejected_ids`, TRL's own format after its tokenisation step), so both train on
 identical tokens and TRL's tokenisation is not counted against it.
 
@@ -26,12 +28,7 @@ TRL N times and reports the fastest of each (the least disturbed run).
 Prints one JSON object: ours_s, trl_s, speedup, step1_loss_ours, step1_loss_trl, n_pairs, the settings.
 `--pairs-cache FILE` keeps the sampled pairs between runs (sampling takes a few minutes).
 
-Measured on 2 AMD EPYC cores (torch 2.13 CPU, quiet machine, `--trl-variants fast --repeats 1`): ours
-88.6 s, TRL 121.5 s with TRL_FAST: 1.37x; step-1 losses both ln 2; same-batch loss 0.687531 vs
-0.687532, LoRA gradient norm 3.33553 vs 3.33553. Both spend most of a step in fp32 matrix products
-near the CPU's peak; ours does fewer of them (the prompt once per pair, no padding, the LM head on
-reply tokens only, no entropy/logit metrics over the vocabulary). docs/BENCHMARKS.md has the other
-runs (bf16: 1.89x, at the cost of an inexact first loss) and why 3x is out of reach in float32.
+Measured: docs/BENCHMARKS.md ("One DPO round against TRL") has the latest numbers and the command.
 """
 
 from __future__ import annotations
@@ -93,7 +90,7 @@ PROMPTS = [
     "What should I pack for a weekend hiking trip?",
 ]
 # TRL's fastest CPU settings found here: no gradient checkpointing (memory is plentiful, recomputation is
-# pure cost), float32 (bf16 autocast on this CPU was slower and changes the numbers), reference log-probs
+# pure cost), reference log-probs
 # precomputed once instead of a reference forward every step, no workers, no eval, no checkpoints,
 # no tqdm. padding_free is unavailable in TRL 1.16 (it warns and falls back to padding).
 TRL_FAST = dict(
@@ -103,6 +100,8 @@ TRL_FAST = dict(
 )
 TRL_VARIANTS = {
     "fast": {},
+    # bf16 autocast: faster on a CPU with AVX512-BF16 (this one), the fair peer of our bf16 products.
+    "fast+bf16": {"bf16": True},
     "fast+group_by_length": {"train_sampling_strategy": "group_by_length"},
     "no_precompute": {"precompute_ref_log_probs": False},
 }
@@ -254,12 +253,12 @@ def main() -> None:
     reexec_for_training(passive_openmp=False)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pairs-cache", type=Path, help="JSON file to keep the sampled pairs in between runs")
-    parser.add_argument("--trl-variants", default="fast", help=f"comma-separated, from {list(TRL_VARIANTS)}")
+    parser.add_argument("--trl-variants", default="fast,fast+bf16", help=f"comma-separated, from {list(TRL_VARIANTS)}")
     parser.add_argument("--skip-trl", action="store_true", help="time ours only")
     parser.add_argument("--repeats", type=int, default=1, help="alternate ours and TRL N times, keep the best")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--matmul-dtype", default="float32", choices=["float32", "bfloat16", "auto"],
-                        help="our round's DPOConfig.matmul_dtype (TRL runs float32, its fastest here)")
+    parser.add_argument("--matmul-dtype", default=DPOConfig.matmul_dtype, choices=["float32", "bfloat16", "auto"],
+                        help="our round's DPOConfig.matmul_dtype (default: %(default)s, DPOConfig's)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -25,7 +25,8 @@ from trainers.pairs import PreferencePair
 
 LN2 = math.log(2)
 # A few steps at a tiny-model learning rate: the tests check plumbing and direction, not convergence.
-FAST = dict(epochs=1, batch_size=4, learning_rate=1e-2, lora_r=4, lora_alpha=8, seed=0)
+# float32 products: the exact-value tests below must not depend on whether this CPU has fast bf16.
+FAST = dict(epochs=1, batch_size=4, learning_rate=1e-2, lora_r=4, lora_alpha=8, seed=0, matmul_dtype="float32")
 
 
 def random_pairs(vocab: int, n: int, seed: int, prompt=(3, 12), reply=(1, 10)) -> list[PreferencePair]:
@@ -324,15 +325,35 @@ def test_ipo_round_and_too_long_pairs(tiny_loaded):
 
 
 def test_bf16_base_products_train_close_to_float32(tiny_loaded):
-    # The opt-in bf16 mode: the same round trains, its first loss is ln 2 to bf16 rounding (not exactly,
-    # which is why float32 is the default), and the returned model is back on PEFT's own forward.
+    # bf16 base products: the same round trains, and its first step is still exactly no preference (the
+    # reference was scored on the same rows with the same rounding); the returned model is back on PEFT's
+    # own forward.
     model = tiny_loaded.model
     pairs = random_pairs(model.config.vocab_size, 8, seed=11)
     exact = train_dpo(model, pairs, [], DPOConfig(**FAST))
     rounded = train_dpo(model, pairs, [], DPOConfig(**dict(FAST, matmul_dtype="bfloat16")))
     assert exact.steps[0]["loss"] == pytest.approx(LN2, abs=1e-6)
-    assert rounded.steps[0]["loss"] == pytest.approx(LN2, abs=1e-2)
+    assert rounded.steps[0]["loss"] == pytest.approx(LN2, abs=1e-6)
+    assert rounded.steps[0]["rewards/margins"] == 0.0 and rounded.steps[0]["rewards/chosen"] == 0.0
+    assert rounded.steps[-1]["loss"] == pytest.approx(exact.steps[-1]["loss"], abs=5e-2)
     assert all(math.isfinite(s["loss"]) and math.isfinite(s["grad_norm"]) for s in rounded.steps)
     assert not any(hasattr(m, "_fast_weight") for m in rounded.model.modules())
     with pytest.raises(ValueError, match="matmul_dtype"):
         DPOConfig(matmul_dtype="fp8")
+
+
+def test_score_pairs_on_given_batches_matches_its_own_order_and_refuses_a_partial_cover(tiny_loaded):
+    # The round scores its reference on the first epoch's batches; any cover of the pairs gives the
+    # same numbers (to float rounding), and one that misses or repeats a pair is refused, not half-scored.
+    from trainers.dpo import score_pairs
+
+    model = tiny_loaded.model
+    pairs = random_pairs(model.config.vocab_size, 6, seed=12)
+    pad = model.config.eos_token_id
+    default = score_pairs(model, pairs, pad)
+    shuffled = score_pairs(model, pairs, pad, batches=[[5, 0], [3], [1, 4, 2]])
+    for ours, theirs in zip(default, shuffled):
+        assert torch.allclose(ours, theirs, atol=1e-4)
+    for bad in ([[0, 1, 2], [3, 4]], [[0, 1, 2], [3, 4, 5, 5]]):
+        with pytest.raises(ValueError, match="exactly once"):
+            score_pairs(model, pairs, pad, batches=bad)

@@ -71,9 +71,8 @@ class TrainingAborted(RuntimeError):
 
 @dataclass
 class DPOConfig:
-    """One DPO round. The defaults are set for ~32 chat pairs on SmolLM2-135M on a 2-core CPU: 16 steps in
-    about 1.5 minutes (bench/dpo_vs_trl.py), at a LoRA-sized learning rate that takes the training reward
-    margin from 0 to about 1 (accuracy 1.0) by the end of the round."""
+    """One DPO round. The defaults are set for ~32 chat pairs on SmolLM2-135M on a 2-core CPU: one pass of
+    8 steps in well under a minute (bench/dpo_vs_trl.py), at a LoRA-sized learning rate."""
 
     beta: float = 0.1  # pull towards the reference: higher keeps the policy closer (for 'ipo' it is tau)
     loss: LossType = "sigmoid"  # 'sigmoid' = DPO, 'ipo' = IPO (squared, per-token normalised, as TRL 1.16)
@@ -82,7 +81,10 @@ class DPOConfig:
     label_smoothing: float = 0.0
     # LoRA wants a far larger step than full fine-tuning (TRL's 1e-6 default would not move a 32-pair round).
     learning_rate: float = 2e-4
-    epochs: int = 2  # passes over the round's pairs: a round has few pairs, so one pass is ~8 steps
+    # Passes over the round's pairs. One: the loop runs a round every few minutes and warm-starts each
+    # from the last, so a second pass mostly buys drift from the reference - 4 rounds of 64 labels at 2
+    # epochs reached KL 14.9 nats to v0 (docs/BENCHMARKS.md, "The loop"), and it doubles vote-to-live.
+    epochs: int = 1
     batch_size: int = 4  # pairs per forward: 4 rows of ~250 tokens already keep a CPU's matmuls busy
     grad_accum: int = 1  # micro-batches per optimizer step
     max_grad_norm: float = 1.0  # clip the LoRA gradient to this norm (the noise of a 4-pair batch is large)
@@ -102,11 +104,11 @@ class DPOConfig:
     ref: RefType = "base"
     # The dtype of the frozen base model's matrix products (trainers/fastlora.py). 'bfloat16' rounds their
     # inputs to bf16 (float32 accumulation; LoRA, activations and optimizer stay float32): each product is
-    # 2-3x faster on a CPU with AVX512-BF16, a 32-pair round ~20% faster end to end, but the rounding
-    # makes the policy and the reference disagree by ~0.1 nats per reply before any step (step-1 loss
-    # 0.6928 instead of ln 2, bench/dpo_vs_trl.py). So float32 is the default; 'auto' picks bf16 where
-    # it is fast and the weights are float32.
-    matmul_dtype: MatmulDtype = "float32"
+    # 2-3x faster on a CPU with AVX512-BF16. The reference is scored on the first epoch's own batches
+    # (score_pairs), so the rounding is the same on both sides and step 1 is still exactly ln 2; it only
+    # adds noise of bf16 size to the gradients, as any bf16 training does. 'auto' picks bf16 where it is
+    # fast and the weights are float32, float32 elsewhere; 'float32' keeps every product exact.
+    matmul_dtype: MatmulDtype = "auto"
 
     def __post_init__(self):
         if isinstance(self.target_modules, str):  # one name, not its characters
@@ -279,14 +281,25 @@ def length_batches(lengths: Sequence[int], batch_size: int, generator: torch.Gen
 
 
 @torch.no_grad()
-def score_pairs(model, pairs: Sequence[PreferencePair], pad_id: int, batch_pairs: int = SCORE_BATCH_PAIRS):
-    """Summed chosen and rejected log-probs of every pair, in the order given: ([n], [n])."""
+def score_pairs(model, pairs: Sequence[PreferencePair], pad_id: int, batch_pairs: int = SCORE_BATCH_PAIRS,
+                batches: Sequence[Sequence[int]] | None = None):
+    """Summed chosen and rejected log-probs of every pair, in the order given: ([n], [n]).
+
+    batches: the pair indices of each forward (every pair once). By default pairs go length-sorted,
+    batch_pairs at a time. The round scores its reference on the first epoch's own training batches:
+    the same rows, padding and matrix shapes as the step that uses them, so the policy's first forward
+    reproduces the reference bit for bit and step 1 is exactly ln 2 even with bf16 products.
+    """
     device, dtype = _device_dtype(model)
     chosen = torch.zeros(len(pairs), device=device)
     rejected = torch.zeros(len(pairs), device=device)
-    order = sorted(range(len(pairs)), key=lambda i: _row_length(pairs[i]))  # length-sorted: little padding
-    for start in range(0, len(order), batch_pairs):
-        index = order[start : start + batch_pairs]
+    if batches is None:
+        order = sorted(range(len(pairs)), key=lambda i: _row_length(pairs[i]))  # length-sorted: little padding
+        batches = [order[start : start + batch_pairs] for start in range(0, len(order), batch_pairs)]
+    if sorted(i for index in batches for i in index) != list(range(len(pairs))):
+        raise ValueError(f"batches must hold each of the {len(pairs)} pair indices exactly once")
+    for index in batches:
+        index = list(index)
         c, r = pair_logps(model, pack_pairs([pairs[i] for i in index], pad_id, device, dtype))
         chosen[index], rejected[index] = c, r
     return chosen, rejected
@@ -396,20 +409,23 @@ def train_dpo(
     # The round runs with the LoRA layers' faster forward (and bf16 base products where those are fast);
     # the returned model is back on PEFT's own forward.
     with fast_lora(policy, _matmul_dtype(config, device, dtype)):
+        # Every epoch's batches are drawn up front, so the reference can be scored on the first epoch's.
+        generator = torch.Generator().manual_seed(config.seed)
+        lengths = [_row_length(p) for p in fits]
+        epoch_batches = [length_batches(lengths, config.batch_size, generator) for _ in range(config.epochs)]
+
         # 2. Reference log-probs, once. A fresh adapter starts as the identity (LoRA B = 0), and with
         # ref='previous' the reference is the adapter as loaded: in both cases the policy before the first step
         # is the reference, so its held-out log-probs come from the same pass.
         reference = policy.disable_adapter() if config.ref == "base" else nullcontext()
         with reference:
-            ref_train = score_pairs(policy, fits, pad_id)
+            ref_train = score_pairs(policy, fits, pad_id, batches=epoch_batches[0])
             ref_eval = score_pairs(policy, eval_fits, pad_id)
         policy_is_ref = config.ref == "previous" or init_adapter_dir is None
         eval_before = _held_out(ref_eval if policy_is_ref else score_pairs(policy, eval_fits, pad_id), ref_eval,
                                 eval_fits, config)  # 3.
 
         # 4. The loop.
-        generator = torch.Generator().manual_seed(config.seed)
-        lengths = [_row_length(p) for p in fits]
         batches_per_epoch = math.ceil(len(fits) / config.batch_size)
         steps_per_epoch = math.ceil(batches_per_epoch / config.grad_accum)
         total_steps = steps_per_epoch * config.epochs
@@ -418,8 +434,7 @@ def train_dpo(
         step = 0
         policy.train()
         with _seeded(config.seed, device):  # LoRA dropout draws from the global generator
-            for epoch in range(config.epochs):
-                batches = length_batches(lengths, config.batch_size, generator)
+            for epoch, batches in enumerate(epoch_batches):
                 for first in range(0, len(batches), config.grad_accum):
                     micro_batches = batches[first : first + config.grad_accum]
                     n_pairs = sum(len(b) for b in micro_batches)
