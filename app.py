@@ -83,13 +83,14 @@ def build_app(args: argparse.Namespace):
     store = Store(args.db)
     store.ensure_base_version(loaded.model_id)
     policy = PolicyHolder(loaded)
-    service = ChatService(policy, store, max_context_tokens=args.max_context_tokens)
     # The trainer subprocess trains on the CPU unless the app serves from a GPU.
     train_device = "cuda" if loaded.device.type == "cuda" else "cpu"
     loop = TrainingLoop(LoopSettings(db=args.db, adapters_dir=args.adapters_dir, model=args.model,
                                      model_cache=args.model_cache, device=train_device,
                                      train_every_min=args.train_every, min_new_pairs=args.min_new_pairs,
                                      enabled=not args.no_train), store, policy)
+    # Each saved judgment nudges the schedule: the vote that reaches --min-new-pairs starts the round.
+    service = ChatService(policy, store, max_context_tokens=args.max_context_tokens, on_feedback=loop.nudge)
     loop.start()
     return build_ui(service, loop), loop
 

@@ -8,10 +8,11 @@ alike. Actions raise `ChatError` with a message meant for the person; nothing is
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from playground.generation import SampledReply, SamplingSettings, sample_pair
@@ -19,6 +20,8 @@ from playground.limits import DEFAULT_MAX_CONTEXT_TOKENS, MAX_STORED_MESSAGE_CHA
 from playground.policy import PolicyHolder, PolicySnapshot
 from playground.prompting import build_prompt
 from store import CHOICES, RATINGS, SLOTS, FeedbackError, Store, StoreError
+
+log = logging.getLogger(__name__)
 
 DEFAULT_USER = "anonymous"
 MAX_USER_CHARS = 100
@@ -90,10 +93,14 @@ class ChatSession:
 
 
 class ChatService:
-    def __init__(self, policy: PolicyHolder, store: Store, max_context_tokens: int = DEFAULT_MAX_CONTEXT_TOKENS):
+    def __init__(self, policy: PolicyHolder, store: Store, max_context_tokens: int = DEFAULT_MAX_CONTEXT_TOKENS,
+                 on_feedback: Callable[[], None] | None = None):
         self.policy = policy
         self.store = store
         self.max_context_tokens = max_context_tokens
+        # Called after each saved judgment (the loop's nudge: the vote that reaches the threshold starts
+        # the round now, not at the next scheduled check). It must be quick and must not raise.
+        self.on_feedback = on_feedback
 
     # -- sending and sampling ---------------------------------------------------------------------
 
@@ -250,14 +257,18 @@ class ChatService:
         if session.pair is not None and session.pair.generating:
             raise ChatError("Replies are still being written: wait until both have finished.")
 
-    @staticmethod
-    def _record(write) -> None:
+    def _record(self, write) -> None:
         try:
             write()
         except FeedbackError as exc:
             raise ChatError(f"Not recorded: {exc}.") from exc
         except StoreError as exc:
             raise ChatError(f"Your judgment was NOT saved: {exc}. Please try again.") from exc
+        if self.on_feedback is not None:
+            try:
+                self.on_feedback()
+            except Exception:  # the judgment is saved; a failed nudge only means waiting for the schedule
+                log.exception("on_feedback failed")
 
 
 def _reply_row(reply: SampledReply, pair: Pair, model_id: str) -> dict:

@@ -1,7 +1,7 @@
 """The live loop inside the app: scheduled rounds in a subprocess, then a hot-swap of the new version.
 
-Every `train_every` minutes APScheduler calls `check()`: when at least `min_new_pairs` new training
-pairs exist and no round is running, it records a round and starts `python -m trainers.run` as a
+Every `train_every` minutes APScheduler calls `check()`, and each saved judgment moves that check to
+now (`nudge()`): when at least `min_new_pairs` new training pairs exist and no round is running, it records a round and starts `python -m trainers.run` as a
 subprocess. A watcher thread waits for it; when the round succeeded, the new adapter is verified,
 merged into a copy of the base weights and made live (`PolicyHolder.set_live`), which new requests
 pick up while generations already streaming finish on the version they started with. Rollback is the
@@ -70,6 +70,9 @@ class TrainingLoop:
         self._round_active = threading.Event()
         self._scheduler = BackgroundScheduler(daemon=True)
         self._job = None
+        # False after a round failed or was skipped: then votes stop nudging (a round that fails on the
+        # waiting pairs would be retried on every click) and only the schedule retries, at its pace.
+        self._nudges = True
         self._status_cache: tuple[float, dict] | None = None
 
     # -- start and stop ---------------------------------------------------------------------------
@@ -88,8 +91,9 @@ class TrainingLoop:
             self.store.record_live(self.policy.model_id, BASE_VERSION, "start")
         if self.settings.enabled:
             seconds = max(1.0, self.settings.train_every_min * 60)
+            # misfire_grace_time=None: a nudged check that the scheduler's thread reaches late still runs.
             self._job = self._scheduler.add_job(self.check, "interval", seconds=seconds, id="train-check",
-                                                max_instances=1, coalesce=True)
+                                                max_instances=1, coalesce=True, misfire_grace_time=None)
             self._scheduler.start()
 
     def shutdown(self) -> None:
@@ -106,6 +110,19 @@ class TrainingLoop:
         if self.paused:
             return "the schedule is paused"
         return self.start_round(trigger="schedule", min_new_pairs=self.settings.min_new_pairs)
+
+    def nudge(self) -> None:
+        """A judgment was saved: run the scheduled check now instead of at its next tick, so the vote that
+        reaches --min-new-pairs starts the round at once (the schedule then counts on from here). The
+        check decides as always (threshold, one round at a time); this only moves it earlier, on the
+        scheduler's thread, and returns at once. Nothing happens while paused, while a round is running,
+        or after a round failed or was skipped."""
+        if self._job is None or self.paused or not self._nudges or self._round_active.is_set():
+            return
+        try:
+            self._job.modify(next_run_time=datetime.datetime.now(datetime.timezone.utc))
+        except Exception:  # the scheduler is shutting down: the vote is saved, there is nothing to nudge
+            log.debug("nudge ignored", exc_info=True)
 
     def train_now(self) -> str:
         return self.start_round(trigger="manual", min_new_pairs=1)
@@ -148,6 +165,7 @@ class TrainingLoop:
             self._finish_round(process, run_id)
         finally:
             self._round_active.clear()
+        self.nudge()  # votes that arrived during the round may already make the next one
 
     def _finish_round(self, process: subprocess.Popen, run_id: int) -> None:
         _, stderr = process.communicate()
@@ -161,6 +179,7 @@ class TrainingLoop:
         if reason and self.store.fail_run_if_running(run_id, reason):
             self._event("failed", f"round {run_id}: {reason}")
         run = self.store.run(run_id) or {}
+        self._nudges = run.get("status") == "succeeded"
         if run.get("status") == "succeeded" and run.get("version"):
             try:
                 self.promote(run["version"], action="promote")

@@ -24,10 +24,11 @@ def running_app(loaded, db_path, busy_timeout_ms: int = 200, loop_settings: dict
     store = Store(db_path, busy_timeout_ms=busy_timeout_ms)
     store.ensure_base_version(loaded.model_id)
     policy = PolicyHolder(loaded)
-    service = ChatService(policy, store)
     loop = None
     if loop_settings is not None:
         loop = TrainingLoop(LoopSettings(db=str(db_path), model=loaded.model_id, **loop_settings), store, policy)
+    service = ChatService(policy, store, on_feedback=None if loop is None else loop.nudge)  # as app.py wires it
+    if loop is not None:
         loop.start()
     demo = build_ui(service, loop)
     port = free_port()

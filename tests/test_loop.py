@@ -3,6 +3,7 @@ a killed trainer, corrupt adapters, and the runner's skip and failure reasons.""
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import signal
@@ -226,3 +227,26 @@ def test_runner_stops_a_diverging_round_and_serves_nothing(tiny_loaded, tiny_mod
     assert store.policy_versions(tiny_loaded.model_id)[-1]["name"] == "v0"
     assert not any((tmp_path / "adapters").glob("v*"))
     store.close()
+
+
+def test_the_vote_that_reaches_the_threshold_starts_the_round_at_once(tiny_loaded, tmp_path):
+    # The schedule ticks once an hour here: only the nudge from the fourth vote can start this round.
+    settings = loop_settings(tmp_path, train_every_min=60)
+    with running_app(tiny_loaded, tmp_path / "nudge.db", loop_settings=settings) as (url, service, loop):
+        client = Client(url, verbose=False)
+        vote_in_new_conversations(client, 3)
+        time.sleep(1.0)
+        assert service.store.runs() == []  # 3 of 4 pairs: the nudges ran the check, which waited
+        loop.set_paused(True)
+        vote_in_new_conversations(client, 1)
+        time.sleep(1.0)
+        assert service.store.runs() == []  # paused: a vote does not start a round
+        loop.set_paused(False)
+        vote_in_new_conversations(client, 1)
+        run = wait_for(lambda: service.store.runs(1), timeout=10, what="the nudged round to start")[0]
+        assert run["trigger"] == "schedule"
+        status = wait_for(lambda: (s := client.predict(api_name="/training_status"))["live"] == "v1" and s,
+                          what="v1 to go live")
+        # The next check is an hour after the nudge, not at once again.
+        next_check = datetime.datetime.fromisoformat(status["next_check"])
+        assert (next_check - datetime.datetime.now(datetime.timezone.utc)).total_seconds() > 50 * 60
