@@ -3,8 +3,9 @@
     python bench/vote_to_live.py                 # the bundled model, a 32-pair round
     python bench/vote_to_live.py --pairs 16 --max-new-tokens 32
 
-Starts `app.py` for real (a temporary database and adapters folder), votes through the public API
-until the scheduled round triggers, and meanwhile keeps a second client sending messages, counting
+Starts `app.py` for real (a temporary database and adapters folder, the app's default 5-minute
+schedule), votes through the public API until the crossing vote starts the round (votes nudge the
+schedule's check), and meanwhile keeps a second client sending messages, counting
 any request that fails. That client pauses `--think-s` seconds between messages, as a person reading
 two replies and voting would (default 8 s); `--think-s 0` is the stress case where the chat keeps both
 cores busy and the niced round gets what is left. Once the new version is live the client's pause is
@@ -31,6 +32,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from playground.limits import DEFAULT_TRAIN_EVERY_MIN  # noqa: E402
 
 PROMPTS = [
     "What is the capital of France?", "Give me a tip for sleeping better.", "How do I boil an egg?",
@@ -73,7 +76,10 @@ def main() -> None:
     p.add_argument("--model", default="bundled")
     p.add_argument("--pairs", type=int, default=32, help="the round's threshold (--min-new-pairs)")
     p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--train-every", type=float, default=0.05, help="minutes between checks (3 s)")
+    # The app's own schedule: since votes nudge the check, the round starts on the crossing vote and the
+    # interval no longer adds to vote-to-live. A short interval here would only hide a broken nudge.
+    p.add_argument("--train-every", type=float, default=DEFAULT_TRAIN_EVERY_MIN,
+                   help="minutes between scheduled checks (default: the app's, %(default)s)")
     p.add_argument("--timeout", type=float, default=900)
     p.add_argument("--think-s", type=float, default=8.0, help="the chatting client's pause between messages")
     args = p.parse_args()
