@@ -133,9 +133,10 @@ class Autopilot:
             return "Autopilot off."
         summary = self.simulator.progress.summary()
         state = "running" if self.running else f"finished ({summary['stopped_because'] or 'all turns done'})"
-        means = ", ".join(f"{v}: {s['mean_gold']:+.3f} ({s['replies']})" for v, s in summary["gold_by_version"].items())
+        means = ", ".join(f"{v}: {s['mean_gold']:+.3f}, {s['mean_words']:.0f} words ({s['replies']} pairs)"
+                          for v, s in summary["gold_by_version"].items())
         return (f"Autopilot {state}: {summary['votes']}/{self.simulator.config.turns} votes by "
-                f"'{self.simulator.config.gold}'. Mean gold of replies by version: {means or 'none yet'}.")
+                f"'{self.simulator.config.gold}'. Mean gold and length of replies by version: {means or 'none yet'}.")
 
 
 def build_admin(loop: TrainingLoop, service=None):

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Protocol
 
 from playground.annotator import AnnotatorConfig, Annotator
-from playground.gold import GoldError, known_golds, resolve_gold
+from playground.gold import GoldError, count_words, known_golds, resolve_gold
 from playground.prompts import DEFAULT_PROMPTS_PATH, PromptFileError, load_prompts
 
 FOLLOW_UPS = (
@@ -171,14 +171,18 @@ class Progress:
     refused: int = 0
     live: str | None = None
     gold_by_version: dict = field(default_factory=lambda: defaultdict(list))
+    # Reply lengths in words, by version: with 'concise' this is what the room watches fall.
+    words_by_version: dict = field(default_factory=lambda: defaultdict(list))
     stopped_because: str | None = None
 
     def summary(self) -> dict:
         return {
             "votes": self.votes, "edits": self.edits, "turns": self.turns, "refused": self.refused,
             "live": self.live, "stopped_because": self.stopped_because,
-            "gold_by_version": {v: {"replies": len(s), "mean_gold": round(sum(s) / len(s), 4)}
-                                for v, s in sorted(self.gold_by_version.items(), key=lambda kv: int(kv[0][1:]))},
+            "gold_by_version": {
+                v: {"replies": len(s), "mean_gold": round(sum(s) / len(s), 4),
+                    "mean_words": round(sum(self.words_by_version[v]) / max(1, len(self.words_by_version[v])), 1)}
+                for v, s in sorted(self.gold_by_version.items(), key=lambda kv: int(kv[0][1:]))},
         }
 
 
@@ -313,6 +317,7 @@ class Simulator:
         with self._lock:
             self.progress.votes += 1
             self.progress.gold_by_version[version].append(score)
+            self.progress.words_by_version[version] += [count_words(a), count_words(b)]
             votes = self.progress.votes
         if votes % max(1, min(10, self.config.turns // 10)) == 0 or votes == self.config.turns:
             self._report_progress()
@@ -328,7 +333,8 @@ class Simulator:
             changed = live is not None and live != self.progress.live
             self.progress.live = live or self.progress.live
             summary = self.progress.summary()
-        means = " ".join(f"{v}={s['mean_gold']:+.3f}" for v, s in summary["gold_by_version"].items())
+        means = " ".join(f"{v}={s['mean_gold']:+.3f} ({s['mean_words']:.0f} words)"
+                         for v, s in summary["gold_by_version"].items())
         line = f"votes {summary['votes']}/{self.config.turns} · live {summary['live'] or '?'} · mean gold {means}"
         if changed:
             line += f"  <- {live} is live"

@@ -36,7 +36,14 @@ def test_autopilot_votes_land_marked_simulated_and_the_new_version_serves(tiny_l
         assert stats["current_feedback"]["choice"] and sum(stats["current_feedback"]["choice"].values()) == 8
         users = service.store.db.execute("select distinct user, simulated from conversations").fetchall()
         assert sorted(users) == [("sim-concise-0", 1), ("sim-concise-1", 1)]
-        assert any(line.startswith("votes ") for line in lines)
+        assert any(line.startswith("votes ") and "words)" in line for line in lines)
+        # The per-version length the room watches: the mean word count of the pairs the autopilot judged.
+        replies = service.store.db.execute(
+            "select r.text from replies r join turns t on r.turn_id = t.id join conversations c "
+            "on t.conversation_id = c.id where c.simulated = 1 and r.policy_version = 'v0'").fetchall()
+        from playground.gold import count_words
+        assert summary["gold_by_version"]["v0"]["mean_words"] == pytest.approx(
+            sum(count_words(text) for (text,) in replies) / len(replies), abs=0.05)
 
         wait_for(lambda: loop.policy.snapshot().version == "v1", what="the autopilot's votes to train v1")
         later, lines = simulator_for(url, turns=4, seed=5)
