@@ -13,10 +13,11 @@ With `compute_dtype=torch.bfloat16` the frozen base weight is also kept as a bf1
 product runs in bf16 with float32 accumulation; on a CPU with AVX512-BF16 that product is 2-3x faster
 (`bench/dpo_vs_trl.py` prints the round time each way). Only the frozen product is rounded: activations,
 the residual stream, the LoRA path, the LoRA gradients and the optimizer stay float32, and the
-reference pass (adapter disabled) goes through the same bf16 product as the policy. They still do not
-agree exactly at step 1: the reference pass and a training step batch the pairs differently, and bf16
-rounding amplifies the tiny float32 differences that follows (measured: step-1 DPO loss 0.692779, not
-ln 2, on 32 bundled-model pairs), which is why trainers/dpo.py keeps float32 as the default.
+reference pass (adapter disabled) goes through the same bf16 product as the policy. That alone is not
+enough for an exact first step: bf16 rounding amplifies the tiny float32 differences between matrix
+shapes, so a reference scored in other batches than the training step's gave a step-1 DPO loss of
+0.692779, not ln 2, on 32 bundled-model pairs. trainers/dpo.py therefore scores the reference on the
+first epoch's own batches, and step 1 is exactly ln 2 (bench/dpo_vs_trl.py: 0.6931472).
 
 Only plain LoRA layers are patched (an nn.Linear base, no DoRA or other variant, no dropout, one active
 adapter, not merged); any other layer, or a call with extra arguments, runs PEFT's own forward.
