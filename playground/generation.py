@@ -27,6 +27,7 @@ import torch
 from playground import engine as engine_mod
 
 from playground.limits import (
+    DEFAULT_MAX_NEW_TOKENS,
     MAX_NEW_TOKENS_LIMIT,
     MAX_TEMPERATURE,
     MIN_TEMPERATURE,
@@ -39,7 +40,7 @@ SLOTS = ("a", "b")
 class SamplingSettings:
     temperature: float = 0.8  # below ~0.5 the two replies of a pair are often identical
     top_p: float = 0.95
-    max_new_tokens: int = 256
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
 
     def __post_init__(self):
         if not MIN_TEMPERATURE <= self.temperature <= MAX_TEMPERATURE:

@@ -10,6 +10,8 @@ DEFAULT_MAX_CONTEXT_TOKENS = 2048
 MIN_TEMPERATURE = 0.05
 MAX_TEMPERATURE = 2.0
 MAX_NEW_TOKENS_LIMIT = 1024
+# A reply's default length limit: room for the bundled model's replies to end on their own mostly.
+DEFAULT_MAX_NEW_TOKENS = 256
 
 # The training loop's defaults (app.py's --train-every, --min-new-pairs, --adapters-dir).
 DEFAULT_TRAIN_EVERY_MIN = 5.0

@@ -28,6 +28,7 @@ from typing import Protocol
 
 from playground.annotator import AnnotatorConfig, Annotator
 from playground.gold import GoldError, count_words, known_golds, resolve_gold
+from playground.limits import DEFAULT_MAX_NEW_TOKENS
 from playground.prompts import DEFAULT_PROMPTS_PATH, PromptFileError, load_prompts
 
 FOLLOW_UPS = (
@@ -39,6 +40,7 @@ DEFAULT_RETRIES = 5  # waits of 1, 2, 4, 8, 16 s: about half a minute for an app
 DEFAULT_FOLLOW_UP_RATE = 0.3  # chance the next message continues the conversation instead of a new prompt
 DEFAULT_EDIT_RATE = 0.1  # chance of writing a better reply after a vote
 MAX_FOLLOW_UPS = 3  # conversations stay short: the first turn carries the prompt's variety
+ROUND_POLL_S = 1.0  # how often users waiting out a training round look again
 
 
 class Backend(Protocol):
@@ -150,10 +152,18 @@ class SimulationConfig:
     tie_margin: float = 0.0
     edit_rate: float = DEFAULT_EDIT_RATE
     follow_up_rate: float = DEFAULT_FOLLOW_UP_RATE
-    max_new_tokens: int = 96
+    # The chat's own limit (256), not a shorter one for speed: with the bundled model most replies run
+    # past 96 tokens, a pair cut at the limit differs by a few words, and `concise` can barely tell
+    # them apart - in 4 rounds at 96 the mean length went from 94 to 91 tokens. At 256 the first
+    # round took it from 222 to 183 (docs/BENCHMARKS.md, "The loop").
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     prompts: str = str(DEFAULT_PROMPTS_PATH)
     retries: int = DEFAULT_RETRIES
     seed: int = 0
+    # While a round trains, users wait for the new version instead of chatting on, as a room watching
+    # the demo would. Chatting on starves the niced round on a small machine: with 3 users on 256-token
+    # replies a 16-pair round managed 2 of 6 steps in 5 minutes while every vote still went to v0.
+    wait_for_rounds: bool = True
 
     def __post_init__(self):
         if self.users < 1 or self.turns < 1:
@@ -204,6 +214,7 @@ class Simulator:
         self.stop_event = threading.Event()
         self._lock = threading.Lock()
         self._budget = config.turns
+        self._waited_for: set[int] = set()  # rounds already announced as waited for
 
     # -- running ----------------------------------------------------------------------------------
 
@@ -237,6 +248,7 @@ class Simulator:
             history: list[dict] = []
             follow_ups = 0
             while self._take_turn():
+                self._wait_while_training(backend)
                 if not history or follow_ups >= MAX_FOLLOW_UPS or rng.random() >= self.config.follow_up_rate:
                     self._retry(lambda: backend.new_conversation(annotator.name, True), "starting a conversation")
                     history, follow_ups = [], 0
@@ -271,6 +283,25 @@ class Simulator:
             self.stop(str(exc))
         except Refused as exc:
             self.stop(f"the app refused: {exc}")
+
+    def _wait_while_training(self, backend) -> None:
+        """Hold this user while the app reports a round in progress (config.wait_for_rounds)."""
+        if not self.config.wait_for_rounds:
+            return
+        while not self.stop_event.is_set():
+            try:
+                status = backend.training_status()
+            except Exception:  # noqa: BLE001 - status is best effort; the next send reports a gone app
+                return
+            running = (status or {}).get("running")
+            if not running:
+                return
+            with self._lock:
+                announce = running["run_id"] not in self._waited_for
+                self._waited_for.add(running["run_id"])
+            if announce:
+                self.report(f"round {running['run_id']} is training: the simulated users wait for it")
+            self.stop_event.wait(ROUND_POLL_S)
 
     def _vote_once(self, backend, choice: str) -> bool:
         """Vote; if the answer was lost, ask for the pair's state before trying again (never twice)."""
@@ -360,9 +391,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--edit-rate", type=float, default=DEFAULT_EDIT_RATE, help="chance of a better reply")
     p.add_argument("--follow-up-rate", type=float, default=DEFAULT_FOLLOW_UP_RATE,
                    help="chance the next message follows up instead of a new prompt")
-    p.add_argument("--max-new-tokens", type=int, default=96, help="reply length limit (default: 96)")
+    p.add_argument("--max-new-tokens", type=int, default=SimulationConfig.max_new_tokens,
+                   help="reply length limit (default: the chat's, %(default)s)")
     p.add_argument("--prompts", default=str(DEFAULT_PROMPTS_PATH), help="one prompt per line")
     p.add_argument("--retries", type=int, default=DEFAULT_RETRIES, help="back-off retries when the app is gone")
+    p.add_argument("--keep-chatting", action="store_true",
+                   help="keep chatting and voting while a round trains (default: wait for the new version)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -374,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
             gold=args.gold, users=args.users, turns=args.turns, flip_rate=args.flip_rate, tau=args.tau,
             position_bias=args.position_bias, tie_margin=args.tie_margin, edit_rate=args.edit_rate,
             follow_up_rate=args.follow_up_rate, max_new_tokens=args.max_new_tokens, prompts=args.prompts,
-            retries=args.retries, seed=args.seed)
+            retries=args.retries, seed=args.seed, wait_for_rounds=not args.keep_chatting)
         simulator = Simulator(config, lambda: HttpBackend(args.url), report=lambda line: print(line, flush=True))
     except (GoldError, PromptFileError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

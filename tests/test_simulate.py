@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -118,3 +119,27 @@ def test_a_vote_whose_answer_was_lost_is_not_sent_twice(tiny_loaded, tmp_path):
     assert summary["votes"] == 3
     assert store.stats()["feedback"] == 3  # one row per pair: the lost answer was checked, not re-sent
     store.close()
+
+
+def test_simulated_users_wait_while_a_round_trains_then_carry_on(tiny_loaded, tmp_path):
+    import os
+    import signal
+
+    settings = loop_settings(tmp_path, enabled=False)
+    with running_app(tiny_loaded, tmp_path / "wait.db", loop_settings=settings) as (url, service, loop):
+        warm_up, _ = simulator_for(url, users=1, turns=2, wait_for_rounds=False)
+        assert warm_up.run()["votes"] == 2  # pairs for a round to train on
+        loop.settings.next_config = {"epochs": 500}  # a round that runs until it is killed
+        assert loop.train_now().startswith("round")
+        running = wait_for(lambda: loop.store.running_run(), what="the round to start")
+
+        simulator, lines = simulator_for(url, turns=2)
+        thread = threading.Thread(target=simulator.run, daemon=True)
+        thread.start()
+        wait_for(lambda: any("is training" in line for line in lines), timeout=30, what="the users to wait")
+        time.sleep(2.0)
+        assert simulator.progress.votes == 0 and simulator.progress.turns == 0  # nobody chats meanwhile
+
+        os.kill(running["pid"], signal.SIGKILL)  # the round ends (failed): the users carry on
+        thread.join(timeout=120)
+        assert not thread.is_alive() and simulator.progress.votes == 2
