@@ -357,3 +357,16 @@ def test_score_pairs_on_given_batches_matches_its_own_order_and_refuses_a_partia
     for bad in ([[0, 1, 2], [3, 4]], [[0, 1, 2], [3, 4, 5, 5]]):
         with pytest.raises(ValueError, match="exactly once"):
             score_pairs(model, pairs, pad, batches=bad)
+
+
+def test_a_round_on_bf16_weights_trains_its_float32_lora(tiny_loaded):
+    # What a GPU serves (app.py --device auto loads bf16 weights), on the CPU: PEFT keeps the LoRA weights
+    # in float32, so the fast LoRA forward must cast between the two (it once raised a dtype error).
+    model = copy.deepcopy(tiny_loaded.model).to(torch.bfloat16)
+    pairs = random_pairs(model.config.vocab_size, 8, seed=13)
+    result = train_dpo(model, pairs, pairs[:2], DPOConfig(**FAST))
+    assert result.steps[0]["loss"] == pytest.approx(LN2, abs=1e-6)
+    assert all(math.isfinite(s["loss"]) for s in result.steps)
+    lora = [p for n, p in result.model.named_parameters() if "lora_" in n]
+    assert lora and all(p.dtype == torch.float32 for p in lora)
+    assert next(model.parameters()).dtype == torch.bfloat16  # the served model is left as it was

@@ -66,7 +66,12 @@ def _forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     if not self.disable_adapters and active:
         name = active[0]
         a, b = self.lora_A[name].weight, self.lora_B[name].weight
-        out = out.addmm_(x2 @ a.t(), b.t(), alpha=self.scaling[name])
+        if a.dtype == out.dtype:
+            out = out.addmm_(x2 @ a.t(), b.t(), alpha=self.scaling[name])
+        else:
+            # bf16/fp16 base weights (a GPU's default) with float32 LoRA weights (PEFT upcasts adapters):
+            # the LoRA path in the adapter's dtype, added in the output's, as PEFT's own forward does.
+            out = out + ((x2.to(a.dtype) @ a.t()) @ b.t() * self.scaling[name]).to(out.dtype)
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
