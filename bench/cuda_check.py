@@ -13,10 +13,8 @@ SmolLM2-135M's shape (30 layers, 576 wide, 49152 tokens) for a round's time at r
 
 from __future__ import annotations
 
-import copy
 import json
 import math
-import random
 import sys
 import tempfile
 import time
@@ -28,13 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from trainers.dpo import DPOConfig, save_adapter, train_dpo  # noqa: E402
-from trainers.pairs import PreferencePair  # noqa: E402
-
-
-def random_pairs(vocab: int, n: int, seed: int, prompt=(40, 80), reply=(60, 120)) -> list[PreferencePair]:
-    rng = random.Random(seed)
-    draw = lambda lo_hi: tuple(rng.randrange(3, vocab) for _ in range(rng.randint(*lo_hi)))  # noqa: E731
-    return [PreferencePair(draw(prompt), draw(reply), draw(reply)) for _ in range(n)]
+from tests.tiny import build_tiny_model, random_pairs  # noqa: E402
 
 
 def lora_only_changed(before: dict, model) -> bool:
@@ -65,7 +57,6 @@ def main() -> int:
 
     from playground.adapters import load_version, publish
     from playground.generation import SamplingSettings, sample_pair
-    from tests.tiny import build_tiny_model
 
     # `--cpu`: a dry run of the small checks here, before spending GPU time.
     dry = "--cpu" in sys.argv
@@ -111,7 +102,7 @@ def main() -> int:
     torch.manual_seed(0)
     big = LlamaForCausalLM(shape).to(device)
     big.config._attn_implementation = "sdpa"
-    pairs = random_pairs(shape.vocab_size, 32, seed=2)
+    pairs = random_pairs(shape.vocab_size, 32, seed=2, prompt=(40, 80), reply=(60, 120))
     for name, cfg in (("smollm2_shape_round_default", DPOConfig()),
                       ("smollm2_shape_round_float32", DPOConfig(matmul_dtype="float32"))):
         out = round_report(big, pairs, cfg)

@@ -22,6 +22,7 @@ from trainers.dpo import (
 )
 from trainers.logprobs import reply_mask, sequence_logprobs
 from trainers.pairs import PreferencePair
+from tests.tiny import random_pairs
 
 LN2 = math.log(2)
 # A few steps at a tiny-model learning rate: the tests check plumbing and direction, not convergence.
@@ -29,13 +30,6 @@ LN2 = math.log(2)
 FAST = dict(epochs=1, batch_size=4, learning_rate=1e-2, lora_r=4, lora_alpha=8, seed=0, matmul_dtype="float32")
 
 
-def random_pairs(vocab: int, n: int, seed: int, prompt=(3, 12), reply=(1, 10)) -> list[PreferencePair]:
-    rng = random.Random(seed)
-
-    def tokens(lo, hi):
-        return tuple(rng.randrange(3, vocab) for _ in range(rng.randint(lo, hi)))
-
-    return [PreferencePair(tokens(*prompt), tokens(*reply), tokens(*reply)) for _ in range(n)]
 
 
 def t(*values):

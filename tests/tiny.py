@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import torch
@@ -46,3 +47,16 @@ def build_tiny_model(folder: Path, seed: int = 0, vocab_size: int = 384) -> Path
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return Path(folder)
+
+
+def random_pairs(vocab: int, n: int, seed: int, prompt=(3, 12), reply=(1, 10)):
+    """n preference pairs of random token ids (ids 0-2 are left to the special tokens); lengths drawn
+    from the (low, high) ranges given."""
+    from trainers.pairs import PreferencePair
+
+    rng = random.Random(seed)
+
+    def tokens(lo, hi):
+        return tuple(rng.randrange(3, vocab) for _ in range(rng.randint(lo, hi)))
+
+    return [PreferencePair(tokens(*prompt), tokens(*reply), tokens(*reply)) for _ in range(n)]
