@@ -28,7 +28,7 @@ from typing import Protocol
 
 from playground.annotator import AnnotatorConfig, Annotator
 from playground.gold import GoldError, count_words, known_golds, resolve_gold
-from playground.limits import DEFAULT_MAX_NEW_TOKENS
+from playground.limits import DEFAULT_MAX_NEW_TOKENS, MAX_NEW_TOKENS_LIMIT
 from playground.prompts import DEFAULT_PROMPTS_PATH, PromptFileError, load_prompts
 
 FOLLOW_UPS = (
@@ -168,6 +168,8 @@ class SimulationConfig:
     def __post_init__(self):
         if self.users < 1 or self.turns < 1:
             raise ValueError(f"users ({self.users}) and turns ({self.turns}) must be at least 1")
+        if not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS_LIMIT:  # the app would refuse every message
+            raise ValueError(f"max_new_tokens must be from 1 to {MAX_NEW_TOKENS_LIMIT}, got {self.max_new_tokens}")
         for name in ("edit_rate", "follow_up_rate"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")

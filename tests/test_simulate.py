@@ -58,6 +58,8 @@ def test_autopilot_votes_land_marked_simulated_and_the_new_version_serves(tiny_l
     (["--gold", "no_such_module:fn"], "import"),
     (["--prompts", "/nonexistent/prompts.txt"], "prompts.txt"),
     (["--users", "0"], "at least 1"),
+    (["--max-new-tokens", "0"], "max_new_tokens must be from 1"),
+    (["--max-new-tokens", "99999"], "max_new_tokens must be from 1"),
 ])
 def test_bad_settings_fail_before_anything_starts(args, message):
     out = subprocess.run([sys.executable, "-m", "playground.simulate", "--url", "http://127.0.0.1:9", *args],
