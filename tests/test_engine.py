@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import platform
+import subprocess
+
 import pytest
 import torch
 
-from playground import engine as engine_mod
-from playground.engine import Engine, supports
-from playground.generation import SamplingSettings, engine_for, sample_pair
+from playground.serving import engine as engine_mod
+from playground.serving.engine import native as native_mod
+from playground.serving.engine import Engine, supports
+from playground.serving.generation import SamplingSettings, engine_for, sample_pair
 
 BACKENDS = ["torch", "native"]
 
@@ -43,9 +47,16 @@ def llama_untied():
     return tiny_llama(seed=1, tie_word_embeddings=False)
 
 
+def require_native():
+    # A skip, not a quiet pass: on a machine without the native backend its checks did not run.
+    if engine_mod.native_library() is None:
+        pytest.skip("the native backend needs x86-64 Linux with AVX-512 and a C compiler; "
+                    f"here: {engine_mod._native_error}")
+
+
 def build(model, backend: str) -> Engine:
-    if backend == "native" and engine_mod.native_library() is None:
-        pytest.skip(f"native kernels unavailable here: {engine_mod._native_error}")
+    if backend == "native":
+        require_native()
     engine = Engine.from_model(model, native=backend == "native")
     assert engine.backend == backend
     return engine
@@ -193,17 +204,19 @@ def test_decode_refuses_a_full_cache_and_bad_tokens(llama):
         engine.decode(state, torch.tensor([4, 5]))
     with pytest.raises(ValueError):
         engine.prefill([1, 2, 300], 2, 8)
-    if engine.backend == "native":
-        state, _ = engine.prefill([1, 2], 2, 8)
-        with pytest.raises(RuntimeError):
-            engine.decode(state, torch.tensor([4, 300]))
+
+
+def test_native_decode_refuses_a_token_outside_the_vocabulary(llama):
+    engine = build(llama, "native")
+    state, _ = engine.prefill([1, 2], 2, 8)
+    with pytest.raises(RuntimeError, match="outside the vocabulary"):
+        engine.decode(state, torch.tensor([4, 300]))
 
 
 def test_native_sampling_probs_match_top_p_filtering():
-    from playground.generation import filter_top_p
+    from playground.serving.generation import filter_top_p
 
-    if engine_mod.native_library() is None:
-        pytest.skip(f"native kernels unavailable here: {engine_mod._native_error}")
+    require_native()
     g = torch.Generator().manual_seed(0)
     for vocab, temperature, top_p, scale in [(300, 0.8, 0.95, 3.0), (5000, 1.0, 1.0, 1.0), (5000, 0.5, 0.5, 0.3),
                                              (5000, 1.5, 0.99, 5.0), (300, 0.7, 0.01, 1.0)]:
@@ -246,3 +259,22 @@ def test_concurrent_pairs_get_the_same_tokens_as_one_after_the_other(llama):
     for t in threads:
         t.join()
     assert together == alone
+
+
+WARNING_FLAGS = ("-Wall", "-Wextra", "-Werror")
+
+
+def test_native_source_compiles_without_warnings(tmp_path):
+    compiler = native_mod.c_compiler()
+    if compiler is None:
+        pytest.skip("no C compiler ($CC, cc or gcc) to build native.c with")
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip(f"native.c is AVX-512 code for x86-64; this machine is {platform.machine()}")
+    cmd = native_mod.compile_command(compiler, native_mod.NATIVE_SOURCE_PATH, tmp_path / "engine.so",
+                                     WARNING_FLAGS)
+    if "avx512f" not in engine_mod._cpu_flags().split():
+        # -march=native would leave out the AVX-512 intrinsics here; x86-64-v4 is the AVX-512 baseline,
+        # so the warnings are still checked on a CPU that could not run the library.
+        cmd = [("-march=x86-64-v4" if flag == "-march=native" else flag) for flag in cmd]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=native_mod.COMPILE_TIMEOUT_S)
+    assert done.returncode == 0 and not done.stderr.strip(), f"{' '.join(cmd)}:\n{done.stderr}"

@@ -16,10 +16,10 @@ in the layout its step wants:
 Two backends run the decode step:
 
 - `native` (CPU, float32, x86-64 with AVX-512, a C compiler at hand): the whole step is one call into
-  a small C library (`NATIVE_SOURCE` below, compiled once with `cc -O3 -march=native -fopenmp` into
-  ~/.cache/rlhf-playground/native/ and reused; ~1 s). The weights live in one arena backed by
-  transparent huge pages, each matrix packed in blocks of 8 rows x 16 columns so each thread streams
-  memory linearly: this reads the weights at ~90% of `x.sum()`'s bandwidth, where MKL manages 50-70%
+  a small C library (native.c in this package, compiled once with `cc -O3 -march=native -fopenmp`
+  into ~/.cache/rlhf-playground/native/ and reused, ~1 s; see native.py). The weights live in one
+  arena backed by transparent huge pages, each matrix packed in blocks of 8 rows x 16 columns so each
+  thread streams memory linearly: this reads the weights at ~90% of `x.sum()`'s bandwidth, where MKL manages 50-70%
   with 2 rows. RoPE, the cache writes and SwiGLU run in the matmuls' epilogues, so a layer is five
   phases, separated by barriers that yield the core when the partner thread is descheduled.
   It also provides `native_sampling_probs` (softmax, temperature and top-p for sample_pair).
@@ -44,21 +44,22 @@ with it at the same time (each `DecodeState` belongs to one caller).
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-import threading
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-log = logging.getLogger(__name__)
+from playground.serving.engine import native as _native
+from playground.serving.engine.native import (  # noqa: F401 - re-exported: callers import them from here
+    NATIVE_CACHE_ENV,
+    NATIVE_ENV,
+    NATIVE_SOURCE_PATH,
+    SAMPLING_THREADS,
+    _cpu_flags,
+    _Desc,
+    native_library,
+    native_sampling_probs,
+)
 
 # Model classes whose forward the engine reproduces, given the config checks in `supports`.
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
@@ -70,12 +71,17 @@ SKINNY_MAX_ROWS = 64
 # unpack each matrix for MKL. Measured here (SmolLM2-135M, 2 cores): a 46-token prompt prefills in
 # 99 ms packed against 147 ms unpacked (HF: 155 ms); they cross over between 300 and 600 tokens.
 NATIVE_PREFILL_MAX_ROWS = 384
-NATIVE_ENV = "PLAYGROUND_NATIVE"  # '0' turns the native backend off
-NATIVE_CACHE_ENV = "PLAYGROUND_NATIVE_CACHE"  # where the compiled library goes (default ~/.cache/...)
-BLOCK_ROWS, BLOCK_COLS = 8, 16  # the packed layout; must match NB and LANES in NATIVE_SOURCE
-# The sampling distributions take ~0.1 ms a row on one thread: not worth an OpenMP barrier, which
-# stalls for a scheduler tick when another process holds the second core.
-SAMPLING_THREADS = 1
+BLOCK_ROWS, BLOCK_COLS = 8, 16  # the packed layout; must match NB and LANES in native.c
+
+
+def __getattr__(name: str):
+    # These read through to native.py at each access: the reason is only known after the first
+    # native_library() call, so a copy bound here at import would stay None.
+    if name == "_native_error":
+        return _native.unavailable_reason()
+    if name == "NATIVE_SOURCE":  # the C source used to be a string here
+        return _native.native_source()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _rope_type(config) -> str | None:
@@ -196,502 +202,7 @@ def _apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------------
-# Native backend
-
-NATIVE_SOURCE = r"""
-// One decode step of a Llama-family model for a few rows: float32, AVX-512, OpenMP.
-// Weights are packed in blocks of NB rows x LANES columns ([N/NB][K/LANES][NB][LANES]) so that each
-// thread streams them linearly. A layer is five phases with a barrier after each: q/k/v (with RoPE and
-// the cache writes in the epilogue), attention, o (added to the residual), gate/up (SwiGLU in the
-// epilogue: each block holds 4 gate rows then the 4 matching up rows), down (added to the residual).
-#include <immintrin.h>
-#include <math.h>
-#include <omp.h>
-#include <sched.h>
-#include <stdatomic.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
-
-#define NB 8
-#define LANES 16
-
-typedef struct {
-    int64_t hidden, heads, kv_heads, head_dim, inter, vocab, n_layers;
-    float eps;
-    int64_t embed_packed;    // 1: embedding rows are read from the packed lm_head (tied weights)
-    const float* embed;      // [vocab, hidden] row-major, or the packed lm_head
-    const float* lm_head;    // packed
-    const float* norm_final;
-    const float* rope_cos;   // [max_positions, head_dim / 2]
-    const float* rope_sin;
-    const float* const* layers;  // per layer: wqkv, bqkv, wo, bo, wgu, bgu, wdown, bdown, norm_attn, norm_mlp
-} Desc;
-
-enum { EPI_STORE = 0, EPI_ADD = 1, EPI_QKV = 2, EPI_SWIGLU = 3 };
-
-typedef struct {
-    int mode;
-    float* y;  // output [R, ldy] (STORE, ADD, SWIGLU: [R, ldy] with ldy the intermediate size)
-    int64_t ldy, N;
-    const float* bias;
-    // EPI_QKV
-    int64_t nq, nk, head_dim, kv_heads, tmax, pos;
-    const float *cosv, *sinv;
-    float *keys, *values;  // this layer's caches [R, kv_heads, tmax, head_dim]
-} Epi;
-
-int engine_abi(void) { return 5; }
-
-// exp(x) for 16 floats: Cephes' expf polynomial (within 2 ulp of expf), 2^n applied by scalef.
-static inline __m512 exp16(__m512 x) {
-    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.3762626647949f)), _mm512_set1_ps(-103.0f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 y = _mm512_set1_ps(1.9875691500E-4f);
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507E-3f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073E-3f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894E-2f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459E-1f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201E-1f));
-    y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_scalef_ps(y, n);
-}
-
-// sum of exp(scale * x[j] - shift) over j < n, each term also stored in out (when out is not NULL).
-static double sum_exp(const float* x, int64_t n, float scale, float shift, float* out) {
-    __m512 acc = _mm512_setzero_ps();
-    double total = 0.0;
-    const __m512 sc = _mm512_set1_ps(scale), sh = _mm512_set1_ps(shift);
-    int64_t j = 0;
-    for (; j + LANES <= n; j += LANES) {
-        __m512 e = exp16(_mm512_sub_ps(_mm512_mul_ps(_mm512_loadu_ps(x + j), sc), sh));
-        if (out) _mm512_storeu_ps(out + j, e);
-        acc = _mm512_add_ps(acc, e);
-        if ((j / LANES) % 64 == 63) { total += _mm512_reduce_add_ps(acc); acc = _mm512_setzero_ps(); }
-    }
-    if (j < n) {
-        const __mmask16 m = (__mmask16)((1u << (n - j)) - 1);
-        __m512 e = exp16(_mm512_sub_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + j), sc), sh));
-        e = _mm512_maskz_mov_ps(m, e);
-        if (out) _mm512_mask_storeu_ps(out + j, m, e);
-        acc = _mm512_add_ps(acc, e);
-    }
-    return total + _mm512_reduce_add_ps(acc);
-}
-
-static inline void epilogue(const Epi* e, int64_t r, int64_t n0, float* v) {
-    if (e->bias) for (int64_t b = 0; b < NB && n0 + b < e->N; b++) v[b] += e->bias[n0 + b];
-    switch (e->mode) {
-    case EPI_STORE: case EPI_ADD: {
-        float* y = e->y + r * e->ldy + n0;
-        int64_t m = e->N - n0 < NB ? e->N - n0 : NB;
-        if (e->mode == EPI_ADD) for (int64_t b = 0; b < m; b++) y[b] += v[b];
-        else for (int64_t b = 0; b < m; b++) y[b] = v[b];
-        break;
-    }
-    case EPI_QKV: {
-        const int64_t hd = e->head_dim;
-        if (n0 < e->nq + e->nk) {  // q or k: rotate the pairs (dims 2i, 2i+1 of a head)
-            for (int b = 0; b < NB; b += 2) {
-                const int64_t i = ((n0 + b) % hd) / 2;
-                const float a = v[b], c = v[b + 1];
-                v[b] = a * e->cosv[i] - c * e->sinv[i];
-                v[b + 1] = c * e->cosv[i] + a * e->sinv[i];
-            }
-        }
-        float* dst;
-        if (n0 < e->nq) {
-            dst = e->y + r * e->ldy + n0;
-        } else {
-            const int64_t off = n0 < e->nq + e->nk ? n0 - e->nq : n0 - e->nq - e->nk;
-            float* cache = n0 < e->nq + e->nk ? e->keys : e->values;
-            dst = cache + ((r * e->kv_heads + off / hd) * e->tmax + e->pos) * hd + off % hd;
-        }
-        memcpy(dst, v, NB * sizeof(float));
-        break;
-    }
-    case EPI_SWIGLU: {
-        float* y = e->y + r * e->ldy + (n0 / NB) * (NB / 2);
-        const __mmask16 m4 = 0xF;
-        const __m512 g = _mm512_maskz_loadu_ps(m4, v), u = _mm512_maskz_loadu_ps(m4, v + NB / 2);
-        const __m512 sig = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_add_ps(_mm512_set1_ps(1.0f),
-                                                                         exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
-        _mm512_mask_storeu_ps(y, m4, _mm512_mul_ps(_mm512_mul_ps(g, sig), u));
-        break;
-    }
-    }
-}
-
-static void gemv_block(const float* restrict wb, const float* restrict X, int64_t K, int64_t R, int64_t n0,
-                       const Epi* e) {
-    const int64_t kc_n = K / LANES;
-    float v0[NB], v1[NB];
-    int64_t r = 0;
-    for (; r + 2 <= R; r += 2) {
-        __m512 a0[NB], a1[NB];
-        for (int b = 0; b < NB; b++) { a0[b] = _mm512_setzero_ps(); a1[b] = _mm512_setzero_ps(); }
-        const float* x0 = X + r * K;
-        const float* x1 = x0 + K;
-        const float* w = wb;
-        for (int64_t kc = 0; kc < kc_n; kc++, w += NB * LANES) {
-            __m512 xv0 = _mm512_loadu_ps(x0 + kc * LANES), xv1 = _mm512_loadu_ps(x1 + kc * LANES);
-            for (int b = 0; b < NB; b++) {
-                __m512 wv = _mm512_load_ps(w + b * LANES);
-                a0[b] = _mm512_fmadd_ps(wv, xv0, a0[b]);
-                a1[b] = _mm512_fmadd_ps(wv, xv1, a1[b]);
-            }
-        }
-        for (int b = 0; b < NB; b++) { v0[b] = _mm512_reduce_add_ps(a0[b]); v1[b] = _mm512_reduce_add_ps(a1[b]); }
-        epilogue(e, r, n0, v0);
-        epilogue(e, r + 1, n0, v1);
-    }
-    if (r < R) {
-        __m512 a0[NB];
-        for (int b = 0; b < NB; b++) a0[b] = _mm512_setzero_ps();
-        const float* x0 = X + r * K;
-        const float* w = wb;
-        for (int64_t kc = 0; kc < kc_n; kc++, w += NB * LANES) {
-            __m512 xv0 = _mm512_loadu_ps(x0 + kc * LANES);
-            for (int b = 0; b < NB; b++) a0[b] = _mm512_fmadd_ps(_mm512_load_ps(w + b * LANES), xv0, a0[b]);
-        }
-        for (int b = 0; b < NB; b++) v0[b] = _mm512_reduce_add_ps(a0[b]);
-        epilogue(e, r, n0, v0);
-    }
-}
-
-// A barrier that spins briefly, then yields its core. OpenMP's own barriers spin for milliseconds: when
-// another process wants the same 2 cores, a descheduled partner turns each of a step's 150 barriers
-// into a wait of a scheduler tick (a step went from 20 ms to a second); yielding lets it run instead.
-#define SPIN_LIMIT 4000
-typedef struct { atomic_int count; atomic_int phase; int n; } Sync;
-
-static void sync_wait(Sync* s) {
-    if (!s || s->n <= 1) return;
-    const int phase = atomic_load_explicit(&s->phase, memory_order_acquire);
-    if (atomic_fetch_add_explicit(&s->count, 1, memory_order_acq_rel) == s->n - 1) {
-        atomic_store_explicit(&s->count, 0, memory_order_relaxed);
-        atomic_store_explicit(&s->phase, phase + 1, memory_order_release);
-    } else {
-        int spins = 0;
-        while (atomic_load_explicit(&s->phase, memory_order_acquire) == phase) {
-            if (++spins < SPIN_LIMIT) _mm_pause(); else sched_yield();
-        }
-    }
-}
-
-// This thread's share [*lo, *hi) of n tasks (static, contiguous, as the team's threads number).
-static void share(int64_t n, int64_t* lo, int64_t* hi) {
-    const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
-    *lo = n * t / nt;
-    *hi = n * (t + 1) / nt;
-}
-
-// Inside a parallel region (or not): the blocks of W [N, K] shared among the threads, then a barrier.
-static void gemv(const float* W, const float* X, int64_t N, int64_t K, int64_t R, const Epi* e, Sync* sync) {
-    int64_t lo, hi;
-    share((N + NB - 1) / NB, &lo, &hi);
-    for (int64_t i = lo; i < hi; i++) gemv_block(W + i * NB * K, X, K, R, i * NB, e);
-    sync_wait(sync);
-}
-
-// Y [R, N] = X [R, K] W^T + bias, with its own parallel region (prefill, tests).
-int engine_gemv(const float* W, const float* X, int64_t N, int64_t K, int64_t R, float* Y, const float* bias,
-                int nthreads) {
-    if (K % LANES) return -1;
-    Epi e = {0};
-    e.mode = EPI_STORE; e.y = Y; e.ldy = N; e.N = N; e.bias = bias;
-    #pragma omp parallel num_threads(nthreads)
-    gemv(W, X, N, K, R, &e, NULL);  // the end of the region is the barrier
-    return 0;
-}
-
-static void rms_norm_rows(const float* h, const float* w, float* out, int64_t R, int64_t H, float eps) {
-    for (int64_t r = 0; r < R; r++) {
-        const float* x = h + r * H;
-        float* o = out + r * H;
-        __m512 acc = _mm512_setzero_ps();
-        for (int64_t k = 0; k < H; k += LANES) { __m512 v = _mm512_loadu_ps(x + k); acc = _mm512_fmadd_ps(v, v, acc); }
-        const float scale = 1.0f / sqrtf(_mm512_reduce_add_ps(acc) / (float)H + eps);
-        for (int64_t k = 0; k < H; k++) o[k] = w[k] * (x[k] * scale);
-    }
-}
-
-static void embed_row(const Desc* d, int64_t token, float* out) {
-    const int64_t H = d->hidden;
-    if (!d->embed_packed) { memcpy(out, d->embed + token * H, H * sizeof(float)); return; }
-    const float* blk = d->embed + (token / NB) * NB * H + (token % NB) * LANES;
-    for (int64_t kc = 0; kc < H / LANES; kc++) memcpy(out + kc * LANES, blk + kc * NB * LANES, LANES * sizeof(float));
-}
-
-static void attention(const float* q_all, const float* K, const float* V, float* att, float* sc, int64_t r,
-                      int64_t j, int64_t T, const Desc* d, int64_t nqkv, int64_t tmax) {
-    const int64_t hd = d->head_dim, nkv = d->kv_heads, group = d->heads / nkv;
-    const float* Kr = K + (r * nkv + j) * tmax * hd;
-    const float* Vr = V + (r * nkv + j) * tmax * hd;
-    for (int64_t g = 0; g < group; g++) {
-        const int64_t qh = j * group + g;
-        const float* q = q_all + r * nqkv + qh * hd;
-        float mx = -INFINITY;
-        for (int64_t p = 0; p < T; p++) {
-            const float* k = Kr + p * hd;
-            __m512 acc = _mm512_setzero_ps();
-            for (int64_t i = 0; i < hd; i += LANES)
-                acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), _mm512_loadu_ps(k + i), acc);
-            sc[p] = _mm512_reduce_add_ps(acc);
-            if (sc[p] > mx) mx = sc[p];
-        }
-        const float inv = (float)(1.0 / sum_exp(sc, T, 1.0f, mx, sc));
-        float* o = att + r * d->heads * hd + qh * hd;
-        for (int64_t i = 0; i < hd; i += LANES) {
-            __m512 acc = _mm512_setzero_ps();
-            for (int64_t p = 0; p < T; p++)
-                acc = _mm512_fmadd_ps(_mm512_set1_ps(sc[p] * inv), _mm512_loadu_ps(Vr + p * hd + i), acc);
-            _mm512_storeu_ps(o + i, acc);
-        }
-    }
-}
-
-// tokens[R] at position pos; keys/values [n_layers, R, kv_heads, tmax, head_dim]; logits [R, vocab].
-int engine_step(const Desc* d, const int64_t* tokens, int64_t R, int64_t pos, float* keys, float* values,
-                int64_t tmax, float* logits, int nthreads) {
-    const int64_t H = d->hidden, nh = d->heads, nkv = d->kv_heads, hd = d->head_dim, I = d->inter;
-    const int64_t nq = nh * hd, nk = nkv * hd, nqkv = nq + 2 * nk, T = pos + 1;
-    if (pos < 0 || pos >= tmax || R < 1 || nthreads < 1) return -1;
-    for (int64_t r = 0; r < R; r++) if (tokens[r] < 0 || tokens[r] >= d->vocab) return -2;
-    const int64_t kmax = H > I ? H : I;
-    // Shared: h [R, H], q [R, nqkv], att [R, nq], m [R, I]; per thread: x [R, H] and scores [T].
-    const size_t shared = R * (H + nqkv + nq + I), per_thread = R * kmax + T + LANES;
-    float* scratch = (float*)aligned_alloc(64, ((shared + nthreads * per_thread) * sizeof(float) + 63) / 64 * 64);
-    if (!scratch) return -3;
-    float* h = scratch;
-    float* q = h + R * H;
-    float* att = q + R * nqkv;
-    float* m = att + R * nq;
-    for (int64_t r = 0; r < R; r++) embed_row(d, tokens[r], h + r * H);
-    const float* cosv = d->rope_cos + pos * (hd / 2);
-    const float* sinv = d->rope_sin + pos * (hd / 2);
-
-    Sync sync;
-    atomic_init(&sync.count, 0);
-    atomic_init(&sync.phase, 0);
-    sync.n = 1;
-    #pragma omp parallel num_threads(nthreads)
-    {
-        #pragma omp single
-        sync.n = omp_get_num_threads();
-        float* x = scratch + shared + omp_get_thread_num() * per_thread;
-        float* sc = x + R * kmax;
-        for (int64_t l = 0; l < d->n_layers; l++) {
-            const float* const* L = d->layers + l * 10;
-            float* K = keys + l * R * nk * tmax;
-            float* V = values + l * R * nk * tmax;
-            // Every thread normalizes the rows itself (cheaper than a barrier).
-            rms_norm_rows(h, L[8], x, R, H, d->eps);
-            Epi e = {0};
-            e.mode = EPI_QKV; e.y = q; e.ldy = nqkv; e.N = nqkv; e.bias = L[1];
-            e.nq = nq; e.nk = nk; e.head_dim = hd; e.kv_heads = nkv; e.tmax = tmax; e.pos = pos;
-            e.cosv = cosv; e.sinv = sinv; e.keys = K; e.values = V;
-            gemv(L[0], x, nqkv, H, R, &e, &sync);
-            int64_t lo, hi;
-            share(R * nkv, &lo, &hi);
-            for (int64_t t = lo; t < hi; t++) attention(q, K, V, att, sc, t / nkv, t % nkv, T, d, nqkv, tmax);
-            sync_wait(&sync);
-            Epi o = {0};
-            o.mode = EPI_ADD; o.y = h; o.ldy = H; o.N = H; o.bias = L[3];
-            gemv(L[2], att, H, nq, R, &o, &sync);
-            rms_norm_rows(h, L[9], x, R, H, d->eps);
-            Epi s = {0};
-            s.mode = EPI_SWIGLU; s.y = m; s.ldy = I; s.N = 2 * I; s.bias = L[5];
-            gemv(L[4], x, 2 * I, H, R, &s, &sync);
-            Epi dn = {0};
-            dn.mode = EPI_ADD; dn.y = h; dn.ldy = H; dn.N = H; dn.bias = L[7];
-            gemv(L[6], m, H, I, R, &dn, &sync);
-        }
-        rms_norm_rows(h, d->norm_final, x, R, H, d->eps);
-        Epi lo = {0};
-        lo.mode = EPI_STORE; lo.y = logits; lo.ldy = d->vocab; lo.N = d->vocab;
-        gemv(d->lm_head, x, d->vocab, H, R, &lo, NULL);
-    }
-    free(scratch);
-    return 0;
-}
-
-// ---- Sampling distributions (both rows of a pair at once)
-
-typedef struct { double value; int64_t index; } Cand;
-
-static int cand_desc(const void* a, const void* b) {
-    const Cand* x = (const Cand*)a;
-    const Cand* y = (const Cand*)b;
-    if (x->value != y->value) return x->value < y->value ? 1 : -1;
-    return x->index < y->index ? -1 : (x->index > y->index);
-}
-
-// Row by row: lse[r] = logsumexp(logits[r]) (for log-probs at temperature 1), and probs[r] =
-// softmax(logits[r] / temperature) restricted to the smallest set of most likely tokens whose mass
-// reaches top_p (a token is dropped when the mass before it already reaches top_p), zero elsewhere.
-// Only tokens with p >= (1 - top_p) / V can be kept (the others hold less than 1 - top_p in all), so
-// only those are sorted. Returns 0, or -1 when memory runs out.
-int engine_sampling_probs(const float* logits, int64_t R, int64_t V, float temperature, float top_p,
-                          float* probs, float* lse, int nthreads) {
-    int failed = 0;
-    #pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t r = 0; r < R; r++) {
-        const float* l = logits + r * V;
-        float* p = probs + r * V;
-        float mx = -INFINITY;
-        for (int64_t j = 0; j < V; j++) if (l[j] > mx) mx = l[j];
-        lse[r] = mx + (float)log(sum_exp(l, V, 1.0f, mx, NULL));
-        const double z = sum_exp(l, V, 1.0f / temperature, mx / temperature, p);
-        if (top_p >= 1.0f) {
-            const float inv = (float)(1.0 / z);
-            for (int64_t j = 0; j < V; j++) p[j] *= inv;
-            continue;
-        }
-        Cand* c = (Cand*)malloc(V * sizeof(Cand));
-        if (!c) { failed = 1; continue; }
-        int64_t n = 0;
-        // Candidates: tokens with p >= cut, sorted. Once a candidate is dropped, every token outside
-        // them (less likely) is dropped too. Cuts: 1e-4 (a few dozen tokens, usually enough), then
-        // (1 - top_p) / V (enough: the tokens below it hold less than 1 - top_p), then every token.
-        const double cuts[3] = {1e-4 * z, (1.0 - top_p) / (double)V * z, -1.0};
-        for (int pass = 0; pass < 3; pass++) {
-            n = 0;
-            for (int64_t j = 0; j < V; j++) if (p[j] >= cuts[pass]) { c[n].value = p[j] / z; c[n].index = j; n++; }
-            qsort(c, n, sizeof(Cand), cand_desc);
-            double before = 0.0;
-            int64_t kept = 0;
-            for (; kept < n; kept++) {
-                if (before >= top_p && kept > 0) break;
-                before += c[kept].value;
-            }
-            if (kept < n || pass == 2 || n == V) { n = kept; break; }
-        }
-        double zk = 0.0;
-        for (int64_t i = 0; i < n; i++) zk += p[c[i].index];
-        for (int64_t i = 0; i < n; i++) c[i].value = (float)(p[c[i].index] / zk);
-        memset(p, 0, V * sizeof(float));
-        for (int64_t i = 0; i < n; i++) p[c[i].index] = c[i].value;
-        free(c);
-    }
-    return failed ? -1 : 0;
-}
-"""
-
-
-class _Desc(ctypes.Structure):
-    _fields_ = [
-        ("hidden", ctypes.c_int64), ("heads", ctypes.c_int64), ("kv_heads", ctypes.c_int64),
-        ("head_dim", ctypes.c_int64), ("inter", ctypes.c_int64), ("vocab", ctypes.c_int64),
-        ("n_layers", ctypes.c_int64), ("eps", ctypes.c_float), ("embed_packed", ctypes.c_int64),
-        ("embed", ctypes.c_void_p), ("lm_head", ctypes.c_void_p), ("norm_final", ctypes.c_void_p),
-        ("rope_cos", ctypes.c_void_p), ("rope_sin", ctypes.c_void_p), ("layers", ctypes.c_void_p),
-    ]
-
-
-_native_lock = threading.Lock()
-_native_lib: ctypes.CDLL | None = None
-_native_tried = False
-_native_error: str | None = None
-
-
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
-
-
-def _native_cache_dir() -> Path:
-    if os.environ.get(NATIVE_CACHE_ENV):
-        return Path(os.environ[NATIVE_CACHE_ENV])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "rlhf-playground" / "native"
-
-
-def _compile_native(target: Path) -> None:
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if not compiler:
-        raise RuntimeError("no C compiler (cc or gcc) on PATH")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as tmp:
-        src, out = Path(tmp) / "engine.c", Path(tmp) / target.name
-        src.write_text(NATIVE_SOURCE)
-        cmd = [compiler, "-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fPIC", "-shared",
-               "-o", str(out), str(src), "-lm"]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-        if done.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed: {done.stderr.strip()[-2000:]}")
-        os.replace(out, target)  # atomic: a concurrent process sees no library or a whole one
-
-
-def native_library() -> ctypes.CDLL | None:
-    """The compiled native kernels, or None where they cannot run here (the reason is logged once)."""
-    global _native_lib, _native_tried, _native_error
-    with _native_lock:
-        if _native_tried:
-            return _native_lib
-        _native_tried = True
-        try:
-            if os.environ.get(NATIVE_ENV, "1") == "0":
-                raise RuntimeError(f"{NATIVE_ENV}=0")
-            if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
-                raise RuntimeError(f"{platform.system()}/{platform.machine()} is not x86-64 Linux")
-            flags = _cpu_flags().split()
-            if "avx512f" not in flags:
-                raise RuntimeError("the CPU has no AVX-512")
-            key = hashlib.sha256(
-                "\0".join([NATIVE_SOURCE, " ".join(sorted(flags)), platform.platform()]).encode()
-            ).hexdigest()[:16]
-            target = _native_cache_dir() / f"engine-{key}.so"
-            if not target.is_file():
-                _compile_native(target)
-            lib = ctypes.CDLL(str(target))
-            if lib.engine_abi() != 5:
-                raise RuntimeError("stale native library")
-            lib.engine_step.restype = ctypes.c_int
-            lib.engine_step.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-                                        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
-                                        ctypes.c_int]
-            lib.engine_gemv.restype = ctypes.c_int
-            lib.engine_gemv.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-                                        ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
-            lib.engine_sampling_probs.restype = ctypes.c_int
-            lib.engine_sampling_probs.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_float,
-                                                  ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
-            _native_lib = lib
-        except Exception as exc:  # noqa: BLE001 - any failure means: use the torch backend
-            _native_error = str(exc)
-            log.info("native decode kernels unavailable (%s); using the torch backend", exc)
-        return _native_lib
-
-
-def native_sampling_probs(logits: torch.Tensor, temperature: float,
-                          top_p: float) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(probs, lse) for CPU float32 logits [rows, V], or None where the native kernels are unavailable.
-
-    probs: softmax(logits / temperature) with the top-p tail zeroed, what
-    `filter_top_p(logits / temperature, top_p).softmax(-1)` gives (to float rounding) in a tenth of
-    the time; lse: logsumexp of each row of logits, so log-prob(token) = logits[token] - lse.
-    """
-    lib = native_library()
-    if lib is None or logits.device.type != "cpu" or logits.dtype != torch.float32 or logits.dim() != 2:
-        return None
-    logits = logits.contiguous()
-    rows, vocab = logits.shape
-    probs = torch.empty_like(logits)
-    lse = torch.empty(rows, dtype=torch.float32)
-    rc = lib.engine_sampling_probs(logits.data_ptr(), rows, vocab, float(temperature), float(top_p),
-                                   probs.data_ptr(), lse.data_ptr(), SAMPLING_THREADS)
-    if rc != 0:
-        raise MemoryError("engine_sampling_probs ran out of memory")
-    return probs, lse
+# Packed weights (the layout native.c reads)
 
 
 def _huge_page_arena(numel: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -828,7 +339,8 @@ class Engine:
         if native is not False and self._native_fits():
             self._lib = native_library()
         if native is True and self._lib is None:
-            raise ValueError(f"the native backend cannot run here: {_native_error or 'needs float32 on a CPU'}")
+            reason = _native.unavailable_reason() or "needs float32 on a CPU"
+            raise ValueError(f"the native backend cannot run here: {reason}")
         packed = self.packed = self._lib is not None
 
         # One arena holds every matrix (huge pages on a CPU: a step streams through all of it).
