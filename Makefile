@@ -37,7 +37,9 @@ setup-test: $(TEST_STAMP)
 run: setup
 	HF_HUB_DISABLE_TELEMETRY=1 GRADIO_ANALYTICS_ENABLED=False $(PY) app.py $(ARGS)
 
+# The import contract first (a second): a lower layer importing a higher one fails the build at once.
 test: setup-test
+	$(VENV)/bin/lint-imports --no-cache
 	$(TEST_ENV) $(PY) -m pytest $(PYTEST_ARGS)
 
 # The quick benchmarks (under 10 minutes here), printed as a table; docs/BENCHMARKS.md has the long ones.

@@ -10,16 +10,20 @@ import argparse
 import logging
 import os
 import sys
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from playground.limits import (
-    DEFAULT_ADAPTERS_DIR,
-    DEFAULT_MAX_CONTEXT_TOKENS,
-    DEFAULT_MIN_NEW_PAIRS,
-    DEFAULT_TRAIN_EVERY_MIN,
-)
-from playground.models import BUNDLED, DEFAULT_CACHE_DIR, DEVICES
+from playground.serving.limits import DEFAULT_MAX_CONTEXT_TOKENS
+from playground.serving.models import BUNDLED, DEFAULT_CACHE_DIR, DEVICES
+from store import DEFAULT_DB
+from trainers.defaults import DEFAULT_ADAPTERS_DIR, DEFAULT_TRAIN_EVERY_MIN, SCHEDULE_MIN_NEW_PAIRS
 
-DEFAULT_DB = "data/playground.db"
+if TYPE_CHECKING:
+    from playground.chat import ChatService
+    from playground.loop import TrainingLoop
+    from playground.serving.policy import PolicyHolder
+    from store import Store
+
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
 
@@ -48,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--train-every", type=float, default=DEFAULT_TRAIN_EVERY_MIN,
                         help="minutes between checks for enough new pairs to train on; fractions allowed "
                              "(default: %(default)s)")
-    parser.add_argument("--min-new-pairs", type=int, default=DEFAULT_MIN_NEW_PAIRS,
+    parser.add_argument("--min-new-pairs", type=int, default=SCHEDULE_MIN_NEW_PAIRS,
                         help="new training pairs a scheduled round needs (default: %(default)s)")
     parser.add_argument("--no-train", action="store_true",
                         help="turn the training schedule off (Train now and rollback still work)")
@@ -66,33 +70,52 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def build_app(args: argparse.Namespace):
-    """Load the model, open the store, start the loop; return (the Gradio app, not yet launched, the loop)."""
+@dataclass
+class Services:
+    """Everything the app is made of, built once by `build_services` (the tests' server fixture too)."""
+
+    store: "Store"
+    policy: "PolicyHolder"
+    loop: "TrainingLoop"
+    chat: "ChatService"
+
+    def close(self) -> None:
+        self.loop.shutdown()
+        self.store.close()
+
+
+def build_services(args: argparse.Namespace, loaded=None, busy_timeout_ms: int | None = None) -> Services:
+    """The composition root: load the model (unless `loaded` is given), open the store, wire the chat
+    service to the training loop and start the loop's schedule. Nothing else wires these pieces."""
     import torch
 
     from playground.chat import ChatService
     from playground.loop import LoopSettings, TrainingLoop
-    from playground.models import load_model
-    from playground.policy import PolicyHolder
-    from playground.ui import build_ui
+    from playground.serving.models import load_model
+    from playground.serving.policy import PolicyHolder
     from store import Store
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    loaded = load_model(args.model, args.device, args.model_cache)
-    store = Store(args.db)
-    store.ensure_base_version(loaded.model_id)
-    policy = PolicyHolder(loaded)
-    # The trainer subprocess trains on the CPU unless the app serves from a GPU.
-    train_device = "cuda" if loaded.device.type == "cuda" else "cpu"
-    loop = TrainingLoop(LoopSettings(db=args.db, adapters_dir=args.adapters_dir, model=args.model,
-                                     model_cache=args.model_cache, device=train_device,
-                                     train_every_min=args.train_every, min_new_pairs=args.min_new_pairs,
-                                     enabled=not args.no_train), store, policy)
-    # Each saved judgment nudges the schedule: the vote that reaches --min-new-pairs starts the round.
-    service = ChatService(policy, store, max_context_tokens=args.max_context_tokens, on_feedback=loop.nudge)
-    loop.start()
-    return build_ui(service, loop), loop
+    if loaded is None:
+        loaded = load_model(args.model, args.device, args.model_cache)
+    store = Store(args.db) if busy_timeout_ms is None else Store(args.db, busy_timeout_ms=busy_timeout_ms)
+    try:
+        store.ensure_base_version(loaded.model_id)
+        policy = PolicyHolder(loaded)
+        # The trainer subprocess trains on the CPU unless the app serves from a GPU.
+        train_device = "cuda" if loaded.device.type == "cuda" else "cpu"
+        loop = TrainingLoop(LoopSettings(db=str(args.db), adapters_dir=args.adapters_dir, model=args.model,
+                                         model_cache=args.model_cache, device=train_device,
+                                         train_every_min=args.train_every, min_new_pairs=args.min_new_pairs,
+                                         enabled=not args.no_train), store, policy)
+        # Each saved judgment nudges the schedule: the vote that reaches --min-new-pairs starts the round.
+        chat = ChatService(policy, store, max_context_tokens=args.max_context_tokens, on_feedback=loop.nudge)
+        loop.start()
+    except BaseException:
+        store.close()
+        raise
+    return Services(store=store, policy=policy, loop=loop, chat=chat)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,20 +123,20 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from playground.models import ModelLoadError
+    from playground.serving.models import ModelLoadError
     from store import StoreError
 
     try:
-        demo, loop = build_app(args)
+        services = build_services(args)
     except (ModelLoadError, StoreError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    from playground.ui import launch
+    from playground.web.ui import build_ui, launch
 
     try:
-        launch(demo, args.host, args.port, show_error=True)
+        launch(build_ui(services.chat, services.loop), args.host, args.port, show_error=True)
     finally:
-        loop.shutdown()
+        services.close()
     return 0
 
 

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from trainers.dpo import DPOConfig, save_adapter, train_dpo  # noqa: E402
-from tests.tiny import build_tiny_model, random_pairs  # noqa: E402
+from bench.fixtures import build_tiny_model, random_pairs  # noqa: E402
 
 
 def lora_only_changed(before: dict, model) -> bool:
@@ -55,8 +55,8 @@ def round_report(model, pairs, config) -> dict:
 def main() -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from playground.adapters import load_version, publish
-    from playground.generation import SamplingSettings, sample_pair
+    from playground.serving.adapters import load_version, publish
+    from playground.serving.generation import SamplingSettings, sample_pair
 
     # `--cpu`: a dry run of the small checks here, before spending GPU time.
     dry = "--cpu" in sys.argv

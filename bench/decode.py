@@ -44,10 +44,12 @@ BANDWIDTH_FLOATS = 256 * 1024 * 1024  # 1 GiB of float32
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from playground.serving.models import DEFAULT_CACHE_DIR
+
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="bundled")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--cache-dir", default="data/models")
+    p.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--batch-rows", type=int, default=8)
@@ -92,7 +94,7 @@ class Bandwidth:
 
 def time_pair(model, tokenizer, prompt_ids, settings, use_engine):
     """(ttft_s, decode tokens/s from the first to the last token) of one sample_pair run."""
-    from playground.generation import sample_pair
+    from playground.serving.generation import sample_pair
 
     started = time.perf_counter()
     first = last = None
@@ -122,10 +124,10 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     import torch
 
-    from playground import engine as engine_mod
-    from playground.generation import SamplingSettings, engine_for
-    from playground.models import load_model
-    from playground.prompting import render
+    from playground.serving import engine as engine_mod
+    from playground.serving.generation import SamplingSettings, engine_for
+    from playground.serving.models import load_model
+    from playground.serving.prompting import render
 
     if args.threads:
         torch.set_num_threads(args.threads)

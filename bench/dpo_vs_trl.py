@@ -3,7 +3,7 @@
     PYTHONPATH=. HF_HUB_OFFLINE=1 .venv/bin/python bench/dpo_vs_trl.py
 
 32 pairs of chat length on the bundled SmolLM2-135M (CPU, float32 weights): 32 prompts written below, two replies
-each sampled by `playground.generation.sample_pair` with fixed seeds (max_new_tokens 96), rendered with
+each sampled by `playground.serving.generation.sample_pair` with fixed seeds (max_new_tokens 96), rendered with
 the chat template; the shorter reply is the chosen one. Both trainers get the same token ids, the same
 initial LoRA weights (saved once, loaded by both), the same hyperparameters (DPOConfig defaults: batch
 size, epochs, learning rate and schedule, beta, max_length, clipping), and the reference is the base
@@ -108,8 +108,8 @@ TRL_VARIANTS = {
 
 
 def build_pairs(loaded, cache: Path | None) -> list[PreferencePair]:
-    from playground.generation import SamplingSettings, sample_pair
-    from playground.prompting import render
+    from playground.serving.generation import SamplingSettings, sample_pair
+    from playground.serving.prompting import render
 
     if cache is not None and cache.is_file():
         return [PreferencePair(**{k: tuple(v) for k, v in row.items()}) for row in json.loads(cache.read_text())]
@@ -263,7 +263,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from playground.models import load_model
+    from playground.serving.models import load_model
 
     loaded = load_model("bundled", "cpu")
     config = DPOConfig(matmul_dtype=args.matmul_dtype)

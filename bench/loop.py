@@ -4,7 +4,7 @@
 
 Runs the product's loop without the web server - the same store, pair builder, round runner
 (`trainers.run.run_round`, DPO), adapter publishing and merging - with a simulated annotator whose
-taste is a gold function (playground/gold.py) with label noise. Arms:
+taste is a gold function (playground/sim/gold.py) with label noise. Arms:
 
 - `onpolicy`: each round samples its pairs from the live version (the product's loop);
 - `offline`: the same number of labels, all sampled from v0 up front (a static dataset);
@@ -41,7 +41,8 @@ KL_BATCH = 8
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from playground.gold import known_golds
+    from playground.serving.models import DEFAULT_CACHE_DIR
+    from playground.sim.gold import known_golds
 
     p = argparse.ArgumentParser(prog="python -m bench.loop", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -51,7 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--labels-per-round", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", default="bundled", help="as for app.py (default: %(default)s)")
-    p.add_argument("--model-cache", default="data/models")
+    p.add_argument("--model-cache", default=DEFAULT_CACHE_DIR)
     p.add_argument("--eval-prompts", type=int, default=DEFAULT_EVAL_PROMPTS, help="held-out prompts for the report")
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (1: the policy itself)")
@@ -67,7 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def proxy_gold(gold, lam: float):
     """gold + lam * scale * words/100: the goodhart arm's annotator also has a taste in length."""
-    from playground.gold import Gold, count_words
+    from playground.sim.gold import Gold, count_words
 
     return Gold(name=f"{gold.name}{lam:+g}xlength", fn=lambda c, r: gold.score(c, r) + lam * gold.scale * count_words(r) / 100,
                 scale=gold.scale)
@@ -77,11 +78,11 @@ class LoopBench:
     def __init__(self, args: argparse.Namespace):
         import torch
 
-        from playground.annotator import Annotator, AnnotatorConfig
-        from playground.gold import resolve_gold
-        from playground.models import load_model
-        from playground.prompts import load_prompts
-        from playground.prompting import render
+        from playground.sim.annotator import Annotator, AnnotatorConfig
+        from playground.sim.gold import resolve_gold
+        from playground.serving.models import load_model
+        from playground.sim.prompt_file import load_prompts
+        from playground.serving.prompting import render
         from store import Store
 
         torch.manual_seed(args.seed)
@@ -109,7 +110,7 @@ class LoopBench:
         self.version = "v0"
 
     def settings(self):
-        from playground.generation import SamplingSettings
+        from playground.serving.generation import SamplingSettings
 
         return SamplingSettings(temperature=self.args.temperature, top_p=1.0,
                                 max_new_tokens=self.args.max_new_tokens)
@@ -117,7 +118,7 @@ class LoopBench:
     # -- data ---------------------------------------------------------------------------------------
 
     def sample_pairs(self, model, count: int, seed: int) -> list[tuple[str, str, str]]:
-        from playground.batch_sampling import sample_many
+        from playground.serving.batch_sampling import sample_many
 
         texts = [self.rng.choice(self.train_prompts) for _ in range(count)]
         samples = sample_many(model, self.tokenizer, [self.render(t) for t in texts], 2, self.settings(), seed)
@@ -155,7 +156,7 @@ class LoopBench:
     def evaluate(self, model, seed: int) -> dict:
         import torch
 
-        from playground.batch_sampling import sample_many
+        from playground.serving.batch_sampling import sample_many
         from trainers.metrics import distinct_n, kl_per_reply
 
         prompt_ids = [self.render(t) for t in self.eval_prompts]
@@ -201,7 +202,7 @@ class LoopBench:
         return line
 
     def run(self) -> list[dict]:
-        from playground.adapters import load_version
+        from playground.serving.adapters import load_version
 
         eval_seed = self.args.seed + 1000  # the same eval draws every round: differences are the policy's
         started = time.perf_counter()
@@ -260,7 +261,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if argv is None:  # run as a program: a scheduled round's process settings (trainers/procenv.py)
         reexec_for_training(passive_openmp=False)  # one process, nothing else runs: let OpenMP spin
-    from playground.gold import GoldError
+    from playground.sim.gold import GoldError
 
     try:
         LoopBench(args).run()

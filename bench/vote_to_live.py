@@ -33,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from playground.limits import DEFAULT_TRAIN_EVERY_MIN  # noqa: E402
+from trainers.defaults import DEFAULT_TRAIN_EVERY_MIN  # noqa: E402
 
 PROMPTS = [
     "What is the capital of France?", "Give me a tip for sleeping better.", "How do I boil an egg?",
@@ -70,7 +70,7 @@ def app_memory_mb(pid: int) -> dict:
 def main() -> None:
     from gradio_client import Client
 
-    from tests.servers import free_port
+    from bench.fixtures import free_port
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="bundled")

@@ -15,10 +15,10 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from playground.generation import SampledReply, SamplingSettings, sample_pair
-from playground.limits import DEFAULT_MAX_CONTEXT_TOKENS, MAX_STORED_MESSAGE_CHARS
-from playground.policy import PolicyHolder, PolicySnapshot
-from playground.prompting import build_prompt
+from playground.serving.generation import SampledReply, SamplingSettings, sample_pair
+from playground.serving.limits import DEFAULT_MAX_CONTEXT_TOKENS, MAX_STORED_MESSAGE_CHARS
+from playground.serving.policy import PolicyHolder, PolicySnapshot
+from playground.serving.prompting import build_prompt
 from store import CHOICES, RATINGS, SLOTS, FeedbackError, Store, StoreError
 
 log = logging.getLogger(__name__)
@@ -73,8 +73,6 @@ class ChatSession:
     notes: list[str] = field(default_factory=list)
     pair: Pair | None = None
     system_prompt: str = ""
-    seen_version: str | None = None  # the live version this tab last saw, for the 'new version' toast
-    curves_run: int | None = None  # the round whose curves this tab shows (None: the latest)
     # Guards the idle -> generating transition: two clicks in one session run on two threads.
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
@@ -173,7 +171,7 @@ class ChatService:
                 idx = sum(1 for m in session.history if m["role"] == "user")
                 pair.turn_id, pair.reply_ids = self.store.record_turn(
                     session.conversation_id, idx, session.context, session.user_message, rows,
-                    note=" ".join(session.notes) or None,
+                    note=" ".join(session.notes) or None, prompt_tokens=len(session.prompt_ids),
                 )
             session.notes = [n for n in session.notes if not n.startswith(UNSAVED_NOTE)]
         except StoreError as exc:
@@ -218,7 +216,10 @@ class ChatService:
         if len(text) > MAX_STORED_MESSAGE_CHARS:
             raise ChatError(f"The better reply is over {MAX_STORED_MESSAGE_CHARS:,} characters; nothing saved.")
         pair = self._judgeable(session)
-        self._record(lambda: self.store.record_edit(pair.turn_id, pair.index, text, session.user, session.session_id))
+        # Its length in tokens (end of turn included), as a sampled reply's: its pairs' length limit reads it.
+        n_tokens = len(self.policy.base.tokenizer(text, add_special_tokens=False)["input_ids"]) + 1
+        self._record(lambda: self.store.record_edit(pair.turn_id, pair.index, text, session.user, session.session_id,
+                                                    n_tokens=n_tokens))
         pair.edit = text
         return pair
 

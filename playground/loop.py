@@ -11,6 +11,7 @@ serving and is marked failed; its half-written folder is never loaded.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import logging
@@ -24,17 +25,19 @@ from pathlib import Path
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from playground.adapters import AdapterError, load_version
-from playground.limits import DEFAULT_MIN_NEW_PAIRS, DEFAULT_TRAIN_EVERY_MIN
-from playground.policy import BASE_VERSION, PolicyHolder, PolicySnapshot
+from playground.serving.adapters import AdapterError, load_version
+from playground.serving.policy import BASE_VERSION, PolicyHolder, PolicySnapshot
 from store import Store, StoreError
 from trainers.data import count_new_pairs
+from trainers.dpo import DPOConfig
+from trainers.defaults import DEFAULT_TRAIN_EVERY_MIN, MANUAL_MIN_NEW_PAIRS, SCHEDULE_MIN_NEW_PAIRS
 from trainers.procenv import training_env
 
 log = logging.getLogger(__name__)
 
 TRAINER_NICENESS = 10
 STATUS_CACHE_S = 1.0
+RUNS_SHOWN = 20  # rounds in the admin panel's table
 INTERRUPTED = "interrupted: the app stopped while the round was running"
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -47,10 +50,10 @@ class LoopSettings:
     model_cache: str
     device: str = "cpu"
     train_every_min: float = DEFAULT_TRAIN_EVERY_MIN
-    min_new_pairs: int = DEFAULT_MIN_NEW_PAIRS
+    min_new_pairs: int = SCHEDULE_MIN_NEW_PAIRS
     enabled: bool = True
     include_simulated: bool = True  # train on the autopilot's simulated votes too (a demo's whole point)
-    next_config: dict = field(default_factory=dict)  # DPO settings for the next round (admin panel)
+    next_config: dict = field(default_factory=dict)  # DPO settings for the next round: set_next_config()
 
 
 class TrainingLoop:
@@ -74,6 +77,8 @@ class TrainingLoop:
         # waiting pairs would be retried on every click) and only the schedule retries, at its pace.
         self._nudges = True
         self._status_cache: tuple[float, dict] | None = None
+        self._status_lock = threading.Lock()  # one computation per second for every open tab
+        self._config_lock = threading.Lock()
 
     # -- start and stop ---------------------------------------------------------------------------
 
@@ -125,24 +130,24 @@ class TrainingLoop:
             log.debug("nudge ignored", exc_info=True)
 
     def train_now(self) -> str:
-        return self.start_round(trigger="manual", min_new_pairs=1)
+        return self.start_round(trigger="manual", min_new_pairs=MANUAL_MIN_NEW_PAIRS)
 
     def start_round(self, trigger: str, min_new_pairs: int) -> str:
         with self._lock:
             if self._round_active.is_set():
                 return "a round is already running"
-            new = count_new_pairs(self.store, self.policy.model_id, self.settings.include_simulated)
+            new = self.new_pairs()
             if new < min_new_pairs:
                 return f"{new} new pair(s); a round needs {min_new_pairs}"
             parent = self.policy.snapshot().version
-            run_id = self.store.create_run("dpo", dict(self.settings.next_config), self.policy.model_id, parent,
-                                           trigger)
+            config = self.next_config()
+            run_id = self.store.create_run("dpo", config, self.policy.model_id, parent, trigger)
             command = [
                 sys.executable, "-m", "trainers.run", "--algo", "dpo", "--db", self.settings.db,
                 "--adapters-dir", self.settings.adapters_dir, "--model", self.settings.model,
                 "--model-cache", self.settings.model_cache, "--device", self.settings.device,
                 "--run-id", str(run_id), "--trigger", trigger, "--min-new-pairs", str(min_new_pairs),
-                "--config", json.dumps(self.settings.next_config), "--no-progress",
+                "--config", json.dumps(config), "--no-progress",
             ] + ([] if self.settings.include_simulated else ["--exclude-simulated"])
             # Niced: on a small machine the chat's decoding keeps priority over the round.
             self._round_active.set()
@@ -222,13 +227,54 @@ class TrainingLoop:
     # -- what the UI shows ------------------------------------------------------------------------
 
     def status(self) -> dict:
-        # Every open tab polls this; one computation per second serves them all.
-        now = time.monotonic()
-        if self._status_cache is not None and now - self._status_cache[0] < STATUS_CACHE_S:
-            return self._status_cache[1]
-        status = self._compute_status()
-        self._status_cache = (now, status)
-        return status
+        # Every open tab polls this; one computation per second serves them all (the lock makes the
+        # tabs whose timers fire together wait for that one computation instead of each doing it).
+        with self._status_lock:
+            cached = self._status_cache
+            if cached is not None and time.monotonic() - cached[0] < STATUS_CACHE_S:
+                return cached[1]
+            status = self._compute_status()
+            self._status_cache = (time.monotonic(), status)
+            return status
+
+    def runs(self, limit: int = RUNS_SHOWN) -> list[dict]:
+        """The newest rounds, newest first (the admin panel's table)."""
+        return self.store.runs(limit=limit)
+
+    def curves(self, run_id: int | None = None) -> tuple[int | None, list[dict]]:
+        """(round id, its step curves as {step, name, value}); without an id, the newest round that has
+        logged a step (a round just starting has none yet)."""
+        if run_id is None:
+            logged = [r for r in self.store.runs(limit=RUNS_SHOWN) if r["step"]]
+            if not logged:
+                return None, []
+            run_id = logged[0]["id"]
+        return run_id, self.store.metrics_for_run(int(run_id))
+
+    def versions(self) -> list[str]:
+        """Every version of the served model, oldest first (v0 is the base model)."""
+        return [v["name"] for v in self.store.policy_versions(self.policy.model_id)]
+
+    def next_config(self) -> dict:
+        with self._config_lock:
+            return dict(self.settings.next_config)
+
+    def set_next_config(self, config: dict) -> dict:
+        """Validate DPO settings and use them from the next round on; raises ValueError naming what is wrong.
+        Returns the settings as they will be used."""
+        config = dict(config)
+        known = {f.name for f in dataclasses.fields(DPOConfig)}
+        unknown = sorted(set(config) - known)
+        if unknown:
+            raise ValueError(f"unknown DPO settings {unknown}")
+        try:
+            DPOConfig(**config)
+        except TypeError as exc:
+            raise ValueError(str(exc)) from exc
+        with self._config_lock:
+            self.settings.next_config = config
+        self._status_cache = None
+        return dict(config)
 
     def _compute_status(self) -> dict:
         running = self.store.running_run()
@@ -241,7 +287,7 @@ class TrainingLoop:
                 "run_id": running["id"], "step": running["step"] or 0, "total_steps": running["total_steps"],
                 "loss": running["loss"]},
             "next_check": next_check,
-            "new_pairs": count_new_pairs(self.store, self.policy.model_id, self.settings.include_simulated),
+            "new_pairs": self.new_pairs(),
             "min_new_pairs": self.settings.min_new_pairs,
             "paused": self.paused,
             "enabled": self.settings.enabled,
@@ -249,6 +295,11 @@ class TrainingLoop:
             "last_swap_s": self.last_swap_s,
             "last_load_s": self.last_load_s,
         }
+
+    def new_pairs(self) -> int:
+        """New pairs the next round would train on: the trainer's own definition, at the next round's length limit."""
+        max_length = self.next_config().get("max_length", DPOConfig.max_length)
+        return count_new_pairs(self.store, self.policy.model_id, self.settings.include_simulated, max_length)
 
     def set_paused(self, paused: bool) -> None:
         self.paused = paused

@@ -4,9 +4,7 @@ import argparse
 import json
 import sys
 
-from store.db import Store, StoreError
-
-DEFAULT_DB = "data/playground.db"
+from store.db import DEFAULT_DB, Store, StoreError
 
 
 def main(argv: list[str] | None = None) -> int:

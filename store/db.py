@@ -20,8 +20,11 @@ from typing import Any
 from sqlite_utils import Database
 
 from store import migrations
+from store.pairs import index_rows, judged_groups
 from store.training import TrainingQueries
 
+# Where the app, `python -m trainers.run` and `python -m store` keep their SQLite file unless told otherwise.
+DEFAULT_DB = "data/playground.db"
 # How long a write waits for another process's lock before giving up (the trainer holds short ones).
 BUSY_TIMEOUT_MS = 5000
 
@@ -146,8 +149,10 @@ class Store(TrainingQueries):
         user_message: str,
         replies: list[dict[str, Any]],
         note: str | None = None,
+        prompt_tokens: int | None = None,
     ) -> tuple[int, list[int]]:
-        """A user message and its first pair of replies, written together. Returns (turn_id, reply_ids)."""
+        """A user message and its first pair of replies, written together. Returns (turn_id, reply_ids).
+        `prompt_tokens`: the length of the prompt the model read (gives the turn's pairs their length)."""
         _check_pair(replies)
         with self._write("the turn") as db:
             turn_id = int(
@@ -159,6 +164,7 @@ class Store(TrainingQueries):
                         "context_json": json.dumps(context, ensure_ascii=False),
                         "user_message": user_message,
                         "note": note,
+                        "prompt_tokens": prompt_tokens,
                         "created_at": now(),
                     }
                 )
@@ -175,6 +181,7 @@ class Store(TrainingQueries):
                 raise FeedbackError(f"turn {turn_id} has no replies to regenerate")
             pair = row["p"] + 1
             db.execute("update replies set superseded = 1 where turn_id = ?", [turn_id])
+            db.execute("delete from training_pairs where turn_id = ?", [turn_id])  # regenerated away: no pairs
             return pair, self._insert_replies(db, turn_id, pair, replies)
 
     def _insert_replies(self, db: Database, turn_id: int, pair: int, replies: list[dict]) -> list[int]:
@@ -205,12 +212,15 @@ class Store(TrainingQueries):
             self._check_live_pair(db, turn_id, pair)
             return self._insert_feedback(db, turn_id, pair, reply_id, "rating", rating, user, session_id)
 
-    def record_edit(self, turn_id: int, pair: int, text: str, user: str, session_id: str) -> int:
+    def record_edit(self, turn_id: int, pair: int, text: str, user: str, session_id: str,
+                    n_tokens: int | None = None) -> int:
+        """`n_tokens`: the better reply's length in the model's tokens, end-of-turn included (gives its
+        pairs their length)."""
         if not text.strip():
             raise FeedbackError("the better reply is empty")
         with self._write("the better reply") as db:
             self._check_live_pair(db, turn_id, pair)
-            return self._insert_feedback(db, turn_id, pair, None, "edit", text, user, session_id)
+            return self._insert_feedback(db, turn_id, pair, None, "edit", text, user, session_id, n_tokens)
 
     def _check_live_pair(self, db: Database, turn_id: int, pair: int) -> None:
         rows = list(
@@ -223,7 +233,7 @@ class Store(TrainingQueries):
 
     def _insert_feedback(
         self, db: Database, turn_id: int, pair: int, reply_id: int | None, kind: str, value: str,
-        user: str, session_id: str,
+        user: str, session_id: str, n_tokens: int | None = None,
     ) -> int:
         # A repeated judgment replaces the earlier one but keeps it: the old row points at the new.
         same_target = "reply_id = ?" if reply_id is not None else "reply_id is null"
@@ -247,6 +257,7 @@ class Store(TrainingQueries):
                     "value": value,
                     "user": user,
                     "session_id": session_id,
+                    "n_tokens": n_tokens,
                     "created_at": now(),
                 }
             )
@@ -254,7 +265,16 @@ class Store(TrainingQueries):
         )
         for old in earlier:
             db.execute("update feedback set replaced_by = ? where id = ?", [new_id, old])
+        self._refresh_pairs(db, turn_id, pair)
         return new_id
+
+    def _refresh_pairs(self, db: Database, turn_id: int, pair: int) -> None:
+        # The pair index follows every judgment in the same transaction (store/pairs.py has the rules).
+        db.execute("delete from training_pairs where turn_id = ? and pair = ?", [turn_id, pair])
+        for group in judged_groups(db, "and f.turn_id = ? and f.pair = ?", [turn_id, pair]):
+            rows = index_rows(group)
+            if rows:
+                db["training_pairs"].insert_all(rows)
 
     # -- policy versions --------------------------------------------------------------------------
 
@@ -292,8 +312,8 @@ class Store(TrainingQueries):
     def stats(self) -> dict[str, Any]:
         counts = {
             table: self._rows(f"select count(*) as n from [{table}]")[0]["n"]
-            for table in ("conversations", "turns", "replies", "feedback", "policy_versions", "training_runs",
-                          "metrics", "live_events")
+            for table in ("conversations", "turns", "replies", "feedback", "training_pairs", "policy_versions",
+                          "training_runs", "metrics", "live_events")
         }
         by_kind = self._rows(
             "select kind, value, count(*) as n from feedback where replaced_by is null group by kind, value"

@@ -146,6 +146,47 @@ def m004_simulated_users(db: Database) -> None:
     db["conversations"].add_column("simulated", int, not_null_default=0)
 
 
+@migrations()
+def m005_pair_index(db: Database) -> None:
+    # The preference pairs the rules in store/pairs.py make, kept per (turn, pair) and refreshed with
+    # every judgment: counting the pairs that wait for a round is then an indexed count, not a pass over
+    # every judgment with its context. Token counts of prompts and of written replies give each pair its
+    # length, so the app's count and the trainer's length limit agree.
+    from store.pairs import index_rows, judged_groups
+
+    db["turns"].add_column("prompt_tokens", int)
+    db["feedback"].add_column("n_tokens", int)
+    db["training_pairs"].create(
+        {
+            "id": int,
+            "turn_id": int,
+            "pair": int,
+            "conversation_id": int,
+            "source": str,  # 'choice', 'edit' or 'ratings'
+            "chosen_reply_id": int,  # null for an edit: the chosen text is the edit's
+            "rejected_reply_id": int,
+            "edit_feedback_id": int,
+            "feedback_ids_json": str,
+            "newest_feedback_id": int,  # a pair is new while this is above the last round's watermark
+            "policy_version": str,  # the version that sampled the replies
+            "held_out": int,
+            "simulated": int,
+            "n_tokens": int,  # prompt + longer reply + template tail; null when a part is unknown
+        },
+        pk="id",
+        foreign_keys=[("turn_id", "turns", "id")],
+        not_null={"turn_id", "pair", "conversation_id", "source", "newest_feedback_id", "held_out", "simulated"},
+    )
+    db["training_pairs"].create_index(["held_out", "newest_feedback_id"])
+    db["training_pairs"].create_index(["turn_id", "pair"])
+    db["training_runs"].create_index(["model_id", "status"])
+    db["feedback"].create_index(["replaced_by"])
+    # Existing judgments: the same rules, applied once. Old turns have no prompt token count, so their
+    # pairs have no length and the trainer measures them.
+    for group in judged_groups(db):
+        db["training_pairs"].insert_all(index_rows(group))
+
+
 def apply(db: Database, stop_before: str | None = None) -> None:
     migrations.apply(db, stop_before=stop_before)
 

@@ -16,38 +16,62 @@ LIVE_ACTIONS = ("start", "promote", "rollback")
 class TrainingQueries:
     # -- the data a round trains on ---------------------------------------------------------------
 
-    def judged_pairs(self, include_simulated: bool = True) -> list[dict[str, Any]]:
-        """Every pair of replies with current (not replaced) feedback, with its context and replies.
+    def count_new_pairs(self, model_id: str, include_simulated: bool = True, max_length: int | None = None) -> int:
+        """Training pairs (not held out) from judgments no successful round of this model has consumed,
+        within `max_length` tokens when given: what the schedule's threshold and the trainer both count.
+        An indexed count, the same cost at a hundred judgments and at a hundred thousand."""
+        where, params = self._pair_filter(model_id, include_simulated, max_length, held_out=False, new=True)
+        return int(self._rows(f"select count(*) as n from training_pairs p where {where}", params)[0]["n"])
 
-        One dict per (turn, pair): turn_id, pair, conversation_id, context (messages), superseded,
-        replies {slot: {id, text, policy_version}}, feedback [{id, kind, value, reply_id}].
-        """
-        feedback = self._rows(
-            "select f.id, f.turn_id, f.pair, f.kind, f.value, f.reply_id, t.conversation_id, t.context_json"
-            " from feedback f join turns t on t.id = f.turn_id join conversations c on c.id = t.conversation_id"
-            " where f.replaced_by is null" + ("" if include_simulated else " and c.simulated = 0") + " order by f.id"
-        )
-        groups: dict[tuple[int, int], dict[str, Any]] = {}
-        for row in feedback:
-            key = (row["turn_id"], row["pair"])
-            group = groups.setdefault(key, {
-                "turn_id": row["turn_id"], "pair": row["pair"], "conversation_id": row["conversation_id"],
-                "context": json.loads(row["context_json"]), "replies": {}, "feedback": [], "superseded": False,
-            })
-            group["feedback"].append({k: row[k] for k in ("id", "kind", "value", "reply_id")})
-        if groups:
-            replies = self._rows(
-                "select id, turn_id, pair, slot, text, policy_version, superseded from replies"
-                f" where turn_id in ({','.join('?' * len({k[0] for k in groups}))})",
-                sorted({k[0] for k in groups}),
-            )
-            for r in replies:
-                group = groups.get((r["turn_id"], r["pair"]))
-                if group is not None:
-                    group["replies"][r["slot"]] = {"id": r["id"], "text": r["text"],
-                                                   "policy_version": r["policy_version"]}
-                    group["superseded"] = group["superseded"] or bool(r["superseded"])
-        return list(groups.values())
+    def training_pairs(self, model_id: str, *, held_out: bool, new: bool | None, include_simulated: bool = True,
+                       max_length: int | None = None, ids: list[int] | None = None) -> list[dict[str, Any]]:
+        """Pairs with their texts and context, oldest first: new (True), already consumed (False) or both
+        (None); within `max_length` when given; only `ids` when given. Each row has the
+        `training_pairs` columns plus context (messages), chosen and rejected."""
+        where, params = self._pair_filter(model_id, include_simulated, max_length, held_out, new)
+        if ids is not None:
+            if not ids:
+                return []
+            where += f" and p.id in ({','.join('?' * len(ids))})"
+            params += list(ids)
+        rows = self._rows(
+            "select p.*, t.context_json, coalesce(e.value, c.text) as chosen, r.text as rejected"
+            " from training_pairs p join turns t on t.id = p.turn_id join replies r on r.id = p.rejected_reply_id"
+            " left join replies c on c.id = p.chosen_reply_id left join feedback e on e.id = p.edit_feedback_id"
+            f" where {where} order by p.newest_feedback_id, p.id", params)
+        for row in rows:
+            row["context"] = json.loads(row.pop("context_json"))
+            row["feedback_ids"] = tuple(json.loads(row.pop("feedback_ids_json")))
+        return rows
+
+    def training_pair_ids(self, model_id: str, *, held_out: bool, new: bool | None, include_simulated: bool = True,
+                          max_length: int | None = None) -> list[int]:
+        """The ids alone (cheap): a round samples its replay from these, then loads only the sample."""
+        where, params = self._pair_filter(model_id, include_simulated, max_length, held_out, new)
+        return [r["id"] for r in self._rows(f"select p.id from training_pairs p where {where} order by p.id", params)]
+
+    def count_too_long_pairs(self, model_id: str, max_length: int, include_simulated: bool = True) -> int:
+        """New training pairs longer than `max_length`: counted, never trained on."""
+        where, params = self._pair_filter(model_id, include_simulated, None, held_out=False, new=True)
+        return int(self._rows(f"select count(*) as n from training_pairs p where {where} and p.n_tokens > ?",
+                              params + [max_length])[0]["n"])
+
+    def newest_pair_feedback_id(self) -> int:
+        """The newest judgment any pair comes from: a round that consumes every pair records this."""
+        return int(self._rows("select max(newest_feedback_id) as m from training_pairs")[0]["m"] or 0)
+
+    def _pair_filter(self, model_id: str, include_simulated: bool, max_length: int | None, held_out: bool,
+                     new: bool | None) -> tuple[str, list]:
+        where, params = ["p.held_out = ?"], [int(held_out)]
+        if new is not None:
+            where.append("p.newest_feedback_id > ?" if new else "p.newest_feedback_id <= ?")
+            params.append(self.last_consumed_feedback_id(model_id))
+        if not include_simulated:
+            where.append("p.simulated = 0")
+        if max_length is not None:
+            where.append("(p.n_tokens is null or p.n_tokens <= ?)")
+            params.append(int(max_length))
+        return " and ".join(where), params
 
     def last_consumed_feedback_id(self, model_id: str) -> int:
         """Feedback up to this id was in a successful round; later feedback makes 'new' pairs."""

@@ -11,7 +11,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 
-from tests.tiny import build_tiny_model  # noqa: E402
+from bench.fixtures import build_tiny_model  # noqa: E402
 
 ARTIFACTS = os.path.join(os.path.dirname(__file__), "artifacts")
 
@@ -24,7 +24,7 @@ def tiny_model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_loaded(tiny_model_dir):
-    from playground.models import load_model
+    from playground.serving.models import load_model
 
     return load_model(str(tiny_model_dir), "cpu")
 
@@ -47,6 +47,6 @@ def artifacts_dir():
 @pytest.fixture(scope="session")
 def bundled_loaded():
     """The real bundled SmolLM2-135M-Instruct (converted once into data/models, like `make run`)."""
-    from playground.models import load_model
+    from playground.serving.models import load_model
 
     return load_model("bundled", "cpu")

@@ -1,42 +1,45 @@
-"""Launch the real Gradio app in-process on a free loopback port, for the API and browser tests."""
+"""Launch the real app in-process on a free loopback port, for the API and browser tests.
+
+The services come from app.py's composition root, `build_services`, so the tests run what ships.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import socket
 
-from playground.chat import ChatService
-from playground.loop import LoopSettings, TrainingLoop
-from playground.policy import PolicyHolder
-from playground.ui import build_ui, launch
-from store import Store
+from app import build_services, parse_args
+from bench.fixtures import free_port
+from playground.web.ui import build_ui, launch
 
 
-def free_port() -> int:
-    with contextlib.closing(socket.socket()) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def app_args(loaded, db_path, loop_settings: dict | None = None) -> list[str]:
+    """app.py's command line for these settings (no loop settings: the schedule off, as --no-train)."""
+    settings = dict(loop_settings or {})
+    argv = ["--model", loaded.model_id, "--db", str(db_path)]
+    flags = {"adapters_dir": "--adapters-dir", "model_cache": "--model-cache", "train_every_min": "--train-every",
+             "min_new_pairs": "--min-new-pairs"}
+    for key, flag in flags.items():
+        if key in settings:
+            argv += [flag, str(settings.pop(key))]
+    if not settings.pop("enabled", loop_settings is not None):
+        argv.append("--no-train")
+    settings.pop("device", None)  # the loop trains where the app serves, as app.py decides
+    if settings:
+        raise TypeError(f"unknown loop settings {sorted(settings)}")
+    return argv
 
 
 @contextlib.contextmanager
 def running_app(loaded, db_path, busy_timeout_ms: int = 200, loop_settings: dict | None = None):
     """Yields (url, service) — or (url, service, loop) when loop_settings are given."""
-    store = Store(db_path, busy_timeout_ms=busy_timeout_ms)
-    store.ensure_base_version(loaded.model_id)
-    policy = PolicyHolder(loaded)
-    loop = None
-    if loop_settings is not None:
-        loop = TrainingLoop(LoopSettings(db=str(db_path), model=loaded.model_id, **loop_settings), store, policy)
-    service = ChatService(policy, store, on_feedback=None if loop is None else loop.nudge)  # as app.py wires it
-    if loop is not None:
-        loop.start()
-    demo = build_ui(service, loop)
+    services = build_services(parse_args(app_args(loaded, db_path, loop_settings)), loaded=loaded,
+                              busy_timeout_ms=busy_timeout_ms)
+    demo = build_ui(services.chat, services.loop)
     port = free_port()
-    launch(demo, "127.0.0.1", port, prevent_thread_lock=True, quiet=True)
     try:
-        yield (f"http://127.0.0.1:{port}/", service) if loop is None else (f"http://127.0.0.1:{port}/", service, loop)
+        launch(demo, "127.0.0.1", port, prevent_thread_lock=True, quiet=True)
+        url = f"http://127.0.0.1:{port}/"
+        yield (url, services.chat) if loop_settings is None else (url, services.chat, services.loop)
     finally:
-        if loop is not None:
-            loop.shutdown()
         demo.close()
-        store.close()
+        services.close()

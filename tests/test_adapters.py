@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from playground.adapters import (
+from playground.serving.adapters import (
     AdapterError,
     check_files,
     clean_temporary,

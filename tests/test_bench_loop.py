@@ -43,7 +43,7 @@ def test_an_unknown_gold_stops_before_anything_runs(tiny_model_dir):
 
 def test_goodhart_proxy_agrees_with_concise_above_its_target_and_not_below():
     from bench.loop import DEFAULT_GOODHART_LAMBDA, proxy_gold
-    from playground.gold import resolve_gold
+    from playground.sim.gold import resolve_gold
 
     gold = resolve_gold("concise:target_words=25")
     proxy = proxy_gold(gold, DEFAULT_GOODHART_LAMBDA)

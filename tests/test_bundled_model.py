@@ -6,9 +6,9 @@ import re
 
 import pytest
 
-from playground.generation import SamplingSettings, sample_pair
-from playground.models import BUNDLED_MODEL_ID, bundled_gguf_path, resolve_model
-from playground.prompting import render
+from playground.serving.generation import SamplingSettings, sample_pair
+from playground.serving.models import BUNDLED_MODEL_ID, bundled_gguf_path, resolve_model
+from playground.serving.prompting import render
 
 pytestmark = pytest.mark.bundled
 ENGLISH_WORDS = {"the", "is", "of", "and", "a", "in", "it", "capital"}

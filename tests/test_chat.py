@@ -8,8 +8,8 @@ import sqlite3
 import pytest
 
 from playground.chat import ChatError, ChatService, ChatSession
-from playground.generation import SamplingSettings
-from playground.policy import PolicyHolder
+from playground.serving.generation import SamplingSettings
+from playground.serving.policy import PolicyHolder
 from store import Store
 
 FAST = SamplingSettings(temperature=1.0, top_p=1.0, max_new_tokens=8)

@@ -22,7 +22,7 @@ from trainers.dpo import (
 )
 from trainers.logprobs import reply_mask, sequence_logprobs
 from trainers.pairs import PreferencePair
-from tests.tiny import random_pairs
+from bench.fixtures import random_pairs
 
 LN2 = math.log(2)
 # A few steps at a tiny-model learning rate: the tests check plumbing and direction, not convergence.

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from playground.generation import SamplingSettings, filter_top_p, sample_pair
-from playground.prompting import build_prompt, render
+from playground.serving.generation import SamplingSettings, filter_top_p, sample_pair
+from playground.serving.prompting import build_prompt, render
 from trainers.logprobs import reply_mask, sequence_logprobs
 
 
@@ -95,7 +95,7 @@ def test_prompt_drops_oldest_exchanges_and_says_so(tiny_loaded):
 
 
 def test_overlong_message_is_cut_for_the_model_with_a_note(tiny_loaded):
-    from playground.limits import MAX_MESSAGE_CHARS
+    from playground.serving.limits import MAX_MESSAGE_CHARS
 
     huge = "line\n" * 10_000
     prompt = build_prompt(tiny_loaded.tokenizer, "be brief", [], huge, max_prompt_tokens=400)

@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from playground.annotator import Annotator, AnnotatorConfig, sigmoid
-from playground.gold import (
+from playground.sim.annotator import Annotator, AnnotatorConfig, sigmoid
+from playground.sim.gold import (
     EARLY_MENTION_BONUS,
     GOLD_NAMES,
     QUESTION_ELSEWHERE_SCORE,
@@ -20,7 +20,7 @@ from playground.gold import (
     resolve_gold,
     sentiment,
 )
-from playground.prompts import DEFAULT_PROMPTS_PATH, PromptFileError, load_prompts
+from playground.sim.prompt_file import DEFAULT_PROMPTS_PATH, PromptFileError, load_prompts
 
 CTX = [{"role": "user", "content": "How do I keep basil alive?"}]
 DRAWS = 4000

@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 from gradio_client import Client
 
-from playground.adapters import AdapterError
+from playground.serving.adapters import AdapterError
 from playground.chat import ChatSession
-from playground.generation import SamplingSettings
+from playground.serving.generation import SamplingSettings
 from playground.loop import INTERRUPTED, LoopSettings, TrainingLoop
-from playground.policy import PolicyHolder
+from playground.serving.policy import PolicyHolder
 from store import Store
 from tests.servers import running_app
 from trainers.data import count_new_pairs

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from playground.simulate import LocalBackend, SimulationConfig, Simulator
+from playground.sim.simulate import LocalBackend, SimulationConfig, Simulator
 from tests.servers import running_app
 from tests.test_loop import loop_settings, wait_for
 
@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def simulator_for(url, **overrides):
-    from playground.simulate import HttpBackend
+    from playground.sim.simulate import HttpBackend
 
     config = SimulationConfig(**{"gold": "concise", "users": 2, "turns": 8, "max_new_tokens": 8, "retries": 2,
                                  **overrides})
@@ -42,7 +42,7 @@ def test_autopilot_votes_land_marked_simulated_and_the_new_version_serves(tiny_l
         replies = service.store.db.execute(
             "select r.text from replies r join turns t on r.turn_id = t.id join conversations c "
             "on t.conversation_id = c.id where c.simulated = 1 and r.policy_version = 'v0'").fetchall()
-        from playground.gold import count_words
+        from playground.sim.gold import count_words
         assert summary["gold_by_version"]["v0"]["mean_words"] == pytest.approx(
             sum(count_words(text) for (text,) in replies) / len(replies), abs=0.05)
 
@@ -62,7 +62,7 @@ def test_autopilot_votes_land_marked_simulated_and_the_new_version_serves(tiny_l
     (["--max-new-tokens", "99999"], "max_new_tokens must be from 1"),
 ])
 def test_bad_settings_fail_before_anything_starts(args, message):
-    out = subprocess.run([sys.executable, "-m", "playground.simulate", "--url", "http://127.0.0.1:9", *args],
+    out = subprocess.run([sys.executable, "-m", "playground.sim.simulate", "--url", "http://127.0.0.1:9", *args],
                          capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert out.returncode == 2 and message.lower() in out.stderr.lower()
 
@@ -70,13 +70,13 @@ def test_bad_settings_fail_before_anything_starts(args, message):
 def test_an_empty_prompt_file_is_refused(tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n# only a comment\n")
-    out = subprocess.run([sys.executable, "-m", "playground.simulate", "--prompts", str(empty)],
+    out = subprocess.run([sys.executable, "-m", "playground.sim.simulate", "--prompts", str(empty)],
                          capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert out.returncode == 2 and "empty.txt" in out.stderr
 
 
 def test_no_app_listening_is_said_plainly():
-    out = subprocess.run([sys.executable, "-m", "playground.simulate", "--url", "http://127.0.0.1:9"],
+    out = subprocess.run([sys.executable, "-m", "playground.sim.simulate", "--url", "http://127.0.0.1:9"],
                          capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert out.returncode == 2 and "no app answers" in out.stderr
 
@@ -111,7 +111,7 @@ class LostAnswers(LocalBackend):
 
 def test_a_vote_whose_answer_was_lost_is_not_sent_twice(tiny_loaded, tmp_path):
     from playground.chat import ChatService
-    from playground.policy import PolicyHolder
+    from playground.serving.policy import PolicyHolder
     from store import Store
 
     store = Store(tmp_path / "lost.db")

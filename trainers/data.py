@@ -1,25 +1,21 @@
-"""From stored feedback to preference pairs: the rules, the held-out split, tokenisation, replay.
+"""From stored feedback to a round's preference pairs: the pairs from the store, tokenisation, replay.
 
-The rules (each judged pair of replies that was not regenerated away):
-- a choice of A or B gives (context, chosen, rejected);
-- an edit (the person's own better reply) gives (context, edit, A) and (context, edit, B);
-- thumbs up on one reply and down on the other give a pair, unless a choice on the same pair already did;
-- a tie, both-bad, a lone thumb, or two identical texts give none.
-
-The held-out 10% is chosen by conversation (a hash of its id), not by pair, so that no conversation's
-turns sit on both sides, and it stays the same across rounds.
+Which judgments make pairs (the rules, the held-out split by conversation) is the store's
+(`store/pairs.py`): it keeps every pair in an index as judgments arrive, so the app's schedule and this
+module count and read the same pairs. Here they are tokenised with the chat template, checked, and
+mixed with a replay sample of older pairs.
 """
 
 from __future__ import annotations
 
-import hashlib
 import random
 from dataclasses import dataclass, field
 
-from playground.prompting import render
+from playground.serving.prompting import render
+from store.pairs import is_held_out, pair_rows
 from trainers.pairs import PreferencePair
 
-HELD_OUT_BUCKETS = 10  # 1 bucket in 10: a held-out share of about 10%
+__all__ = ["PairSpec", "RoundData", "build_round", "count_new_pairs", "is_held_out", "pair_specs", "tokenize"]
 
 
 @dataclass(frozen=True)
@@ -42,48 +38,21 @@ class PairSpec:
         return max(self.feedback_ids)
 
 
-def is_held_out(conversation_id: int) -> bool:
-    digest = hashlib.sha256(f"held-out:{conversation_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") % HELD_OUT_BUCKETS == 0
+def _spec(context, conversation_id: int, turn_id: int, row: dict) -> PairSpec:
+    return PairSpec(tuple((m["role"], m["content"]) for m in context), row["chosen"], row["rejected"],
+                    row["source"], conversation_id, turn_id, row["chosen_reply_id"], row["rejected_reply_id"],
+                    row["policy_version"], tuple(row["feedback_ids"]))
 
 
 def pair_specs(judged: list[dict]) -> list[PairSpec]:
-    """Apply the rules above to `Store.judged_pairs()` rows."""
-    specs: dict[tuple, PairSpec] = {}
-    for group in judged:
-        replies = group["replies"]
-        if group["superseded"] or set(replies) != {"a", "b"}:
-            continue
-        context = tuple((m["role"], m["content"]) for m in group["context"])
-        version = replies["a"]["policy_version"]
+    """The store's rules applied to judged (turn, pair) groups (each with its context messages)."""
+    return [_spec(group["context"], group["conversation_id"], group["turn_id"], row)
+            for group in judged for row in pair_rows(group)]
 
-        def add(chosen_slot_or_text, rejected_slot, source, feedback_ids):
-            if chosen_slot_or_text in ("a", "b"):
-                chosen, chosen_id = replies[chosen_slot_or_text]["text"], replies[chosen_slot_or_text]["id"]
-            else:
-                chosen, chosen_id = chosen_slot_or_text, None
-            rejected, rejected_id = replies[rejected_slot]["text"], replies[rejected_slot]["id"]
-            if chosen == rejected or not chosen.strip():
-                return
-            key = (group["turn_id"], chosen, rejected)  # a choice and agreeing thumbs make one pair, not two
-            if key not in specs:
-                specs[key] = PairSpec(context, chosen, rejected, source, group["conversation_id"],
-                                      group["turn_id"], chosen_id, rejected_id, version, tuple(feedback_ids))
 
-        choice = next((f for f in group["feedback"] if f["kind"] == "choice"), None)
-        if choice is not None and choice["value"] in ("a", "b"):
-            add(choice["value"], "b" if choice["value"] == "a" else "a", "choice", [choice["id"]])
-        for edit in (f for f in group["feedback"] if f["kind"] == "edit"):
-            add(edit["value"], "a", "edit", [edit["id"]])
-            add(edit["value"], "b", "edit", [edit["id"]])
-        if choice is None or choice["value"] not in ("a", "b"):
-            ratings = {f["reply_id"]: f for f in group["feedback"] if f["kind"] == "rating"}
-            slot_of = {replies[s]["id"]: s for s in ("a", "b")}
-            ups = [slot_of[r] for r, f in ratings.items() if f["value"] == "up" and r in slot_of]
-            downs = [slot_of[r] for r, f in ratings.items() if f["value"] == "down" and r in slot_of]
-            if len(ups) == 1 and len(downs) == 1 and ups[0] != downs[0]:
-                add(ups[0], downs[0], "ratings", [f["id"] for f in ratings.values()])
-    return list(specs.values())
+def stored_specs(rows: list[dict]) -> list[PairSpec]:
+    """`Store.training_pairs` rows as specs."""
+    return [_spec(r["context"], r["conversation_id"], r["turn_id"], r) for r in rows]
 
 
 class BoundaryError(ValueError):
@@ -123,30 +92,30 @@ class RoundData:
                 "replayed": self.replayed, "skipped": dict(self.skipped)}
 
 
-def split_specs(store, model_id: str, include_simulated: bool = True
-                ) -> tuple[list[PairSpec], list[PairSpec], list[PairSpec], int]:
-    """(new training specs, older training specs, held-out specs, newest feedback id)."""
-    specs = pair_specs(store.judged_pairs(include_simulated))
-    watermark = store.last_consumed_feedback_id(model_id)
-    train = [s for s in specs if not is_held_out(s.conversation_id)]
-    held_out = [s for s in specs if is_held_out(s.conversation_id)]
-    new = [s for s in train if s.newest_feedback_id > watermark]
-    old = [s for s in train if s.newest_feedback_id <= watermark]
-    newest = max((s.newest_feedback_id for s in specs), default=watermark)
-    return new, old, held_out, newest
-
-
-def count_new_pairs(store, model_id: str, include_simulated: bool = True) -> int:
-    return len(split_specs(store, model_id, include_simulated)[0])
+def count_new_pairs(store, model_id: str, include_simulated: bool = True, max_length: int | None = None) -> int:
+    """New training pairs within `max_length` tokens: the one definition the schedule and the trainer use."""
+    return store.count_new_pairs(model_id, include_simulated, max_length)
 
 
 def build_round(store, tokenizer, model_id: str, max_length: int, replay_ratio: float = 1.0,
                 seed: int = 0, include_simulated: bool = True) -> RoundData:
-    """The pairs of one round: every new pair, plus a replay sample of older ones (replay_ratio x new)."""
-    new, old, held_out, newest = split_specs(store, model_id, include_simulated)
+    """The pairs of one round: every new pair, plus a replay sample of older ones (replay_ratio x new).
+
+    Pairs the store measured as longer than `max_length` are left out (and counted); the rest are
+    tokenised here, and any the store could not measure are measured now."""
+    options = dict(include_simulated=include_simulated, max_length=max_length)
+    new = stored_specs(store.training_pairs(model_id, held_out=False, new=True, **options))
+    old_ids = store.training_pair_ids(model_id, held_out=False, new=False, **options)
     rng = random.Random(seed)
-    replay = rng.sample(old, min(len(old), int(round(replay_ratio * len(new)))))
+    replay_ids = rng.sample(old_ids, min(len(old_ids), int(round(replay_ratio * len(new)))))
+    replay = stored_specs(store.training_pairs(model_id, held_out=False, new=False, ids=replay_ids, **options))
+    held_out = stored_specs(store.training_pairs(model_id, held_out=True, new=None, **options))
     skipped: dict[str, int] = {}
+    too_long = store.count_too_long_pairs(model_id, max_length, include_simulated)
+    if too_long:
+        skipped["too_long"] = too_long
+    # Every pair this round could use, consumed or not: the next round's "new" starts after it.
+    newest = max([s.newest_feedback_id for s in new], default=store.last_consumed_feedback_id(model_id))
 
     def tokenized(specs):
         out = []

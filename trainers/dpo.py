@@ -2,7 +2,7 @@
 
     from trainers.dpo import DPOConfig, save_adapter, train_dpo
     result = train_dpo(loaded.model, pairs_train, pairs_eval, DPOConfig())
-    save_adapter(result, "data/adapters/v3")  # adapter_config.json + adapter_model.safetensors
+    save_adapter(result, "adapters/v3")  # adapter_config.json + adapter_model.safetensors
 
 `PYTHONPATH=. python bench/dpo_vs_trl.py` times a round of 32 chat pairs against TRL's DPOTrainer.
 

@@ -20,27 +20,27 @@ import sys
 import time
 from pathlib import Path
 
+from store import DEFAULT_DB
+from trainers.defaults import DEFAULT_ADAPTERS_DIR, DEFAULT_REPLAY_RATIO, MANUAL_MIN_NEW_PAIRS
+
 ALGOS = ("dpo",)
-DEFAULT_MIN_NEW_PAIRS = 1
-DEFAULT_REPLAY_RATIO = 1.0  # as many older pairs as new ones: keeps earlier lessons without drowning new votes
 
 log = logging.getLogger("trainers.run")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from playground.limits import DEFAULT_ADAPTERS_DIR
-    from playground.models import BUNDLED, DEFAULT_CACHE_DIR, DEVICES
+    from playground.serving.models import BUNDLED, DEFAULT_CACHE_DIR, DEVICES
 
     p = argparse.ArgumentParser(prog="python -m trainers.run", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--algo", default="dpo", choices=ALGOS, help="training algorithm (default: %(default)s)")
-    p.add_argument("--db", default="data/playground.db", help="the app's SQLite file (default: %(default)s)")
+    p.add_argument("--db", default=DEFAULT_DB, help="the app's SQLite file (default: %(default)s)")
     p.add_argument("--adapters-dir", default=DEFAULT_ADAPTERS_DIR,
                    help="where versions vN/ are published (default: %(default)s)")
     p.add_argument("--model", default=BUNDLED, help="base model, as for app.py (default: %(default)s)")
     p.add_argument("--device", default="cpu", choices=DEVICES, help="training device (default: %(default)s)")
     p.add_argument("--model-cache", default=DEFAULT_CACHE_DIR, help="GGUF conversion cache (default: %(default)s)")
-    p.add_argument("--min-new-pairs", type=int, default=DEFAULT_MIN_NEW_PAIRS,
+    p.add_argument("--min-new-pairs", type=int, default=MANUAL_MIN_NEW_PAIRS,
                    help="skip the round with fewer new training pairs (default: %(default)s)")
     p.add_argument("--replay-ratio", type=float, default=DEFAULT_REPLAY_RATIO,
                    help="older pairs replayed per new pair (default: %(default)s)")
@@ -74,10 +74,10 @@ def dpo_config(args: argparse.Namespace):
 
 
 def run_round(args: argparse.Namespace) -> tuple[int, dict]:
-    from playground.adapters import AdapterError, check_files, clean_temporary, load_version, publish
-    from playground.models import load_model
+    from playground.serving.adapters import AdapterError, check_files, clean_temporary, load_version, publish
+    from playground.serving.models import load_model
     from store import Store
-    from trainers.data import build_round
+    from trainers.data import build_round, count_new_pairs
     from trainers.dpo import TrainingAborted, config_dict, save_adapter, train_dpo
 
     store = Store(args.db)
@@ -89,6 +89,7 @@ def run_round(args: argparse.Namespace) -> tuple[int, dict]:
     run_id = args.run_id or store.create_run(args.algo, config_dict(config), model_id, parent, args.trigger)
     adapters_dir = Path(args.adapters_dir)
     started = time.perf_counter()
+    include_simulated = not args.exclude_simulated
 
     def finish(status: str, reason: str | None = None, **extra) -> tuple[int, dict]:
         store.finish_run(run_id, status, reason=reason, **extra)
@@ -99,13 +100,19 @@ def run_round(args: argparse.Namespace) -> tuple[int, dict]:
     try:
         for name in clean_temporary(adapters_dir):
             log.info("removed half-written %s left by an earlier round", name)
+        # The app's schedule counted by the same definition before it started this round.
+        waiting = count_new_pairs(store, model_id, include_simulated, config.max_length)
+        if waiting < args.min_new_pairs:
+            why = f"{waiting} new training pair(s), fewer than the {args.min_new_pairs} needed"
+            too_long = store.count_too_long_pairs(model_id, config.max_length, include_simulated)
+            if too_long:
+                why += f" (skipped: {{'too_long': {too_long}}}, over max_length={config.max_length} tokens)"
+            return finish("skipped", why, n_pairs=0, metrics={"counts": {"new": waiting}})
         data = build_round(store, loaded.tokenizer, model_id, config.max_length, args.replay_ratio, config.seed,
-                           include_simulated=not args.exclude_simulated)
+                           include_simulated=include_simulated)
         counts = data.counts()
-        if data.new_pairs < args.min_new_pairs:
-            why = f"{data.new_pairs} new training pair(s), fewer than the {args.min_new_pairs} needed"
-            if data.skipped:
-                why += f" (skipped: {data.skipped})"
+        if data.new_pairs == 0:
+            why = f"none of the {waiting} new pair(s) could be tokenised (skipped: {data.skipped})"
             return finish("skipped", why, n_pairs=len(data.train), metrics={"counts": counts})
 
         init_adapter = None

@@ -1,6 +1,6 @@
 """Gold preferences: functions that score a (context, reply) with a float, higher = preferred.
 
-A simulated annotator (`playground/annotator.py`) votes by comparing two replies' gold scores, so a
+A simulated annotator (`playground/sim/annotator.py`) votes by comparing two replies' gold scores, so a
 gold function stands in for "what this person wants", and the same score measures whether the policy
 learnt it. `context` is the conversation up to and including the user's message, as chat messages
 `[{"role": "user" | "assistant" | "system", "content": str}, ...]`; `reply` is the assistant's text.

@@ -4,7 +4,7 @@ Both replies come from the same policy with different seeds (on-policy pairs). T
 prefilled once and its KV cache repeated for the two rows, then every step decodes both rows in one
 forward pass: on a CPU a step is bound by reading the weights, so the second row is almost free.
 
-The forward passes go through `playground.engine` (a lean decode loop with its own copy of the
+The forward passes go through `playground.serving.engine` (a lean decode loop with its own copy of the
 weights, built once per model object and cached) when it supports the model, and through the HF
 model otherwise; both give the same logits to ~1e-5, so a seed gives the same reply either way.
 
@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from playground import engine as engine_mod
+from playground.serving import engine as engine_mod
 
-from playground.limits import (
+from playground.serving.limits import (
     DEFAULT_MAX_NEW_TOKENS,
     MAX_NEW_TOKENS_LIMIT,
     MAX_TEMPERATURE,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from playground.limits import MAX_MESSAGE_CHARS
+from playground.serving.limits import MAX_MESSAGE_CHARS
 
 # Room kept for the reply: the prompt may use the window minus max_new_tokens.
 MIN_PROMPT_TOKENS = 16

@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
-from playground.models import LoadedModel
+from playground.serving.models import LoadedModel
 
 BASE_VERSION = "v0"
 

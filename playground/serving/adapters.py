@@ -105,7 +105,7 @@ def merged_model(base_model, folder: Path):
     """
     from peft import PeftModel
 
-    from playground.fastlinear import use_skinny_linear
+    from playground.serving.fastlinear import use_skinny_linear
 
     try:
         peft_model = PeftModel.from_pretrained(copy.deepcopy(base_model), str(folder))

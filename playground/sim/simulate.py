@@ -1,10 +1,10 @@
 """The autopilot: simulated annotators chatting with the running app and voting by a gold preference.
 
-    python -m playground.simulate --url http://127.0.0.1:7860 --gold concise --users 3 --turns 200
+    python -m playground.sim.simulate --url http://127.0.0.1:7860 --gold concise --users 3 --turns 200
 
 Each simulated user is its own session, driven through the public API exactly as a person's browser
 tab would be: new conversations from a prompt file, follow-up messages, a vote on every pair (by the
-annotator's noisy Bradley-Terry choice, see playground/annotator.py), a better reply now and then.
+annotator's noisy Bradley-Terry choice, see playground/sim/annotator.py), a better reply now and then.
 Their conversations are marked simulated in the store. It prints progress and, as new versions go
 live, the mean gold score of each version's replies; at the end one JSON summary.
 
@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from playground.annotator import AnnotatorConfig, Annotator
-from playground.gold import GoldError, count_words, known_golds, resolve_gold
-from playground.limits import DEFAULT_MAX_NEW_TOKENS, MAX_NEW_TOKENS_LIMIT
-from playground.prompts import DEFAULT_PROMPTS_PATH, PromptFileError, load_prompts
+from playground.sim.annotator import AnnotatorConfig, Annotator
+from playground.sim.gold import GoldError, count_words, known_golds, resolve_gold
+from playground.serving.limits import DEFAULT_MAX_NEW_TOKENS, MAX_NEW_TOKENS_LIMIT
+from playground.sim.prompt_file import DEFAULT_PROMPTS_PATH, PromptFileError, load_prompts
 
 FOLLOW_UPS = (
     "Can you say more about that?", "Why is that?", "Could you give an example?", "Thanks! Anything else?",
@@ -122,7 +122,7 @@ class LocalBackend:
         return self._do(self.service.new_conversation, user, simulated)
 
     def send(self, message, max_new_tokens):
-        from playground.generation import SamplingSettings
+        from playground.serving.generation import SamplingSettings
 
         return self._do(self.service.send, message, SamplingSettings(max_new_tokens=max_new_tokens))
 
@@ -380,7 +380,7 @@ class Simulator:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m playground.simulate", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m playground.sim.simulate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", default="http://127.0.0.1:7860", help="the running app (default: %(default)s)")
     p.add_argument("--gold", default="concise", help=f"what the annotators prefer: {known_golds()}")

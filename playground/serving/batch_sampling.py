@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from playground.generation import SamplingSettings, stop_token_ids
+from playground.serving.generation import SamplingSettings, stop_token_ids
 
 DEFAULT_BATCH_ROWS = 16  # rows per generate call: past this a CPU step stops being bound by weight reads
 

@@ -12,8 +12,3 @@ MAX_TEMPERATURE = 2.0
 MAX_NEW_TOKENS_LIMIT = 1024
 # A reply's default length limit: room for the bundled model's replies to end on their own mostly.
 DEFAULT_MAX_NEW_TOKENS = 256
-
-# The training loop's defaults (app.py's --train-every, --min-new-pairs, --adapters-dir).
-DEFAULT_TRAIN_EVERY_MIN = 5.0
-DEFAULT_MIN_NEW_PAIRS = 16
-DEFAULT_ADAPTERS_DIR = "adapters"

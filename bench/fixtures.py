@@ -1,8 +1,13 @@
-"""A tiny random chat model for tests: built locally in a second, nothing downloaded."""
+"""What the tests and the benchmarks both need: a tiny random chat model built locally in a second
+(nothing downloaded), random preference pairs, and a free loopback port.
+
+It lives under bench/ because bench never imports tests/; tests import it from here."""
 
 from __future__ import annotations
 
+import contextlib
 import random
+import socket
 from pathlib import Path
 
 import torch
@@ -60,3 +65,10 @@ def random_pairs(vocab: int, n: int, seed: int, prompt=(3, 12), reply=(1, 10)):
         return tuple(rng.randrange(3, vocab) for _ in range(rng.randint(lo, hi)))
 
     return [PreferencePair(tokens(*prompt), tokens(*reply), tokens(*reply)) for _ in range(n)]
+
+
+def free_port() -> int:
+    """A TCP port on the loopback address that nothing listens on right now."""
+    with contextlib.closing(socket.socket()) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

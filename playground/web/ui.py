@@ -15,8 +15,8 @@ import html
 import gradio as gr
 
 from playground.chat import ChatError, ChatService, ChatSession, Pair, pair_summary
-from playground.generation import SampledReply, SamplingSettings
-from playground.limits import MAX_NEW_TOKENS_LIMIT, MAX_TEMPERATURE, MIN_TEMPERATURE
+from playground.serving.generation import SampledReply, SamplingSettings
+from playground.serving.limits import MAX_NEW_TOKENS_LIMIT, MAX_TEMPERATURE, MIN_TEMPERATURE
 from playground.loop import TrainingLoop
 
 GENERATE_CONCURRENCY = "generate"  # one decode at a time: on 2 cores two would only share the bandwidth
@@ -200,37 +200,51 @@ def build_ui(service: ChatService, loop: TrainingLoop | None = None, title: str 
 
         # -- the training loop: status every few seconds, a toast when a new version goes live -----
         if loop is not None:
-            from playground.admin import STATUS_REFRESH_S, build_admin, curves_frame, runs_frame, status_line
-            from playground.admin import LOGP_CURVES, progress_fraction, version_choices
+            from playground.web.admin import STATUS_REFRESH_S, TabView, build_admin, curves_frame, runs_frame
+            from playground.web.admin import LOGP_CURVES, progress_fraction, status_line, version_choices
 
             admin = build_admin(loop, service)
             timer = gr.Timer(STATUS_REFRESH_S)
 
-            def on_tick(state: ChatSession, run_pick_value=None):
-                current = loop.status()
-                if state.seen_version is not None and state.seen_version != current["live"]:
+            tab = gr.State(lambda: TabView())  # this tab's view of the loop, apart from its chat session
+
+            def on_tick(view_state: TabView):
+                current = loop.status()  # one computation a second, shared by every open tab
+                if view_state.seen_version is not None and view_state.seen_version != current["live"]:
                     gr.Info(f"Version {current['live']} is now live: your next message is answered by it.")
-                state.seen_version = current["live"]
+                view_state.seen_version = current["live"]
                 fraction = progress_fraction(current)
-                return [state, status_line(current), gr.Slider(value=fraction, visible=current["running"] is not None),
-                        runs_frame(loop), curves_frame(loop, state.curves_run),
-                        curves_frame(loop, state.curves_run, LOGP_CURVES),
-                        gr.Dropdown(choices=version_choices(loop))]
+                line = [view_state, status_line(current),
+                        gr.Slider(value=fraction, visible=current["running"] is not None)]
+                # The rounds table, the curves and the version list only while the admin panel is open.
+                return line + (admin_view(view_state) if view_state.admin_open else [gr.skip()] * 4)
 
-            tick_outputs = [session, loop_status, round_progress, admin["runs"], admin["curves"],
-                            admin["logp_curves"], admin["version"]]
-            timer.tick(on_tick, [session], tick_outputs, api_visibility="private", show_progress="hidden")
-            demo.load(on_tick, [session], tick_outputs, api_visibility="private")
+            def admin_view(view_state: TabView) -> list:
+                return [runs_frame(loop), curves_frame(loop, view_state.curves_run),
+                        curves_frame(loop, view_state.curves_run, LOGP_CURVES), gr.Dropdown(choices=version_choices(loop))]
 
-            def pick_run(state: ChatSession, text: str):
+            def on_panel(view_state: TabView, is_open: bool):
+                view_state.admin_open = is_open
+                return [view_state] + (admin_view(view_state) if is_open else [gr.skip()] * 4)
+
+            admin_outputs = [admin["runs"], admin["curves"], admin["logp_curves"], admin["version"]]
+            tick_outputs = [tab, loop_status, round_progress, *admin_outputs]
+            timer.tick(on_tick, [tab], tick_outputs, api_visibility="private", show_progress="hidden")
+            demo.load(on_tick, [tab], tick_outputs, api_visibility="private")
+            admin["panel"].expand(lambda v: on_panel(v, True), [tab], [tab, *admin_outputs], api_visibility="private")
+            admin["panel"].collapse(lambda v: on_panel(v, False), [tab], [tab, *admin_outputs],
+                                    api_visibility="private")
+
+            def pick_run(view_state: TabView, text: str):
                 text = (text or "").strip()
                 if text and not text.isdigit():
                     raise gr.Error(f"{text!r} is not a round id.")
-                state.curves_run = int(text) if text else None
-                return state, curves_frame(loop, state.curves_run), curves_frame(loop, state.curves_run, LOGP_CURVES)
+                view_state.curves_run = int(text) if text else None
+                return (view_state, curves_frame(loop, view_state.curves_run),
+                        curves_frame(loop, view_state.curves_run, LOGP_CURVES))
 
-            admin["run_pick"].submit(pick_run, [session, admin["run_pick"]],
-                                     [session, admin["curves"], admin["logp_curves"]], api_visibility="private")
+            admin["run_pick"].submit(pick_run, [tab, admin["run_pick"]],
+                                     [tab, admin["curves"], admin["logp_curves"]], api_visibility="private")
 
         # -- the public API: the same actions, plain values in, the pair as JSON out ---------------
         with gr.Group(visible=False):

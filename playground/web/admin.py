@@ -1,21 +1,22 @@
-"""The training side of the UI: a status line, the admin panel, and the round curves.
+"""The training side of the UI: the status line's text, the admin panel, and the round curves.
 
-`build_status(loop)` and `build_admin(loop)` are called inside `build_ui`'s Blocks; callbacks stay
-thin and call `TrainingLoop`. Public endpoints: `/train_now`, `/pause`, `/resume`, `/rollback`,
+`build_admin(loop, service)` is called inside `build_ui`'s Blocks; callbacks stay thin and call
+`TrainingLoop` (never the store). Public endpoints: `/train_now`, `/pause`, `/resume`, `/rollback`,
 `/training_status`.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
 import gradio as gr
 import pandas as pd
 
-from playground.gold import GOLD_NAMES, GoldError
+from playground.sim.gold import GOLD_NAMES, GoldError
 from playground.loop import TrainingLoop
-from playground.prompts import PromptFileError
-from playground.simulate import LocalBackend, SimulationConfig, Simulator
+from playground.sim.prompt_file import PromptFileError
+from playground.sim.autopilot import Autopilot
 from trainers.dpo import DPOConfig
 
 STATUS_REFRESH_S = 2.0
@@ -25,6 +26,15 @@ CURVES = ("loss", "rewards/margins", "rewards/accuracies", "grad_norm")
 LOGP_CURVES = ("logps/chosen", "logps/rejected")
 RUN_COLUMNS = ["id", "status", "version", "parent_version", "n_pairs", "held_out_acc", "trigger", "started_at",
                "reason"]
+
+
+@dataclass
+class TabView:
+    """What one browser tab shows of the loop (per-session UI state, kept out of the chat session)."""
+
+    seen_version: str | None = None  # the live version this tab last saw, for the 'new version' toast
+    curves_run: int | None = None  # the round whose curves this tab shows (None: the latest)
+    admin_open: bool = False  # the admin panel's tables and curves are sent only while it is open
 
 
 def status_line(status: dict) -> str:
@@ -64,7 +74,7 @@ def held_out_accuracy(run: dict) -> str | None:
 
 
 def runs_frame(loop: TrainingLoop) -> pd.DataFrame:
-    rows = loop.store.runs(limit=20)
+    rows = loop.runs()
     return pd.DataFrame([{**{c: r.get(c) for c in RUN_COLUMNS}, "held_out_acc": held_out_accuracy(r)} for r in rows],
                         columns=RUN_COLUMNS)
 
@@ -73,13 +83,8 @@ def curves_frame(loop: TrainingLoop, run_id, names: tuple[str, ...] = CURVES) ->
     # None, not an empty frame, when there is nothing to plot: the plot takes its color domain (the metric
     # names) from the first value it draws and later values only replace its rows, so an empty
     # first frame leaves every line without a color (no lines, no legend) for good.
-    if run_id in (None, ""):
-        # The latest round that has logged a step: a round just starting has none yet.
-        runs = [r for r in loop.store.runs(limit=20) if r["step"]]
-        if not runs:
-            return None
-        run_id = runs[0]["id"]
-    rows = [r for r in loop.store.metrics_for_run(int(run_id)) if r["name"] in names]
+    _, rows = loop.curves(None if run_id in (None, "") else int(run_id))
+    rows = [r for r in rows if r["name"] in names]
     if not rows:
         return None
     return _curve_types(pd.DataFrame([{"step": r["step"], "value": r["value"], "metric": r["name"]} for r in rows],
@@ -93,54 +98,11 @@ def _curve_types(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def version_choices(loop: TrainingLoop) -> list[str]:
-    return [v["name"] for v in loop.store.policy_versions(loop.policy.model_id)]
-
-
-class Autopilot:
-    """The admin panel's autopilot: the same Simulator as `python -m playground.simulate`, in-process."""
-
-    def __init__(self, service, loop: TrainingLoop):
-        self.service, self.loop = service, loop
-        self.simulator: Simulator | None = None
-        self.thread = None
-        self.lines: list[str] = []
-
-    @property
-    def running(self) -> bool:
-        return self.thread is not None and self.thread.is_alive()
-
-    def start(self, gold: str, users: int, turns: int, flip_rate: float) -> str:
-        import threading
-
-        if self.running:
-            return "The autopilot is already running: stop it first."
-        config = SimulationConfig(gold=gold, users=int(users), turns=int(turns), flip_rate=float(flip_rate))
-        self.lines = []
-        self.simulator = Simulator(config, lambda: LocalBackend(self.service, self.loop),
-                                   report=lambda line: self.lines.append(line))
-        self.thread = threading.Thread(target=self.simulator.run, daemon=True, name="autopilot")
-        self.thread.start()
-        return f"Autopilot started: {users} simulated user(s) voting by '{gold}' for {turns} turns."
-
-    def stop(self) -> str:
-        if not self.running:
-            return "The autopilot is not running."
-        self.simulator.stop("stopped from the admin panel")
-        return "Stopping the autopilot after the replies being written."
-
-    def status(self) -> str:
-        if self.simulator is None:
-            return "Autopilot off."
-        summary = self.simulator.progress.summary()
-        state = "running" if self.running else f"finished ({summary['stopped_because'] or 'all turns done'})"
-        means = ", ".join(f"{v}: {s['mean_gold']:+.3f}, {s['mean_words']:.0f} words ({s['replies']} pairs)"
-                          for v, s in summary["gold_by_version"].items())
-        return (f"Autopilot {state}: {summary['votes']}/{self.simulator.config.turns} votes by "
-                f"'{self.simulator.config.gold}'. Mean gold and length of replies by version: {means or 'none yet'}.")
+    return loop.versions()
 
 
 def build_admin(loop: TrainingLoop, service=None):
-    with gr.Accordion("Training loop (admin)", open=False, elem_id="admin"):
+    with gr.Accordion("Training loop (admin)", open=False, elem_id="admin") as panel:
         with gr.Row():
             train_now = gr.Button("Train now", variant="primary", elem_id="train-now")
             pause = gr.Button("Pause schedule", elem_id="pause")
@@ -172,12 +134,13 @@ def build_admin(loop: TrainingLoop, service=None):
                     start_autopilot = gr.Button("Start autopilot", elem_id="autopilot-start")
                     stop_autopilot = gr.Button("Stop autopilot", elem_id="autopilot-stop")
                 autopilot_status = gr.Markdown(value=autopilot.status, elem_id="autopilot-status", every=2.0)
-        runs = gr.Dataframe(value=lambda: runs_frame(loop), label="Rounds", interactive=False, elem_id="runs")
+        # Filled when the panel opens (and refreshed while it is open), not on every page load.
+        runs = gr.Dataframe(headers=RUN_COLUMNS, label="Rounds", interactive=False, elem_id="runs")
         run_pick = gr.Textbox(label="Round id for the curves (blank: the latest)", elem_id="run-pick")
         with gr.Row():
-            curves = gr.LinePlot(value=lambda: curves_frame(loop, None), x="step", y="value", color="metric",
+            curves = gr.LinePlot(x="step", y="value", color="metric",
                                  label="Loss, margin, accuracy, grad norm", elem_id="curves")
-            logp_curves = gr.LinePlot(value=lambda: curves_frame(loop, None, LOGP_CURVES), x="step", y="value",
+            logp_curves = gr.LinePlot(x="step", y="value",
                                       color="metric", label="Log-probs of chosen and rejected replies",
                                       elem_id="logp-curves")
 
@@ -196,10 +159,9 @@ def build_admin(loop: TrainingLoop, service=None):
         if n_epochs not in (None, ""):
             config["epochs"] = int(n_epochs)
         try:
-            DPOConfig(**config)
-        except (TypeError, ValueError) as exc:
+            config = loop.set_next_config(config)
+        except ValueError as exc:
             raise gr.Error(f"Not applied: {exc}") from exc
-        loop.settings.next_config = config
         return note(f"The next round uses {config}.")
 
     apply.click(apply_settings, [beta, learning_rate, epochs, loss_type, ref], admin_note, api_visibility="private")
@@ -232,4 +194,5 @@ def build_admin(loop: TrainingLoop, service=None):
         return loop.status()
 
     gr.api(training_status, api_name="training_status")
-    return {"runs": runs, "curves": curves, "logp_curves": logp_curves, "version": version, "run_pick": run_pick}
+    return {"panel": panel, "runs": runs, "curves": curves, "logp_curves": logp_curves, "version": version,
+            "run_pick": run_pick}

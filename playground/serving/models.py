@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from playground.fastlinear import use_skinny_linear
+from playground.serving.fastlinear import use_skinny_linear
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from playground.limits import MAX_MESSAGE_CHARS
+from playground.serving.limits import MAX_MESSAGE_CHARS
 
 DEFAULT_PROMPTS_PATH = Path(__file__).resolve().parent / "prompts.txt"
 COMMENT_PREFIX = "#"

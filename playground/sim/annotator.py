@@ -18,7 +18,7 @@ import math
 import random
 from dataclasses import dataclass
 
-from playground.gold import GOLD_NAMES, Gold, GoldError, Message, resolve_gold
+from playground.sim.gold import GOLD_NAMES, Gold, GoldError, Message, resolve_gold
 
 CHOICE_A, CHOICE_B, CHOICE_TIE = "a", "b", "tie"
 # A quarter of votes go against the gold: about the disagreement between human raters of chat pairs
@@ -33,7 +33,7 @@ MAX_NAME_CHARS = 100
 class AnnotatorConfig:
     """A simulated annotator. Every field has a default but the gold, which says what it wants."""
 
-    gold: str  # gold spec, e.g. 'concise', 'keyword:word=banana', 'mypkg.golds:polite' (see playground/gold.py)
+    gold: str  # gold spec, e.g. 'concise', 'keyword:word=banana', 'mypkg.golds:polite' (see playground/sim/gold.py)
     # Bradley-Terry temperature: a score gap of tau is a 73% preference. None: the gold's own scale
     # (Gold.scale, set per built-in gold so that typical pairs are clear but not certain; 1 for yours).
     tau: float | None = None

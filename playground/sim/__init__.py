@@ -1,0 +1,1 @@
+"""Simulated annotators: gold functions, the annotator, the simulator and the autopilot service."""

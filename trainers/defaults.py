@@ -1,0 +1,17 @@
+"""The defaults of training rounds and of their schedule, each defined once.
+
+app.py's flags, the training loop, `python -m trainers.run` and the benchmarks import them from here.
+"""
+
+# Where trained versions vN/ are published.
+DEFAULT_ADAPTERS_DIR = "adapters"
+# Minutes between the schedule's checks for enough new pairs (app.py --train-every).
+DEFAULT_TRAIN_EVERY_MIN = 5.0
+# New training pairs a *scheduled* round needs (app.py --min-new-pairs): a round costs tens of seconds
+# of both cores, so the schedule waits for a batch of votes worth training on.
+SCHEDULE_MIN_NEW_PAIRS = 16
+# New training pairs a round started by a person needs (Train now, `python -m trainers.run` by hand):
+# they asked for it, so any new pair is enough.
+MANUAL_MIN_NEW_PAIRS = 1
+# Older pairs replayed per new pair: keeps earlier lessons without drowning the new votes.
+DEFAULT_REPLAY_RATIO = 1.0
