@@ -27,6 +27,7 @@ from store.training import TrainingQueries
 DEFAULT_DB = "data/playground.db"
 # How long a write waits for another process's lock before giving up (the trainer holds short ones).
 BUSY_TIMEOUT_MS = 5000
+PAGE_CACHE_KIB = 64 * 1024
 
 CHOICES = ("a", "b", "tie", "both_bad")
 RATINGS = ("up", "down")
@@ -88,6 +89,9 @@ class Store(TrainingQueries):
         self._lock = threading.RLock()
         conn.execute("PRAGMA foreign_keys = ON")
         conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+        # SQLite's default page cache is 2 MiB; a store of 100,000 judgments is ~1 GB, and the pages a
+        # vote touches (indexes, the newest turns) should stay in memory however large it grows.
+        conn.execute(f"PRAGMA cache_size = -{PAGE_CACHE_KIB}")
         try:
             # WAL lets the trainer read while the app writes; a read-only file keeps its mode.
             conn.execute("PRAGMA journal_mode = WAL")
@@ -116,6 +120,13 @@ class Store(TrainingQueries):
                     yield self.db
             except sqlite3.Error as exc:
                 raise StoreError(f"{what} was not saved: {_explain(exc)}") from exc
+
+    @contextmanager
+    def batch(self, what: str = "the batch") -> Iterator["Store"]:
+        """Many writes as one transaction (each becomes a savepoint): all of them are saved or none.
+        For bulk loads (imports, benchmarks); the chat writes one judgment at a time."""
+        with self._write(what):
+            yield self
 
     def _rows(self, sql: str, params: tuple | list = ()) -> list[dict[str, Any]]:
         with self._lock:

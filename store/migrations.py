@@ -179,8 +179,9 @@ def m005_pair_index(db: Database) -> None:
     )
     db["training_pairs"].create_index(["held_out", "newest_feedback_id"])
     db["training_pairs"].create_index(["turn_id", "pair"])
-    db["training_runs"].create_index(["model_id", "status"])
-    db["feedback"].create_index(["replaced_by"])
+    # The watermark (newest consumed judgment) is one index seek however many rounds have run.
+    db["training_runs"].create_index(["model_id", "status", "max_feedback_id"])
+    db["training_runs"].create_index(["status"])
     # Existing judgments: the same rules, applied once. Old turns have no prompt token count, so their
     # pairs have no length and the trainer measures them.
     for group in judged_groups(db):
