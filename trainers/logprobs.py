@@ -1,4 +1,6 @@
-"""The one log-probability helper: DPO, the reward model's data path, PPO and the KL metrics all use it.
+"""The one log-probability helper for the tokens of a reply: the DPO trainer scores with it, and trainers
+to come (a reward model's data path, PPO) are to use it rather than a copy. The exact KL in
+`trainers.metrics` compares whole next-token distributions, so it reads full logits instead.
 
 `token_logprobs` returns log p(token_t | tokens_<t) for the positions a mask selects. Only the hidden
 states that predict a selected token go through the LM head (`logits_to_keep` as a boolean mask), and
