@@ -23,22 +23,15 @@ def app(tiny_loaded, tmp_path_factory):
         yield url, service, db
 
 
-def rows(db, sql, *args):
-    conn = sqlite3.connect(db)
-    conn.row_factory = sqlite3.Row
-    try:
-        return [dict(r) for r in conn.execute(sql, args)]
-    finally:
-        conn.close()
-
-
 def client(url):
     return Client(url, verbose=False)
 
 
 def test_two_concurrent_sessions_full_flow_then_every_row(app):
-    url, service, db = app
-    before = {t: rows(db, f"select count(*) n from {t}")[0]["n"] for t in ("conversations", "turns", "feedback")}
+    url, service, _ = app
+    store = service.store
+    tables = ("conversations", "turns", "feedback")
+    before = {t: store.stats()[t] for t in tables}
     results = {}
 
     def session(name, message, choice):
@@ -73,7 +66,7 @@ def test_two_concurrent_sessions_full_flow_then_every_row(app):
         assert r["second"]["turn_id"] != first["turn_id"]
 
         turn_id = first["turn_id"]
-        replies = rows(db, "select * from replies where turn_id = ? order by pair, slot", turn_id)
+        replies = store.replies_for_turn(turn_id)
         assert [(x["pair"], x["slot"], x["superseded"]) for x in replies] == [
             (0, "a", 1), (0, "b", 1), (1, "a", 0), (1, "b", 0)]
         for x in replies:
@@ -82,7 +75,7 @@ def test_two_concurrent_sessions_full_flow_then_every_row(app):
             assert x["max_new_tokens"] == 12 and x["seed"] is not None and x["latency_s"] > 0
         assert [x["text"] for x in replies[:2]] == [first["replies"]["a"]["text"], first["replies"]["b"]["text"]]
 
-        feedback = rows(db, "select * from feedback where turn_id = ? order by id", turn_id)
+        feedback = store.feedback_for_turn(turn_id)
         assert [(f["kind"], f["pair"], f["value"], f["replaced_by"] is None) for f in feedback] == [
             ("choice", 0, r["voted"]["choice"], True),
             ("rating", 0, "down", True),
@@ -94,7 +87,7 @@ def test_two_concurrent_sessions_full_flow_then_every_row(app):
         assert len({f["session_id"] for f in feedback}) == 1
 
         # After a tie with an edit on the *old* pair, the new pair has no edit: the conversation goes on from A.
-        turns = rows(db, "select * from turns where conversation_id = ? order by idx", first["conversation_id"])
+        turns = store.turns_for_conversation(first["conversation_id"])
         assert [t["idx"] for t in turns] == [0, 1]
         context = json.loads(turns[1]["context_json"])
         assert context[-3:] == [
@@ -102,17 +95,17 @@ def test_two_concurrent_sessions_full_flow_then_every_row(app):
             {"role": "assistant", "content": regen["replies"]["a"]["text"]},
             {"role": "user", "content": f"{name} follows up"},
         ]
-    after = {t: rows(db, f"select count(*) n from {t}")[0]["n"] for t in ("conversations", "turns", "feedback")}
+    after = {t: store.stats()[t] for t in tables}
     assert after["conversations"] - before["conversations"] == 2
     assert after["turns"] - before["turns"] == 4
     assert after["feedback"] - before["feedback"] == 10
 
 
 def test_bad_input_gets_a_clear_error_and_writes_nothing(app):
-    url, _, db = app
+    url, service, _ = app
     c = client(url)
     c.predict(api_name="/new_conversation")
-    count = lambda: rows(db, "select count(*) n from feedback")[0]["n"]  # noqa: E731
+    count = lambda: service.store.stats()["feedback"]  # noqa: E731
     before = count()
     for call, message in [
         (lambda: c.predict("a", api_name="/vote"), "send a message first"),
@@ -135,13 +128,14 @@ def test_bad_input_gets_a_clear_error_and_writes_nothing(app):
 
 
 def test_awkward_text_is_stored_exactly(app):
-    url, _, db = app
+    url, service, _ = app
     c = client(url)
     notes = {}
     for text in (NASTY, PASTE, "[click](javascript:alert(3))"):
         c.predict(api_name="/new_conversation")
         out = c.predict(text, api_name="/send", **FAST)
-        stored = rows(db, "select user_message, note from turns where id = ?", out["turn_id"])[0]
+        stored = next(t for t in service.store.turns_for_conversation(out["conversation_id"])
+                      if t["id"] == out["turn_id"])
         assert stored["user_message"] == text
         assert c.predict("a", api_name="/vote")["choice"] == "a"
         notes[text] = (stored["note"], out["notes"])
@@ -151,7 +145,7 @@ def test_awkward_text_is_stored_exactly(app):
 
 
 def test_locked_database_vote_is_not_saved_then_saved(app):
-    url, _, db = app
+    url, service, db = app
     c = client(url)
     c.predict(api_name="/new_conversation")
     out = c.predict("lock test", api_name="/send", **FAST)
@@ -163,21 +157,21 @@ def test_locked_database_vote_is_not_saved_then_saved(app):
     finally:
         other.execute("rollback")
         other.close()
-    assert rows(db, "select count(*) n from feedback where turn_id = ?", out["turn_id"])[0]["n"] == 0
+    assert service.store.feedback_for_turn(out["turn_id"]) == []
     assert c.predict("a", api_name="/vote")["choice"] == "a"
-    assert rows(db, "select value from feedback where turn_id = ?", out["turn_id"]) == [{"value": "a"}]
+    assert [f["value"] for f in service.store.feedback_for_turn(out["turn_id"])] == ["a"]
 
 
 def test_a_simulated_user_is_marked_in_the_store(app):
-    url, _, db = app
+    url, service, _ = app
     c = client(url)
     out = c.predict("sim-concise-1", True, api_name="/new_conversation")
     assert out["user"] == "sim-concise-1" and out["simulated"] is True
     out = c.predict("hello", api_name="/send", **FAST)
     c.predict("a", api_name="/vote")
-    conversation = rows(db, "select user, simulated from conversations where id = ?", out["conversation_id"])[0]
-    assert conversation == {"user": "sim-concise-1", "simulated": 1}
-    assert rows(db, "select user from feedback where turn_id = ?", out["turn_id"]) == [{"user": "sim-concise-1"}]
+    conversation = service.store.conversation(out["conversation_id"])
+    assert (conversation["user"], conversation["simulated"]) == ("sim-concise-1", 1)
+    assert [f["user"] for f in service.store.feedback_for_turn(out["turn_id"])] == ["sim-concise-1"]
     with pytest.raises(Exception, match="user name"):
         c.predict("x" * 500, api_name="/new_conversation")
     plain = c.predict(api_name="/new_conversation")

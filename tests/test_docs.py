@@ -1,34 +1,87 @@
-"""README is the contract: every flag of `python app.py` is documented, and the client example works."""
+"""README is the contract: every flag of every command, with its default, is in the README; the client
+example works."""
 
 from __future__ import annotations
 
-import re
+import argparse
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
-from app import parse_args
+import pytest
+
+import app
+import trainers.run
+from playground.sim import simulate
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
+# Each command's flags table sits under a marker `<!-- flags: COMMAND -->` in README.md.
+COMMANDS = {"python app.py": app.parse_args, "python -m trainers.run": trainers.run.parse_args,
+            "python -m playground.sim.simulate": simulate.parse_args}
 
 
-def app_flags() -> list[str]:
-    parser_help = subprocess.run([sys.executable, "app.py", "--help"], capture_output=True, text=True, cwd=ROOT,
-                                 check=True).stdout
-    return sorted(set(re.findall(r"(--[a-z][a-z-]+)", parser_help)) - {"--help"})
+def parser_of(parse_args) -> argparse.ArgumentParser:
+    """The parser a command's parse_args builds, caught as it parses an empty command line."""
+    built = []
+    real = argparse.ArgumentParser.parse_args
+
+    def catch(self, args=None, namespace=None):
+        built.append(self)
+        return real(self, args, namespace)
+
+    with mock.patch.object(argparse.ArgumentParser, "parse_args", catch):
+        parse_args([])
+    return built[0]
 
 
-def test_every_flag_is_documented_in_readme():
-    flags = app_flags()
-    assert {"--model", "--device", "--host", "--port", "--db"} <= set(flags)
-    missing = [f for f in flags if f"`{f}" not in README]
-    assert not missing, f"flags missing from README: {missing}"
+def flags_table(command: str) -> dict[str, str]:
+    """{flag: default cell} of the table under the command's marker."""
+    marker = f"<!-- flags: {command} -->"
+    assert marker in README, f"README has no flags table for `{command}` (marker {marker})"
+    rows = {}
+    for line in README.split(marker, 1)[1].lstrip().splitlines():
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if cells[0].startswith("`--"):
+            rows[cells[0].strip("`")] = cells[1]
+    return rows
 
 
-def test_defaults_in_readme_match_the_parser():
-    args = parse_args([])
-    assert f"`{args.host}`" in README and f"`{args.port}`" in README and f"`{args.db}`" in README
+def documented_default(action: argparse.Action, cell: str) -> bool:
+    """Whether a table's default cell says what the parser does when the flag is left out: `off` for a
+    switch, `none` for no value, else the value in backticks, read as the flag would read it (so `5`
+    documents 5.0); a path inside the checkout is written relative to it."""
+    if isinstance(action, argparse._StoreTrueAction):
+        return cell == "off"
+    if action.default is None:
+        return cell == "none"
+    if not (len(cell) > 2 and cell[0] == cell[-1] == "`"):
+        return False
+    default = action.default
+    if isinstance(default, str) and Path(default).is_absolute() and Path(default).is_relative_to(ROOT):
+        default = Path(default).relative_to(ROOT).as_posix()
+    try:
+        return (action.type or str)(cell[1:-1]) == default
+    except ValueError:  # `5 min` for an int flag
+        return False
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_flag_and_its_default_is_in_the_readme(command):
+    actions = [a for a in parser_of(COMMANDS[command])._actions if not isinstance(a, argparse._HelpAction)]
+    table = flags_table(command)
+    flags = {flag: action for action in actions for flag in action.option_strings if flag.startswith("--")}
+    assert len(flags) == len(actions) >= 5  # every option has a long name: the table names that one
+    missing = sorted(set(flags) - set(table))
+    assert not missing, f"flags of `{command}` missing from its README table: {missing}"
+    gone = sorted(set(table) - set(flags))
+    assert not gone, f"README documents flags `{command}` no longer has: {gone}"
+    wrong = {flag: (table[flag], action.default) for flag, action in flags.items()
+             if not documented_default(action, table[flag])}
+    assert not wrong, f"README defaults of `{command}` differ from the parser's (README, code): {wrong}"
 
 
 def test_readme_opens_with_the_two_commands():

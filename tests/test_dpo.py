@@ -192,9 +192,20 @@ def test_packed_rows_score_like_separate_sequences(tiny_loaded):
 # --- a round on the tiny model ----------------------------------------------------------------------------
 
 
-def test_round_changes_only_the_lora_weights(tiny_loaded):
+def test_round_changes_only_the_lora_weights(tiny_loaded, monkeypatch):
+    import peft
+
     model = tiny_loaded.model
     before = {k: v.clone() for k, v in model.state_dict().items()}
+    initial = {}  # the fresh adapter as train_dpo made it, before any step
+
+    def recording_get_peft_model(*args, **kwargs):
+        policy = real_get_peft_model(*args, **kwargs)
+        initial.update({k: v.detach().clone() for k, v in peft.get_peft_model_state_dict(policy).items()})
+        return policy
+
+    real_get_peft_model = peft.get_peft_model
+    monkeypatch.setattr(peft, "get_peft_model", recording_get_peft_model)
     pairs = random_pairs(model.config.vocab_size, 8, seed=1)
     seen = []
     result = train_dpo(model, pairs, pairs[:4], DPOConfig(**FAST), on_step=seen.append)
@@ -207,8 +218,14 @@ def test_round_changes_only_the_lora_weights(tiny_loaded):
     base_keys = [k for k in trained if "lora_" not in k]
     assert base_keys and all(torch.equal(trained[k], before[k.replace("base_model.model.", "").replace(
         ".base_layer", "")]) for k in base_keys)
+    # PEFT starts B at zero, so step 1 moves only B (A's gradient passes through B: zero); FAST's second
+    # step moves A too. Every A and every B, in every adapted layer.
     lora = result.adapter_state_dict()
-    assert lora and all(v.abs().sum() > 0 for k, v in lora.items() if "lora_B" in k)
+    assert set(lora) == set(initial) and all(not initial[k].any() for k in lora if "lora_B" in k)
+    a_keys = {k for k in lora if "lora_A" in k}
+    assert a_keys and {k.replace("lora_A", "lora_B") for k in a_keys} == set(lora) - a_keys
+    unmoved = [k for k, v in lora.items() if torch.equal(v, initial[k])]
+    assert not unmoved, f"LoRA weights that did not move: {unmoved}"
 
     assert [s["step"] for s in seen] == [1, 2] and seen == result.steps
     first = seen[0]

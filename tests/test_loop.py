@@ -22,7 +22,7 @@ from playground.loop import INTERRUPTED, LoopSettings, TrainingLoop
 from playground.serving.policy import PolicyHolder
 from store import Store
 from tests.servers import running_app
-from trainers.data import count_new_pairs
+from trainers.data import count_new_pairs, is_held_out
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = {"max_new_tokens": 8, "temperature": 1.0, "top_p": 1.0}
@@ -40,10 +40,20 @@ def wait_for(predicate, timeout=ROUND_TIMEOUT_S, every=0.1, what="condition"):
 
 
 def vote_in_new_conversations(client, n, choice="a"):
+    """n votes, each in a new conversation; returns the pairs voted on (as /send returned them)."""
+    pairs = []
     for i in range(n):
         client.predict(api_name="/new_conversation")
-        client.predict(f"question number {i}", api_name="/send", **FAST)
+        pairs.append(client.predict(f"question number {i}", api_name="/send", **FAST))
         client.predict(choice, api_name="/vote")
+    return pairs
+
+
+def training_pairs_made(pairs, choice) -> int:
+    """The training pairs these votes make by the store's rules, counted here on their own: a vote on two
+    different replies is a pair, unless its conversation is in the held-out 10%."""
+    return sum(1 for p in pairs if not is_held_out(p["conversation_id"])
+               and p["replies"]["a"]["text"] != p["replies"]["b"]["text"] and p["replies"][choice]["text"].strip())
 
 
 def loop_settings(tmp_path, **overrides):
@@ -56,10 +66,17 @@ def loop_settings(tmp_path, **overrides):
 def test_a_scheduled_round_goes_live_and_rollback_returns_v0(tiny_loaded, tmp_path):
     with running_app(tiny_loaded, tmp_path / "loop.db", loop_settings=loop_settings(tmp_path)) as (url, service, loop):
         client = Client(url, verbose=False)
+        # Paused while the first 8 land, so the round starts on all of them, and long enough (30 epochs,
+        # some seconds) that the 3 late votes land while it trains.
+        client.predict(api_name="/pause")
+        loop.settings.next_config = {"epochs": 30}
         vote_in_new_conversations(client, 8)
-        # Votes that arrive while the round trains are kept for the next round.
-        wait_for(lambda: service.store.running_run() or service.store.runs(1), what="a round to start")
-        vote_in_new_conversations(client, 3, choice="b")
+        client.predict(api_name="/resume")
+        # Once the round has taken a step it has read its pairs: votes from now on are not in it.
+        wait_for(lambda: (runs := service.store.runs(1)) and (runs[0]["step"] or runs[0]["status"] != "running"),
+                 what="the round's first step")
+        late_pairs = vote_in_new_conversations(client, 3, choice="b")
+        assert service.store.running_run() is not None  # they landed while the round trained
         status = wait_for(lambda: (s := client.predict(api_name="/training_status"))["live"] == "v1" and s,
                           what="v1 to go live")
         assert status["live"] == "v1"
@@ -79,8 +96,10 @@ def test_a_scheduled_round_goes_live_and_rollback_returns_v0(tiny_loaded, tmp_pa
         assert manifest["parent"] == "v0" and manifest["algo"] == "dpo" and manifest["data"]["train"] == run["n_pairs"]
         assert (tmp_path / "adapters" / "v1" / "adapter_model.safetensors").is_file()
         assert service.store.stats()["feedback"] == 8 + 3 + 0  # every vote kept
-        late = count_new_pairs(service.store, service.policy.model_id)
-        assert late <= 3  # the late votes not consumed by the round wait for the next one
+        # The late votes were not consumed by the round: each of their pairs waits for the next one.
+        late = training_pairs_made(late_pairs, "b")
+        assert late > 0  # (else consuming them would go unnoticed)
+        assert count_new_pairs(service.store, service.policy.model_id) == late
 
         assert "v0 is live" in client.predict("v0", api_name="/rollback")
         reply = client.predict("after the rollback", api_name="/send", **FAST)

@@ -27,14 +27,30 @@ def simulator_for(url, **overrides):
     return Simulator(config, lambda: HttpBackend(url), report=lines.append), lines
 
 
+def pause_once_a_round_starts(loop, done: threading.Event) -> None:
+    """Let exactly one round train: pause the schedule as soon as it starts (it still finishes and goes live)."""
+    while not done.is_set():
+        if loop.store.running_run() is not None:
+            loop.set_paused(True)
+            return
+        done.wait(0.05)
+
+
 def test_autopilot_votes_land_marked_simulated_and_the_new_version_serves(tiny_loaded, tmp_path):
     settings = loop_settings(tmp_path, min_new_pairs=4)
     with running_app(tiny_loaded, tmp_path / "sim.db", loop_settings=settings) as (url, service, loop):
+        # The pairs left after round 1 (edits give two each; votes that land after it read its data) can
+        # reach the threshold, and the loop starts the next round the moment v1 goes live: unpaused, the
+        # later run below would meet v1 or v2 by timing. One round, then the schedule stays paused.
+        done = threading.Event()
+        one_round = threading.Thread(target=pause_once_a_round_starts, args=(loop, done), daemon=True)
+        one_round.start()
         simulator, lines = simulator_for(url, edit_rate=0.5)
         summary = simulator.run()
         assert summary["votes"] == 8 and summary["stopped_because"] is None
         stats = service.store.stats()
         assert stats["current_feedback"]["choice"] and sum(stats["current_feedback"]["choice"].values()) == 8
+        # No store query lists conversations or replies by version: these two stay SQL.
         users = service.store.db.execute("select distinct user, simulated from conversations").fetchall()
         assert sorted(users) == [("sim-concise-0", 1), ("sim-concise-1", 1)]
         assert any(line.startswith("votes ") and "words)" in line for line in lines)
@@ -46,11 +62,65 @@ def test_autopilot_votes_land_marked_simulated_and_the_new_version_serves(tiny_l
         assert summary["gold_by_version"]["v0"]["mean_words"] == pytest.approx(
             sum(count_words(text) for (text,) in replies) / len(replies), abs=0.05)
 
-        wait_for(lambda: loop.policy.snapshot().version == "v1", what="the autopilot's votes to train v1")
+        # Wait for what the later run reads, the loop's status (cached up to a second), not the policy.
+        wait_for(lambda: (s := loop.status())["live"] == "v1" and s["running"] is None and s["paused"],
+                 what="the autopilot's votes to train v1")
+        done.set()
+        one_round.join(timeout=5)
         later, lines = simulator_for(url, turns=4, seed=5)
         summary = later.run()
-        assert "v1" in summary["gold_by_version"] and summary["votes"] == 4
-        assert any("v1 is live" in line or "live v1" in line for line in lines)
+        assert set(summary["gold_by_version"]) == {"v1"} and summary["votes"] == 4 and summary["live"] == "v1"
+        progress = [line for line in lines if line.startswith("votes ")]
+        assert progress and all(" · live v1 · " in line for line in progress), lines
+        assert [r["version"] for r in service.store.runs() if r["status"] == "succeeded"] == ["v1"]
+
+
+class ScriptedStatus:
+    """A backend whose app reports the given statuses in turn (the last one from then on)."""
+
+    def __init__(self, statuses):
+        self.statuses = list(statuses)
+        self.pair = None
+
+    def training_status(self):
+        return self.statuses.pop(0) if len(self.statuses) > 1 else self.statuses[0]
+
+    def new_conversation(self, user, simulated):
+        return {"pair": None}
+
+    def send(self, message, max_new_tokens):
+        version = self.training_status()["live"]
+        self.pair = {"turn_id": 1, "pair": 0, "choice": None,
+                     "replies": {s: {"text": text, "policy_version": version}
+                                 for s, text in (("a", "Yes."), ("b", "Yes, and at some length."))}}
+        return self.pair
+
+    def vote(self, choice):
+        self.pair["choice"] = choice
+        return self.pair
+
+    def edit(self, text):
+        return self.pair
+
+    def state(self):
+        return self.pair
+
+
+def test_every_version_that_goes_live_while_the_users_wait_is_named(monkeypatch):
+    """Round 1 ends and round 2 starts at once on the pairs left over: v1 was live between two progress
+    lines, and the simulator still says so when it sees it."""
+    import playground.sim.simulate as simulate
+
+    monkeypatch.setattr(simulate, "ROUND_POLL_S", 0.01)
+    statuses = [{"live": "v0", "running": {"run_id": 1}}, {"live": "v0", "running": {"run_id": 1}},
+                {"live": "v1", "running": {"run_id": 2}}, {"live": "v2", "running": None}]
+    lines = []
+    config = SimulationConfig(gold="concise", users=1, turns=1, max_new_tokens=8, edit_rate=0.0)
+    backend = ScriptedStatus(statuses)
+    summary = Simulator(config, lambda: backend, report=lines.append).run()
+    assert lines[:4] == ["round 1 is training: the simulated users wait for it", "v1 is live",
+                         "round 2 is training: the simulated users wait for it", "v2 is live"]
+    assert summary["votes"] == 1 and set(summary["gold_by_version"]) == {"v2"} and summary["live"] == "v2"
 
 
 @pytest.mark.parametrize("args, message", [

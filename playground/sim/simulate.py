@@ -290,14 +290,22 @@ class Simulator:
         """Hold this user while the app reports a round in progress (config.wait_for_rounds)."""
         if not self.config.wait_for_rounds:
             return
+        waited = False
         while not self.stop_event.is_set():
             try:
                 status = backend.training_status()
             except Exception:  # noqa: BLE001 - status is best effort; the next send reports a gone app
                 return
             running = (status or {}).get("running")
+            # Named as soon as a waiting user sees it, not at the next progress line: a round that ends
+            # with enough new pairs waiting starts the next one at once, and a version live only between
+            # two progress lines would otherwise never be named.
+            went_live = self._note_live(status)
+            if went_live and waited:
+                self.report(f"{went_live} is live")
             if not running:
                 return
+            waited = True
             with self._lock:
                 announce = running["run_id"] not in self._waited_for
                 self._waited_for.add(running["run_id"])
@@ -361,17 +369,24 @@ class Simulator:
             backend_status = self._status_backend().training_status()
         except Exception:  # noqa: BLE001 - progress lines are best effort
             pass
+        went_live = self._note_live(backend_status)
         with self._lock:
-            live = backend_status["live"] if backend_status else None
-            changed = live is not None and live != self.progress.live
-            self.progress.live = live or self.progress.live
             summary = self.progress.summary()
         means = " ".join(f"{v}={s['mean_gold']:+.3f} ({s['mean_words']:.0f} words)"
                          for v, s in summary["gold_by_version"].items())
         line = f"votes {summary['votes']}/{self.config.turns} · live {summary['live'] or '?'} · mean gold {means}"
-        if changed:
-            line += f"  <- {live} is live"
+        if went_live:
+            line += f"  <- {went_live} is live"
         self.report(line)
+
+    def _note_live(self, status: dict | None) -> str | None:
+        """Keep the live version an app status names; returns it when it differs from the last one seen."""
+        live = (status or {}).get("live")
+        with self._lock:
+            if live is None or live == self.progress.live:
+                return None
+            self.progress.live = live
+            return live
 
     def _status_backend(self):
         if not hasattr(self, "_status_client"):
