@@ -64,9 +64,9 @@ def tokenize(tokenizer, spec: PairSpec) -> PreferencePair:
     prompt = render(tokenizer, messages)
     replies = []
     for text in (spec.chosen, spec.rejected):
-        full_text = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": text}],
-                                                  tokenize=False)
-        full = tokenizer(full_text, add_special_tokens=False)["input_ids"]
+        # Rendered like the prompt, so a reply (sampled, or written by a person) that holds marker text such
+        # as "<|im_end|>" is trained on as text, never as a forged end of turn (issue 15).
+        full = render(tokenizer, messages + [{"role": "assistant", "content": text}], add_generation_prompt=False)
         if full[: len(prompt)] != prompt:
             raise BoundaryError(f"turn {spec.turn_id}: the prompt tokens are not a prefix of prompt + reply")
         replies.append(tuple(full[len(prompt):]))

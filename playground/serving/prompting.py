@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 from playground.serving.limits import MAX_MESSAGE_CHARS
@@ -17,10 +18,41 @@ class Prompt:
     notes: list[str]
 
 
-def render(tokenizer, messages: list[dict[str, str]]) -> list[int]:
-    """Token ids of messages rendered with the chat template, ready for the assistant's reply."""
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+def render(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+    """Token ids of messages rendered with the chat template, ready for the assistant's reply.
+
+    What people and the model wrote stays text: a message that contains a marker such as `<|im_start|>`
+    is tokenised as the characters '<', '|', 'im', ..., never as the special token, so nobody can forge
+    a system or assistant turn (issue 15). Only the template's own markers are special tokens.
+    `add_generation_prompt=False` renders a finished conversation (the trainer's prompt + reply).
+    """
+    if not _holds_token_text(tokenizer, messages):
+        # Today's exact path for every message without token text: stored token ids, seeds and the
+        # trainer's prefix check stay as they were. (The sanitised path below gives the same ids for such
+        # messages too; taking this path makes that a guarantee rather than a property of the library.)
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    if "sanitize_control_tokens" not in inspect.signature(tokenizer.apply_chat_template).parameters:
+        # An older transformers would hand the flag to the template as a variable and sanitise nothing:
+        # refuse rather than feed forged turns to the model.
+        raise RuntimeError("this transformers cannot keep special-token text in messages as text; "
+                           "install the version in requirements.txt")
+    # transformers wraps each token text found in the messages in private-use markers, renders the
+    # template, then tokenises the marked spans as plain text and the rest (the template) normally. The
+    # markers sit around the token text itself, so templates that strip or trim a message keep them,
+    # and the text is split only where a message holds token text.
+    # (Not `split_special_tokens=True` per piece: that flips a flag on the tokenizer that every Gradio
+    # thread shares, so a concurrent call could tokenise a message with special tokens parsed.)
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True,
+                                         sanitize_control_tokens=True, return_dict=False)
+
+
+def _holds_token_text(tokenizer, messages: list[dict[str, str]]) -> bool:
+    """Whether any message holds the text of an added token (every special token is one)."""
+    tokens = set(tokenizer.added_tokens_encoder) | set(tokenizer.all_special_tokens)
+    tokens.discard("")
+    return any(token in value for message in messages for value in message.values() if isinstance(value, str)
+               for token in tokens)
 
 
 def build_prompt(
