@@ -78,6 +78,7 @@ class TrainingLoop:
         self._nudges = True
         self._status_cache: tuple[float, dict] | None = None
         self._status_lock = threading.Lock()  # one computation per second for every open tab
+        self._status_generation = 0  # +1 per event: a status computed across an event is not cached
         self._config_lock = threading.Lock()
 
     # -- start and stop ---------------------------------------------------------------------------
@@ -233,8 +234,12 @@ class TrainingLoop:
             cached = self._status_cache
             if cached is not None and time.monotonic() - cached[0] < STATUS_CACHE_S:
                 return cached[1]
+            generation = self._status_generation
             status = self._compute_status()
-            self._status_cache = (time.monotonic(), status)
+            # An event (a promotion, say) during the computation may have made it stale: then serve it
+            # this once and keep no copy, so the next poll sees the event.
+            if generation == self._status_generation:
+                self._status_cache = (time.monotonic(), status)
             return status
 
     def runs(self, limit: int = RUNS_SHOWN) -> list[dict]:
@@ -273,7 +278,7 @@ class TrainingLoop:
             raise ValueError(str(exc)) from exc
         with self._config_lock:
             self.settings.next_config = config
-        self._status_cache = None
+        self._invalidate_status()
         return dict(config)
 
     def _compute_status(self) -> dict:
@@ -305,9 +310,13 @@ class TrainingLoop:
         self.paused = paused
         self._event("paused" if paused else "resumed", "the schedule is " + ("paused" if paused else "running"))
 
+    def _invalidate_status(self) -> None:
+        self._status_generation += 1
+        self._status_cache = None
+
     def _event(self, kind: str, message: str) -> None:
         log.info("%s: %s", kind, message)
-        self._status_cache = None
+        self._invalidate_status()
         self.events.append({"kind": kind, "message": message,
                             "at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
         del self.events[:-50]

@@ -315,6 +315,24 @@ class Store(TrainingQueries):
         rows = self._rows("select * from conversations where id = ?", [conversation_id])
         return rows[0] if rows else None
 
+    def conversations(self, simulated: bool | None = None) -> list[dict[str, Any]]:
+        """Every conversation, oldest first; only the simulated (or only people's) when told."""
+        if simulated is None:
+            return self._rows("select * from conversations order by id")
+        return self._rows("select * from conversations where simulated = ? order by id", [int(simulated)])
+
+    def latest_turn(self) -> dict[str, Any] | None:
+        rows = self._rows("select * from turns order by id desc limit 1")
+        return rows[0] if rows else None
+
+    def replies_by_version(self, version: str, simulated: bool | None = None) -> list[dict[str, Any]]:
+        """Every reply a version wrote, oldest first; only in simulated (or people's) conversations when told."""
+        where = "" if simulated is None else " and c.simulated = ?"
+        return self._rows(
+            "select r.* from replies r join turns t on t.id = r.turn_id join conversations c"
+            f" on c.id = t.conversation_id where r.policy_version = ?{where} order by r.id",
+            [version] + ([] if simulated is None else [int(simulated)]))
+
     def policy_versions(self, model_id: str | None = None) -> list[dict[str, Any]]:
         if model_id is None:
             return self._rows("select * from policy_versions order by id")

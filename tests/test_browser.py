@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sqlite3
 import time
 
 import pytest
@@ -92,11 +91,7 @@ def test_markup_is_shown_as_text_and_never_runs(page_and_app, artifacts_dir):
     assert page.locator('a[href^="javascript:"]').count() == 0
     assert page.locator("#history img[src='x']").count() == 0
     assert dialogs == []
-    # No store query finds the newest turn (the page does not show its ids): this one stays SQL.
-    conn = sqlite3.connect(service.store.path)
-    stored = conn.execute("select user_message from turns order by id desc limit 1").fetchone()[0]
-    conn.close()
-    assert stored == PAYLOAD
+    assert service.store.latest_turn()["user_message"] == PAYLOAD
     page.locator("#vote-b").click()
     page.wait_for_function("document.querySelector('#notice').innerText.includes('Saved: B is better')")
     page.screenshot(path=os.path.join(artifacts_dir, "chat_markup.png"), full_page=True)
@@ -130,7 +125,6 @@ def test_admin_autopilot_trains_a_version_that_goes_live_in_the_page(tiny_loaded
         page.locator("#rollback").click()
         page.wait_for_function("document.querySelector('#admin-note').innerText.includes('v0 is live')")
         assert loop.policy.snapshot().version == "v0"
-        # No store query lists conversations: this one stays SQL.
-        users = {u for (u,) in service.store.db.execute("select distinct user from conversations")}
+        users = {c["user"] for c in service.store.conversations()}
         assert users and all(u.startswith("sim-concise-") for u in users)
         page.close()

@@ -95,3 +95,18 @@ def test_runs_curves_and_versions_come_from_the_loop(loop, store, tiny_loaded):
     run_id, rows = loop.curves()
     assert run_id == run and {r["name"] for r in rows} == {"loss", "rewards/margins"}
     assert [r["id"] for r in loop.runs()] == [run]
+
+
+def test_a_status_computed_across_an_event_is_not_kept(loop, monkeypatch):
+    real = loop._compute_status
+    before = loop.paused
+
+    def promoted_meanwhile():
+        status = real()  # reads the state before the event...
+        loop.set_paused(not before)  # ...which changes while it is being computed
+        return status
+
+    monkeypatch.setattr(loop, "_compute_status", promoted_meanwhile)
+    assert loop.status()["paused"] is before  # served once, as computed
+    monkeypatch.setattr(loop, "_compute_status", real)
+    assert loop.status()["paused"] is (not before)  # the next poll sees the event, not a stale copy

@@ -50,17 +50,14 @@ def test_autopilot_votes_land_marked_simulated_and_the_new_version_serves(tiny_l
         assert summary["votes"] == 8 and summary["stopped_because"] is None
         stats = service.store.stats()
         assert stats["current_feedback"]["choice"] and sum(stats["current_feedback"]["choice"].values()) == 8
-        # No store query lists conversations or replies by version: these two stay SQL.
-        users = service.store.db.execute("select distinct user, simulated from conversations").fetchall()
+        users = {(c["user"], c["simulated"]) for c in service.store.conversations()}
         assert sorted(users) == [("sim-concise-0", 1), ("sim-concise-1", 1)]
         assert any(line.startswith("votes ") and "words)" in line for line in lines)
         # The per-version length the room watches: the mean word count of the pairs the autopilot judged.
-        replies = service.store.db.execute(
-            "select r.text from replies r join turns t on r.turn_id = t.id join conversations c "
-            "on t.conversation_id = c.id where c.simulated = 1 and r.policy_version = 'v0'").fetchall()
+        replies = [r["text"] for r in service.store.replies_by_version("v0", simulated=True)]
         from playground.sim.gold import count_words
         assert summary["gold_by_version"]["v0"]["mean_words"] == pytest.approx(
-            sum(count_words(text) for (text,) in replies) / len(replies), abs=0.05)
+            sum(count_words(text) for text in replies) / len(replies), abs=0.05)
 
         # Wait for what the later run reads, the loop's status (cached up to a second), not the policy.
         wait_for(lambda: (s := loop.status())["live"] == "v1" and s["running"] is None and s["paused"],

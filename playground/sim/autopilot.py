@@ -1,6 +1,7 @@
 """The autopilot service: simulated annotators voting in-process, started and stopped from the admin panel.
 
-The same `Simulator` as `python -m playground.sim`, driving `ChatService` directly instead of over HTTP.
+The same `Simulator` as `python -m playground.sim.simulate`, driving `ChatService` directly instead of
+over HTTP.
 """
 
 from __future__ import annotations
