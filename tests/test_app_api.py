@@ -176,3 +176,45 @@ def test_a_simulated_user_is_marked_in_the_store(app):
         c.predict("x" * 500, api_name="/new_conversation")
     plain = c.predict(api_name="/new_conversation")
     assert plain["simulated"] is False
+
+
+def test_the_conversation_and_both_reply_panels_render_markdown_alike(app):
+    url, _, _ = app
+    components = {c["props"].get("elem_id"): c["props"] for c in client(url).config["components"]}
+    keys = ("render_markdown", "sanitize_html", "line_breaks", "allow_tags", "latex_delimiters")
+    rendering = [{k: components[panel][k] for k in keys} for panel in ("history", "reply-a", "reply-b")]
+    assert rendering[0] == rendering[1] == rendering[2]
+    assert rendering[0]["render_markdown"] is True and rendering[0]["sanitize_html"] is True
+
+
+def test_the_conversation_leaves_off_the_reply_until_a_judgment_picks_it():
+    """Showing reply A as the answer before the vote would repeat it and bias the judge to the left reply."""
+    from playground.chat import ChatSession, Pair
+    from playground.serving.generation import SampledReply, SamplingSettings
+    from playground.web.ui import conversation
+
+    replies = [SampledReply("a", 1, text="reply **A**", finish_reason="stop"),
+               SampledReply("b", 2, text="reply <b>B</b>", finish_reason="stop")]
+    session = ChatSession(history=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
+                          user_message="x < y?", pair=Pair(replies=replies, version="v0", settings=SamplingSettings(),
+                                                           generating=False))
+    shown = lambda: [(m["role"], m["content"]) for m in conversation(session)]  # noqa: E731
+    earlier = [("user", "hi"), ("assistant", "hello"), ("user", "x &lt; y?")]
+    assert shown() == earlier
+    session.pair.edit = "my **own** reply"
+    assert shown() == earlier + [("assistant", "my **own** reply")]
+    session.pair.choice = "b"
+    assert shown() == earlier + [("assistant", "reply &lt;b>B&lt;/b>")]
+    session.pair.choice, session.pair.edit = "tie", None  # the session goes on from A, and says so now
+    assert shown() == earlier + [("assistant", "reply **A**")]
+
+
+def test_html_in_text_is_escaped_outside_code_only():
+    from playground.web.ui import markdown_source
+
+    assert markdown_source("<img src=x onerror=alert(1)> & **b**") == "&lt;img src=x onerror=alert(1)> &amp; **b**"
+    assert markdown_source("`<b>` and ``a`<b>`` stay") == "`<b>` and ``a`<b>`` stay"
+    fenced = "<p>\n```html\n<p>a & b</p>\n```\n<p>"
+    assert markdown_source(fenced) == "&lt;p>\n```html\n<p>a & b</p>\n```\n&lt;p>"
+    assert markdown_source("```\nnever closed <b>") == "```\nnever closed <b>"
+    assert markdown_source(r"\<b> is literal, \\<b> is not") == r"\<b> is literal, \\&lt;b> is not"

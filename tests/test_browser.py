@@ -1,4 +1,5 @@
-"""A real Chromium page against the real app on the bundled model: chat, stream, vote, and no XSS."""
+"""A real Chromium page against the real app on the bundled model: chat (Enter sends), stream, vote,
+markdown rendered, and no XSS."""
 
 from __future__ import annotations
 
@@ -15,6 +16,14 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
                  "--disable-component-update", "--no-first-run", "--disable-sync"]
 PAYLOAD = ('<script>window.__xss = "script"</script> <img src=x onerror="window.__xss = \'img\'"> '
            '[click me](javascript:window.__xss="link") **bold?**')
+# Typed line by line with Shift+Enter between lines: markdown, a tag in a code span, an indented code block.
+MARKDOWN_LINES = ["Say **hi** and show `<b>x</b>` & <i>", "```python", "if a < b:", "    go()", "```"]
+MARKDOWN = "\n".join(MARKDOWN_LINES)
+# Any element in the chat panels with an inline event handler (onerror, onclick, ...) or a javascript: URL.
+LIVE_MARKUP = """
+() => [...document.querySelectorAll('#history *, #reply-a *, #reply-b *')].filter(e => [...e.attributes].some(
+  a => a.name.startsWith('on') || /^\\s*javascript:/i.test(a.value))).map(e => e.outerHTML)
+"""
 STREAM_RECORDER = """
 () => {
   window.__frames = [];
@@ -52,9 +61,12 @@ def page_and_app(bundled_loaded, tmp_path_factory, browser):
 
 
 def send_and_wait(page, text):
-    box = page.locator("#message textarea")
-    box.fill(text)
+    page.locator("#message textarea").fill(text)
     page.locator("#send").click()
+    wait_for_pair(page)
+
+
+def wait_for_pair(page):
     # Both replies finished and stored: the notice asks for a vote and the vote buttons come alive.
     page.wait_for_function("document.querySelector('#notice').innerText.includes('Which reply is better')",
                            timeout=120_000)
@@ -81,19 +93,70 @@ def test_chat_streams_two_replies_and_a_vote_lands_in_sqlite(page_and_app, artif
     assert time.time() - started < 300
 
 
+def test_enter_sends_shift_enter_adds_a_line_and_the_vote_picks_what_the_conversation_shows(page_and_app,
+                                                                                           artifacts_dir):
+    page, service, _ = page_and_app
+    page.locator("#new-conversation").click()
+    page.wait_for_function("!document.querySelector('#history [data-testid=user], #history [data-testid=bot]')")
+    turns = service.store.stats()["turns"]
+    box = page.locator("#message textarea")
+    box.click()
+    for i, line in enumerate(MARKDOWN_LINES):
+        if i:
+            box.press("Shift+Enter")
+        box.press_sequentially(line)
+    # Shift+Enter added lines and sent nothing (a send would show the message and, once done, clear the box).
+    assert box.input_value() == MARKDOWN
+    assert page.locator("#history [data-testid=user]").count() == 0 and service.store.stats()["turns"] == turns
+
+    box.press("Enter")
+    wait_for_pair(page)
+    assert service.store.latest_turn()["user_message"] == MARKDOWN and box.input_value() == ""
+
+    # The message renders as markdown; the tag stays text (in the code span and in prose); code keeps its indent.
+    user = page.locator("#history [data-testid=user]")
+    assert user.locator("strong").inner_text() == "hi"
+    assert user.locator("p code").inner_text() == "<b>x</b>" and "& <i>" in user.locator("p").inner_text()
+    assert user.locator("b, i").count() == 0
+    assert "if a < b:\n    go()" in user.locator("pre code").inner_text()
+
+    # Before the vote the conversation ends at the message: reply A is not repeated there as the answer.
+    reply_a = page.locator("#reply-a [data-testid=bot]").inner_text().strip()
+    reply_b = page.locator("#reply-b [data-testid=bot]").inner_text().strip()
+    assert reply_a and reply_b and reply_a != reply_b
+    assert page.locator("#history [data-testid=bot]").count() == 0
+    assert reply_a not in page.locator("#history").inner_text()
+    page.screenshot(path=os.path.join(artifacts_dir, "chat_before_vote.png"), full_page=True)
+
+    page.locator("#vote-b").click()
+    page.wait_for_function("document.querySelector('#notice').innerText.includes('Saved: B is better')")
+    page.wait_for_function("document.querySelectorAll('#history [data-testid=bot]').length === 1")
+    assert page.locator("#history [data-testid=bot]").inner_text().strip() == reply_b
+    page.screenshot(path=os.path.join(artifacts_dir, "chat_enter_vote_b.png"), full_page=True)
+
+
 def test_markup_is_shown_as_text_and_never_runs(page_and_app, artifacts_dir):
     page, service, dialogs = page_and_app
     send_and_wait(page, PAYLOAD)
-    history = page.locator("#history").inner_text()
+    user = page.locator("#history [data-testid=user]").last
+    history = user.inner_text()
+    # Markdown is on (so the payload meets the real renderer), and the HTML in it shows as typed.
+    assert user.locator("strong").inner_text() == "bold?"
     assert '<script>window.__xss = "script"</script>' in history
-    assert "<img src=x onerror=" in history and "[click me](javascript:" in history
-    assert page.evaluate("window.__xss") is None
+    assert "<img src=x onerror=" in history
+    assert page.locator("#history img[src='x'], #history script").count() == 0
+    # The markdown link renders, with its javascript: URL stripped by the sanitiser; clicking it runs nothing.
+    link = user.locator("a", has_text="click me")
+    assert link.count() == 1 and link.get_attribute("href") is None
+    link.click()
+    assert page.evaluate(LIVE_MARKUP) == []
     assert page.locator('a[href^="javascript:"]').count() == 0
-    assert page.locator("#history img[src='x']").count() == 0
+    assert page.evaluate("window.__xss") is None
     assert dialogs == []
     assert service.store.latest_turn()["user_message"] == PAYLOAD
     page.locator("#vote-b").click()
     page.wait_for_function("document.querySelector('#notice').innerText.includes('Saved: B is better')")
+    assert page.evaluate("window.__xss") is None and dialogs == []
     page.screenshot(path=os.path.join(artifacts_dir, "chat_markup.png"), full_page=True)
 
 

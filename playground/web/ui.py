@@ -4,13 +4,13 @@ Every action exists twice on purpose: once wired to the visible components (priv
 return component updates) and once as a named public endpoint (`/send`, `/vote`, ...) that takes
 plain values and returns the pair as JSON for `gradio_client`. Both share the session's `gr.State`.
 
-Text from people and from the model is shown with markdown rendering off and HTML escaped (and the
-Chatbot's sanitiser on as a second wall): it is displayed exactly as written, never interpreted.
+Text from people and from the model is rendered as markdown (replies are written in it, as FastChat and
+Open WebUI show them), but HTML in it is shown as typed, never rendered or run: see `shown`.
 """
 
 from __future__ import annotations
 
-import html
+import re
 
 import gradio as gr
 
@@ -22,17 +22,84 @@ from playground.loop import TrainingLoop
 GENERATE_CONCURRENCY = "generate"  # one decode at a time: on 2 cores two would only share the bandwidth
 CHOICE_LABELS = {"a": "A is better", "b": "B is better", "tie": "Tie", "both_bad": "Both are bad"}
 FINISH_LABELS = {"stop": "end of turn", "length": "length limit", None: "writing…"}
+# The conversation and both reply panels render text alike, so neither reply looks better for its layout.
+CHAT_RENDERING = dict(render_markdown=True, sanitize_html=True, line_breaks=True)
 
 CSS = """
-.message-content .md { white-space: pre-wrap; }  /* keep a reply's indentation and blank lines */
+/* Markdown drops a line's leading spaces; keep them in paragraphs (code blocks keep theirs in <pre>).
+   Not on the whole message: there it would turn the newlines between blocks into blank lines. */
+.message-content .md p { white-space: pre-wrap; }
 .badge { font-size: 0.85em; opacity: 0.85; }
 .vote-row button { min-width: 120px; }
 """
 
 
+# A fence opens with 3+ backticks or tildes; indented too, since models indent fences inside list items.
+FENCE = re.compile(r"^[ \t]*(`{3,}|~{3,})")
+# A code span: a backtick run, then the next run of the same length, within one paragraph.
+CODE_SPAN = re.compile(r"(?<!`)(`+)(?!`)((?:(?!\n[ \t]*\n)[\s\S])*?)(?<!`)\1(?!`)")
+MARKUP = re.compile(r"(\\*)([&<])")  # '&' or '<' with the backslashes before it
+ENTITIES = {"&": "&amp;", "<": "&lt;"}
+
+
 def shown(role: str, text: str) -> dict:
-    """A chat message for display: the Chatbot renders HTML, so escape it to show markup as typed."""
-    return {"role": role, "content": html.escape(text, quote=False)}
+    """A chat message for display: markdown rendered, HTML shown as typed.
+
+    HTML is shown as text rather than left to the sanitiser to strip: a judge must see the reply that is
+    stored and trained on, and a sanitised `<img>` or `<details>` would hide or change part of it (or
+    fetch a URL). Escaping `&` and `<` outside code turns every tag into text; inside code markdown shows
+    characters literally already, so code keeps `a < b`. The Chatbot's sanitiser stays on behind this
+    as the wall against script (and `javascript:` links, which markdown can write without any '<').
+    """
+    return {"role": role, "content": markdown_source(text)}
+
+
+def markdown_source(text: str) -> str:
+    """`text` with '&' and '<' escaped outside fenced code blocks and code spans."""
+    out, prose, fence = [], [], None
+    for line in text.split("\n"):
+        opener = FENCE.match(line)
+        if fence is None:
+            if opener:
+                out.append(escape_prose("\n".join(prose)) if prose else None)
+                prose, fence = [], opener.group(1)
+                out.append(line)
+            else:
+                prose.append(line)
+            continue
+        out.append(line)
+        closer = opener.group(1) if opener else ""
+        if closer[:1] == fence[0] and len(closer) >= len(fence) and not line[opener.end():].strip():
+            fence = None
+    if prose:
+        out.append(escape_prose("\n".join(prose)))
+    return "\n".join(part for part in out if part is not None)
+
+
+def escape_prose(text: str) -> str:
+    """Escape '&' and '<' outside code spans; one after an odd number of backslashes is literal already."""
+    def escape(chunk: str) -> str:
+        return MARKUP.sub(lambda m: m[0] if len(m[1]) % 2 else m[1] + ENTITIES[m[2]], chunk)
+
+    pieces, start = [], 0
+    for span in CODE_SPAN.finditer(text):
+        pieces += [escape(text[start:span.start()]), span[0]]
+        start = span.end()
+    return "".join(pieces) + escape(text[start:])
+
+
+def conversation(session: ChatSession) -> list[dict]:
+    """The conversation panel: the session's messages, but the turn being judged ends at the person's message.
+
+    Until a vote or a better reply picks the continuation, the session would go on from reply A; showing
+    it here would repeat A and nudge the judge toward the left reply. Once judged, it shows what was picked.
+    """
+    messages = session.messages()
+    pair = session.pair
+    pending = pair is not None and not pair.generating and pair.choice is None and pair.edit is None
+    if pending and session.user_message is not None:
+        messages = messages[:-1]  # messages() ends with the pair's continuation exactly then
+    return [shown(m["role"], m["content"]) for m in messages]
 
 
 def badge(pair: Pair | None, reply: SampledReply | None) -> str:
@@ -70,7 +137,7 @@ def build_ui(service: ChatService, loop: TrainingLoop | None = None, title: str 
         round_progress = gr.Slider(0, 1, value=0, label="Round progress", interactive=False, visible=False,
                                    elem_id="round-progress")
         history = gr.Chatbot(
-            label="Conversation", height=260, buttons=["copy_all"], render_markdown=False, sanitize_html=True, elem_id="history",
+            label="Conversation", height=260, buttons=["copy_all"], elem_id="history", **CHAT_RENDERING,
             placeholder="Send a message: you will get two replies to compare.",
         )
         with gr.Row(equal_height=True):
@@ -79,7 +146,7 @@ def build_ui(service: ChatService, loop: TrainingLoop | None = None, title: str 
                 with gr.Column(elem_id=f"column-{slot}"):
                     gr.Markdown(f"**Reply {slot.upper()}**")
                     panels[slot] = gr.Chatbot(
-                        show_label=False, height=300, render_markdown=False, sanitize_html=True,
+                        show_label=False, height=300, **CHAT_RENDERING,
                         elem_id=f"reply-{slot}", elem_classes="reply-panel", buttons=["copy"],
                     )
                     with gr.Row(equal_height=True):
@@ -97,8 +164,10 @@ def build_ui(service: ChatService, loop: TrainingLoop | None = None, title: str 
         note = gr.Markdown(elem_id="notice")
         with gr.Row():
             message = gr.Textbox(
-                show_label=False, placeholder="Type a message and press Enter", lines=2, max_lines=8, scale=5,
-                elem_id="message",
+                # lines=1 is what makes Enter send: Gradio's textarea sends on Enter only when lines == 1
+                # (and on Shift+Enter when lines > 1); max_lines lets it grow, Shift+Enter adds a line.
+                show_label=False, placeholder="Type a message and press Enter (Shift+Enter for a new line)",
+                lines=1, max_lines=8, scale=5, elem_id="message",
             )
             send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
         with gr.Row():
@@ -127,7 +196,7 @@ def build_ui(service: ChatService, loop: TrainingLoop | None = None, title: str 
             judgeable = pair is not None and not busy
             replies = {r.slot: r for r in pair.replies} if pair else {}
             out = [
-                [shown(m["role"], m["content"]) for m in state.messages()],
+                conversation(state),
                 [shown("assistant", replies["a"].text)] if "a" in replies else [],
                 [shown("assistant", replies["b"].text)] if "b" in replies else [],
                 badge(pair, replies.get("a")),
