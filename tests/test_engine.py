@@ -77,19 +77,20 @@ def hf_steps(model, prompt, feeds):
     return logits
 
 
-def engine_steps(engine, prompt, feeds):
+def engine_steps(engine, prompt, feeds, many=False):
+    """Engine logits after the prompt, then after each row of `feeds`; many: through decode_many([state])."""
     state, logits = engine.prefill(prompt, feeds.shape[1], len(prompt) + len(feeds))
     out = [logits]
     for tokens in feeds:
-        out.append(engine.decode(state, tokens))
+        out.append(engine.decode_many([state], tokens) if many else engine.decode(state, tokens))
     return out
 
 
-def assert_same_logits(model, engine, prompt, rows=2, steps=6, seed=0):
+def assert_same_logits(model, engine, prompt, rows=2, steps=6, seed=0, many=False):
     g = torch.Generator().manual_seed(seed)
     feeds = torch.randint(0, model.config.vocab_size, (steps, rows), generator=g)
     expected = hf_steps(model, prompt, feeds)
-    got = engine_steps(engine, prompt, feeds)
+    got = engine_steps(engine, prompt, feeds, many)
     for step, (e, a) in enumerate(zip(expected, got)):
         assert a.shape == e.shape and a.dtype == torch.float32
         assert torch.allclose(a, e, atol=1e-5, rtol=1e-5), f"step {step}: max diff {(a - e).abs().max():.2e}"
@@ -206,11 +207,142 @@ def test_decode_refuses_a_full_cache_and_bad_tokens(llama):
         engine.prefill([1, 2, 300], 2, 8)
 
 
-def test_native_decode_refuses_a_token_outside_the_vocabulary(llama):
-    engine = build(llama, "native")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_decode_refuses_a_token_outside_the_vocabulary(llama, backend):
+    engine = build(llama, backend)
     state, _ = engine.prefill([1, 2], 2, 8)
-    with pytest.raises(RuntimeError, match="outside the vocabulary"):
-        engine.decode(state, torch.tensor([4, 300]))
+    for bad in (300, -1):
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            engine.decode(state, torch.tensor([4, bad]))
+    assert state.length == 2
+
+
+# ---- decode_many: rows of several requests, each at its own position, in one step
+
+def decode_schedule(engine, requests, steps, batched):
+    """Logits per request and step, each request a dict(prompt, rows, feeds [its steps, rows], join).
+
+    batched: all the requests active at a step go through one decode_many call (a request joins at
+    step `join`, prefilled then, and leaves when its feeds run out); else each is decoded alone.
+    """
+    states, out = {}, {i: [] for i in range(len(requests))}
+    for step in range(steps):
+        for i, req in enumerate(requests):
+            if req["join"] == step:  # the prefill's own logits are compared by the other tests
+                states[i], _ = engine.prefill(req["prompt"], req["rows"], len(req["prompt"]) + req["room"])
+        active = [i for i, req in enumerate(requests) if req["join"] <= step < req["join"] + len(req["feeds"])]
+        if not active:
+            continue
+        feeds = [requests[i]["feeds"][step - requests[i]["join"]] for i in active]
+        if batched:
+            logits = engine.decode_many([states[i] for i in active], torch.cat(feeds))
+            chunks = logits.split([requests[i]["rows"] for i in active])
+        else:
+            chunks = [engine.decode(states[i], t) for i, t in zip(active, feeds)]
+        for i, chunk in zip(active, chunks):
+            out[i].append(chunk)
+    for i, req in enumerate(requests):
+        assert states[i].length == len(req["prompt"]) + len(req["feeds"])
+    return out
+
+
+def make_requests(vocab, specs, seed=0):
+    """specs: (prompt length, rows, steps, join step, spare positions) per request."""
+    g = torch.Generator().manual_seed(seed)
+    return [dict(prompt=torch.randint(0, vocab, (n,), generator=g).tolist(), rows=rows, join=join,
+                 feeds=torch.randint(0, vocab, (steps, rows), generator=g), room=steps + spare)
+            for n, rows, steps, join, spare in specs]
+
+
+def assert_batched_matches_alone(model, engine, requests, steps):
+    together = decode_schedule(engine, requests, steps, batched=True)
+    alone = decode_schedule(engine, requests, steps, batched=False)
+    for i, req in enumerate(requests):
+        assert len(together[i]) == len(alone[i]) == len(req["feeds"])
+        for step, (a, b) in enumerate(zip(together[i], alone[i])):
+            assert a.shape == (req["rows"], model.config.vocab_size) and a.dtype == torch.float32
+            if engine.backend == "native":  # the same arithmetic for a row whatever its neighbours
+                assert torch.equal(a, b), f"request {i} step {step}: max diff {(a - b).abs().max():.2e}"
+            else:  # batched matmuls may sum in another order
+                assert torch.allclose(a, b, atol=1e-5, rtol=1e-5), f"request {i} step {step}"
+        # And against the HF forward of that request alone (its first entry is the prefill's logits).
+        expected = hf_steps(model, req["prompt"], req["feeds"])[1:]
+        for step, (a, e) in enumerate(zip(together[i], expected)):
+            assert torch.allclose(a, e, atol=1e-5, rtol=1e-5), f"request {i} step {step} vs HF"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_decode_many_gives_each_request_its_logits_alone(tiny_loaded, backend):
+    model = tiny_loaded.model
+    engine = build(model, backend)
+    # 2, 1 and 3 rows at positions 7, 3 and 20 with their own max_total_len: the 1-row request sits
+    # between the others, so the kernel pairs its row with a row of another request.
+    requests = make_requests(model.config.vocab_size, [(7, 2, 10, 0, 0), (3, 1, 10, 0, 5), (20, 3, 10, 0, 1)])
+    assert_batched_matches_alone(model, engine, requests, steps=10)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_decode_many_with_requests_joining_and_leaving(tiny_loaded, backend):
+    model = tiny_loaded.model
+    engine = build(model, backend)
+    # The first leaves after step 5 (dropped from the list at step 6); the third joins at step 4.
+    requests = make_requests(model.config.vocab_size, [(5, 2, 6, 0, 0), (9, 1, 10, 0, 2), (4, 3, 6, 4, 3)],
+                             seed=1)
+    assert_batched_matches_alone(model, engine, requests, steps=10)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_decode_many_of_one_state_matches_hf(llama, backend):
+    engine = build(llama, backend)
+    assert_same_logits(llama, engine, [5, 17, 42, 99, 3, 250, 7], rows=2, steps=8, many=True)
+    assert_same_logits(llama, engine, [9, 8], rows=1, steps=4, seed=1, many=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_decode_many_refuses_bad_steps_and_advances_nothing(llama, backend):
+    engine = build(llama, backend)
+    a, _ = engine.prefill([1, 2, 3], 2, 8)
+    b, _ = engine.prefill([4], 1, 2)
+    full, _ = engine.prefill([5, 6], 1, 2)
+    foreign, _ = build(llama, backend).prefill([1, 2, 3], 2, 8)
+    ok = torch.tensor([7, 8, 9])
+    cases = [
+        ([], torch.tensor([], dtype=torch.long), "at least one state"),
+        ([a, foreign], torch.tensor([7, 8, 9, 10]), "not made by this engine"),
+        ([a, a], torch.tensor([7, 8, 9, 10]), "listed twice"),
+        ([a, full], ok, "cache is full"),
+        ([a, b], torch.tensor([7, 8]), "expected 3 token ids"),
+        ([a, b], torch.tensor([7.0, 8.0, 9.0]), "expected 3 token ids"),
+        ([a, b], torch.tensor([7, 300, 9]), "outside the vocabulary"),
+    ]
+    for states, tokens, message in cases:
+        with pytest.raises(ValueError, match=message):
+            engine.decode_many(states, tokens)
+    assert (a.length, b.length, full.length, foreign.length) == (3, 1, 2, 3)
+    # The refused steps left the states usable: a good step still gives what decoding alone gives.
+    got = engine.decode_many([a, b], ok)
+    a2, _ = engine.prefill([1, 2, 3], 2, 8)
+    b2, _ = engine.prefill([4], 1, 2)
+    alone = torch.cat([engine.decode(a2, ok[:2]), engine.decode(b2, ok[2:])])
+    assert torch.allclose(got, alone, atol=1e-5, rtol=1e-5)
+    assert (a.length, b.length) == (4, 2)
+
+
+def test_native_engine_step_is_the_one_request_case_of_engine_step_rows(llama):
+    import ctypes
+
+    engine = build(llama, "native")
+    tokens = torch.tensor([11, 12])
+    via_rows, _ = engine.prefill([5, 17, 42], 2, 6)
+    via_step, _ = engine.prefill([5, 17, 42], 2, 6)
+    expected = engine.decode(via_rows, tokens)
+    logits = torch.empty_like(expected)
+    rc = engine._lib.engine_step(ctypes.addressof(engine._desc), tokens.data_ptr(), 2, via_step.length,
+                                 via_step.keys.data_ptr(), via_step.values.data_ptr(), via_step.max_total_len,
+                                 logits.data_ptr(), torch.get_num_threads())
+    assert rc == 0 and torch.equal(logits, expected)
+    assert torch.equal(via_step.keys[:, :, :, :4], via_rows.keys[:, :, :, :4])
+    assert torch.equal(via_step.values[:, :, :, :4], via_rows.values[:, :, :, :4])
 
 
 def test_native_sampling_probs_match_top_p_filtering():

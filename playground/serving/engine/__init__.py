@@ -36,15 +36,21 @@ Usage (rows share one prompt, e.g. the two replies of a pair):
     state, logits = engine.prefill(prompt_ids, rows=2, max_total_len=len(prompt_ids) + max_new)
     logits = engine.decode(state, next_tokens)   # next_tokens: LongTensor [rows]; logits: [rows, V]
 
+Several requests, each at its own position, in one step that reads the weights once for all rows
+(continuous batching; native: each request's logits bit-identical to decoding it alone):
+
+    logits = engine.decode_many([state_a, state_b], torch.cat([tokens_a, tokens_b]))
+
 `supports(model)` says whether the engine reproduces a model exactly; callers fall back to the HF
 forward when it is False. An `Engine` is read-only once built, so threads may decode different states
-with it at the same time (each `DecodeState` belongs to one caller).
+with it at the same time (each `DecodeState` belongs to one caller; a decode_many call needs all its
+states to itself).
 """
 
 from __future__ import annotations
 
 import ctypes
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -287,6 +293,9 @@ class DecodeState:
     rows: int
     length: int  # positions filled so far (the next token goes at this position)
     max_total_len: int
+    # The engine whose new_state made it: a cache of another model's shape, fed to this one, would be
+    # read out of bounds by the native step (and is nonsense to any backend).
+    owner: Engine | None = field(default=None, repr=False, compare=False)
 
 
 def _write_matrix(dest: torch.Tensor, parts: list[torch.Tensor], k: int, packed: bool) -> None:
@@ -502,7 +511,7 @@ class Engine:
         shape = (len(self.layers), rows, self.kv_heads, max_total_len, self.head_dim)
         keys = torch.empty(shape, device=self.device, dtype=self.dtype)
         values = torch.empty(shape, device=self.device, dtype=self.dtype)
-        return DecodeState(keys=keys, values=values, rows=rows, length=0, max_total_len=max_total_len)
+        return DecodeState(keys=keys, values=values, rows=rows, length=0, max_total_len=max_total_len, owner=self)
 
     @torch.inference_mode()
     def prefill(self, prompt_ids: list[int], rows: int, max_total_len: int) -> tuple[DecodeState, torch.Tensor]:
@@ -551,49 +560,125 @@ class Engine:
     @torch.inference_mode()
     def decode(self, state: DecodeState, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per row (LongTensor [rows]); returns the next logits [rows, V]."""
-        pos = state.length
-        if pos >= state.max_total_len:
-            raise ValueError(f"the cache is full ({state.max_total_len} positions)")
-        if tokens.shape != (state.rows,):
-            raise ValueError(f"expected {state.rows} tokens, got shape {tuple(tokens.shape)}")
-        if self._lib is not None:
-            tokens = tokens.to(device="cpu", dtype=torch.int64).contiguous()
-            logits = torch.empty(state.rows, self.vocab_size, dtype=torch.float32)
-            rc = self._lib.engine_step(ctypes.addressof(self._desc), tokens.data_ptr(), state.rows, pos,
-                                       state.keys.data_ptr(), state.values.data_ptr(), state.max_total_len,
-                                       logits.data_ptr(), torch.get_num_threads())
-            if rc != 0:
-                raise RuntimeError(f"engine_step failed ({rc}): " + ("a token id is outside the vocabulary"
-                                                                      if rc == -2 else "bad arguments"))
-            state.length = pos + 1
-            return logits
-        return self._decode_torch(state, tokens)
+        return self.decode_many([state], tokens)
 
-    def _decode_torch(self, state: DecodeState, tokens: torch.Tensor) -> torch.Tensor:
-        pos, rows = state.length, state.rows
+    @torch.inference_mode()
+    def decode_many(self, states: list[DecodeState], tokens: torch.Tensor) -> torch.Tensor:
+        """One decode step for the rows of several states at once, each state at its own position.
+
+        tokens: LongTensor [sum(s.rows for s in states)], the rows of states[0] first, then states[1], ...
+        Returns float32 logits [sum rows, vocab] in the same order, and advances each state's length by
+        1, as decode(state, its tokens) would for each state alone. The step reads the weights once for
+        every row, so it costs little more than decoding one state. The caller must own every state for
+        the step (the states are written), and a state appears once.
+
+        native: bit-identical to decoding each state alone (every row is computed by the same
+        arithmetic whatever its neighbours). torch: the matmuls run over all rows at once, and a
+        matmul's reduction order can change with its row count, so a state's logits match decoding it
+        alone to ~1e-5 relative, not bit for bit.
+
+        Raises ValueError, with nothing advanced, for an empty list, a state of another engine or
+        listed twice, a full cache, or tokens of the wrong shape or outside the vocabulary.
+        """
+        self._check_step(states, tokens)
+        if self._lib is not None:
+            logits = self._decode_native(states, tokens)
+        else:
+            logits = self._decode_torch(states, tokens)
+        for s in states:
+            s.length += 1
+        return logits
+
+    def _check_step(self, states: list[DecodeState], tokens: torch.Tensor) -> None:
+        if not states:
+            raise ValueError("decode_many needs at least one state")
+        if len({id(s) for s in states}) != len(states):
+            raise ValueError("a state is listed twice: each state takes one token per row per step")
+        for i, s in enumerate(states):
+            if getattr(s, "owner", None) is not self:
+                raise ValueError(f"state {i} was not made by this engine (use this engine's prefill or new_state)")
+            if s.length >= s.max_total_len:
+                raise ValueError(f"state {i}: the cache is full ({s.max_total_len} positions)")
+            # The native step writes through raw pointers: the caches must still be what new_state made.
+            expected = (len(self.layers), s.rows, self.kv_heads, s.max_total_len, self.head_dim)
+            for t in (s.keys, s.values):
+                if tuple(t.shape) != expected or not t.is_contiguous() or t.dtype != self.dtype:
+                    raise ValueError(f"state {i}: its cache is not the {list(expected)} {self.dtype} "
+                                     "tensor new_state made")
+        total = sum(s.rows for s in states)
+        integer = not (tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool)
+        if tokens.shape != (total,) or not integer:
+            raise ValueError(f"expected {total} token ids (LongTensor [{total}]), got {tokens.dtype} "
+                             f"of shape {tuple(tokens.shape)}")
+        low, high = (int(v) for v in torch.aminmax(tokens))
+        if low < 0 or high >= self.vocab_size:
+            bad = low if low < 0 else high
+            raise ValueError(f"token id {bad} is outside the vocabulary (0..{self.vocab_size - 1})")
+
+    def _decode_native(self, states: list[DecodeState], tokens: torch.Tensor) -> torch.Tensor:
+        """One engine_step_rows call: per row its position, the layer-0 address of its cache, the
+        distance between layers and its tmax (states differ in rows and max_total_len)."""
+        tokens = tokens.to(device="cpu", dtype=torch.int64).contiguous()
+        total = tokens.shape[0]
+        pos, strides, tmax, keys, values = [], [], [], [], []
+        for s in states:
+            row = self.kv_heads * s.max_total_len * self.head_dim  # floats in one row of one layer
+            pos += [s.length] * s.rows
+            strides += [s.rows * row] * s.rows
+            tmax += [s.max_total_len] * s.rows
+            k, v, size = s.keys.data_ptr(), s.values.data_ptr(), s.keys.element_size()
+            keys += [k + r * row * size for r in range(s.rows)]
+            values += [v + r * row * size for r in range(s.rows)]
+        rows = torch.tensor([pos, strides, tmax, keys, values], dtype=torch.int64)
+        logits = torch.empty(total, self.vocab_size, dtype=torch.float32)
+        rc = self._lib.engine_step_rows(ctypes.addressof(self._desc), tokens.data_ptr(), total, rows[0].data_ptr(),
+                                        rows[3].data_ptr(), rows[4].data_ptr(), rows[1].data_ptr(),
+                                        rows[2].data_ptr(), logits.data_ptr(), torch.get_num_threads())
+        if rc != 0:
+            reason = {-2: "a token id is outside the vocabulary", -3: "out of memory"}.get(rc, "bad arguments")
+            raise RuntimeError(f"engine_step_rows failed ({rc}): {reason}")
+        return logits
+
+    def _decode_torch(self, states: list[DecodeState], tokens: torch.Tensor) -> torch.Tensor:
+        """The step in torch ops: matmuls over all rows at once, then attention state by state.
+
+        Attention runs per state over a view of its own cache: padding every state to the longest
+        length would copy the caches each layer, a loop reads them in place (one state: as before).
+        """
         heads, kv_heads, hd = self.heads, self.kv_heads, self.head_dim
         q_size, kv_size = heads * hd, kv_heads * hd
         group = heads // kv_heads
-        end = pos + 1
         eps = self.eps
-        h = self._embed_rows(tokens.to(self.device))  # [rows, hidden]
-        rope = self.rope[pos]
-        keys, values = state.keys[:, :, :, :end], state.values[:, :, :, :end]
+        total = tokens.shape[0]
+        h = self._embed_rows(tokens.to(self.device))  # [total, hidden]
+        if len(states) == 1:
+            rope = self.rope[states[0].length]
+        else:  # each row rotated by its own position's angles: [total, 1 (heads), hd / 2]
+            positions = torch.tensor([s.length for s in states for _ in range(s.rows)], device=self.device)
+            rope = self.rope[positions][:, None, :]
+        spans, start = [], 0
+        for s in states:
+            spans.append((s, start, start + s.rows))
+            start += s.rows
         for i, L in enumerate(self.layers):
             x = _rms_norm(h, L.norm_attn, eps)
             qkv = _linear(x, L.qkv, L.b_qkv).contiguous()
-            qk = _apply_rope(qkv[:, : q_size + kv_size].reshape(rows, heads + kv_heads, hd), rope)
-            K, V = keys[i], values[i]
-            K[:, :, pos] = qk[:, heads:]
-            V[:, :, pos] = qkv[:, q_size + kv_size:].reshape(rows, kv_heads, hd)
-            q = qk[:, :heads].reshape(rows, kv_heads, group, hd)
-            scores = torch.matmul(q, K.transpose(-1, -2))  # [rows, kv_heads, group, end]
-            probs = scores.softmax(-1, dtype=torch.float32).to(scores.dtype)  # float32, as HF
-            a = torch.matmul(probs, V).reshape(rows, q_size)
+            qk = _apply_rope(qkv[:, : q_size + kv_size].reshape(total, heads + kv_heads, hd), rope)
+            v_new = qkv[:, q_size + kv_size:].reshape(total, kv_heads, hd)
+            parts = []
+            for s, lo, hi in spans:
+                pos, rows = s.length, s.rows
+                K, V = s.keys[i, :, :, :pos + 1], s.values[i, :, :, :pos + 1]
+                K[:, :, pos] = qk[lo:hi, heads:]
+                V[:, :, pos] = v_new[lo:hi]
+                q = qk[lo:hi, :heads].reshape(rows, kv_heads, group, hd)
+                scores = torch.matmul(q, K.transpose(-1, -2))  # [rows, kv_heads, group, pos + 1]
+                probs = scores.softmax(-1, dtype=torch.float32).to(scores.dtype)  # float32, as HF
+                parts.append(torch.matmul(probs, V).reshape(rows, q_size))
+            a = parts[0] if len(parts) == 1 else torch.cat(parts)
             h = h + _linear(a, L.o, L.b_o)
             x = _rms_norm(h, L.norm_mlp, eps)
             g, u = _linear(x, L.gate_up, L.b_gate_up).split(self.intermediate, dim=-1)
             h = h + _linear(F.silu(g) * u, L.down, L.b_down)
-        state.length = end
         x = _rms_norm(h, self.norm_final, eps)
         return _linear(x, self.lm_head).float()

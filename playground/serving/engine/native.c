@@ -1,4 +1,8 @@
 // One decode step of a Llama-family model for a few rows: float32, AVX-512, OpenMP.
+// The rows may belong to different requests, each at its own position in its own KV cache: the step
+// reads the weights once for all of them. Each row is computed by the same instructions in the same
+// order whatever its neighbours (rows are independent in every phase, see gemv_block), so a request's
+// logits are bit-identical whether it is decoded alone or in a batch.
 // Weights are packed in blocks of NB rows x LANES columns ([N/NB][K/LANES][NB][LANES]) so that each
 // thread streams them linearly. A layer is five phases with a barrier after each: q/k/v (with RoPE and
 // the cache writes in the epilogue), attention, o (added to the residual), gate/up (SwiGLU in the
@@ -34,13 +38,16 @@ typedef struct {
     float* y;  // output [R, ldy] (STORE, ADD, SWIGLU: [R, ldy] with ldy the intermediate size)
     int64_t ldy, N;
     const float* bias;
-    // EPI_QKV
-    int64_t nq, nk, head_dim, kv_heads, tmax, pos;
-    const float *cosv, *sinv;
-    float *keys, *values;  // this layer's caches [R, kv_heads, tmax, head_dim]
+    // EPI_QKV: row r's k and v go to its own cache at its own position pos[r], rotated by that
+    // position's angles (see engine_step_rows for the layout)
+    int64_t nq, nk, head_dim, kv_heads, layer;
+    const int64_t *pos, *layer_stride, *tmax;
+    const float *rope_cos, *rope_sin;  // [max_positions, head_dim / 2]
+    float* const* keys;
+    float* const* values;
 } Epi;
 
-int engine_abi(void) { return 5; }
+int engine_abi(void) { return 6; }
 
 // exp(x) for 16 floats: Cephes' expf polynomial (within 2 ulp of expf), 2^n applied by scalef.
 static inline __m512 exp16(__m512 x) {
@@ -92,13 +99,15 @@ static inline void epilogue(const Epi* e, int64_t r, int64_t n0, float* v) {
         break;
     }
     case EPI_QKV: {
-        const int64_t hd = e->head_dim;
+        const int64_t hd = e->head_dim, pos = e->pos[r];
         if (n0 < e->nq + e->nk) {  // q or k: rotate the pairs (dims 2i, 2i+1 of a head)
+            const float* cosv = e->rope_cos + pos * (hd / 2);
+            const float* sinv = e->rope_sin + pos * (hd / 2);
             for (int b = 0; b < NB; b += 2) {
                 const int64_t i = ((n0 + b) % hd) / 2;
                 const float a = v[b], c = v[b + 1];
-                v[b] = a * e->cosv[i] - c * e->sinv[i];
-                v[b + 1] = c * e->cosv[i] + a * e->sinv[i];
+                v[b] = a * cosv[i] - c * sinv[i];
+                v[b + 1] = c * cosv[i] + a * sinv[i];
             }
         }
         float* dst;
@@ -106,8 +115,8 @@ static inline void epilogue(const Epi* e, int64_t r, int64_t n0, float* v) {
             dst = e->y + r * e->ldy + n0;
         } else {
             const int64_t off = n0 < e->nq + e->nk ? n0 - e->nq : n0 - e->nq - e->nk;
-            float* cache = n0 < e->nq + e->nk ? e->keys : e->values;
-            dst = cache + ((r * e->kv_heads + off / hd) * e->tmax + e->pos) * hd + off % hd;
+            float* cache = (n0 < e->nq + e->nk ? e->keys[r] : e->values[r]) + e->layer * e->layer_stride[r];
+            dst = cache + ((off / hd) * e->tmax[r] + pos) * hd + off % hd;
         }
         memcpy(dst, v, NB * sizeof(float));
         break;
@@ -124,6 +133,9 @@ static inline void epilogue(const Epi* e, int64_t r, int64_t n0, float* v) {
     }
 }
 
+// Rows go two at a time (each weight block read once per pair) with the odd one out alone, but a
+// row's sums are the same FMAs in the same order either way (a0 and a1 never mix), so where a row
+// falls in a batch does not change its result.
 static void gemv_block(const float* restrict wb, const float* restrict X, int64_t K, int64_t R, int64_t n0,
                        const Epi* e) {
     const int64_t kc_n = K / LANES;
@@ -225,11 +237,12 @@ static void embed_row(const Desc* d, int64_t token, float* out) {
     for (int64_t kc = 0; kc < H / LANES; kc++) memcpy(out + kc * LANES, blk + kc * NB * LANES, LANES * sizeof(float));
 }
 
+// Row r, kv head j: K and V are this layer's cache of row r [kv_heads, tmax, head_dim], T its filled positions.
 static void attention(const float* q_all, const float* K, const float* V, float* att, float* sc, int64_t r,
                       int64_t j, int64_t T, const Desc* d, int64_t nqkv, int64_t tmax) {
-    const int64_t hd = d->head_dim, nkv = d->kv_heads, group = d->heads / nkv;
-    const float* Kr = K + (r * nkv + j) * tmax * hd;
-    const float* Vr = V + (r * nkv + j) * tmax * hd;
+    const int64_t hd = d->head_dim, group = d->heads / d->kv_heads;
+    const float* Kr = K + j * tmax * hd;
+    const float* Vr = V + j * tmax * hd;
     for (int64_t g = 0; g < group; g++) {
         const int64_t qh = j * group + g;
         const float* q = q_all + r * nqkv + qh * hd;
@@ -253,16 +266,26 @@ static void attention(const float* q_all, const float* K, const float* V, float*
     }
 }
 
-// tokens[R] at position pos; keys/values [n_layers, R, kv_heads, tmax, head_dim]; logits [R, vocab].
-int engine_step(const Desc* d, const int64_t* tokens, int64_t R, int64_t pos, float* keys, float* values,
-                int64_t tmax, float* logits, int nthreads) {
+// One step for R rows, row r at its own position pos[r] of its own cache: keys[r] (values[r]) points at
+// row r's layer-0 cache [kv_heads, tmax[r], head_dim], and layer l's at keys[r] + l * layer_stride[r]
+// (floats). Rows of one request share layer_stride and tmax; rows of different requests need not.
+// tokens[R]; logits [R, vocab]. Returns 0; -1 for bad arguments (pos[r] outside [0, tmax[r])), -2 for a
+// token outside the vocabulary, -3 when memory runs out; nothing is written unless it returns 0.
+int engine_step_rows(const Desc* d, const int64_t* tokens, int64_t R, const int64_t* pos, float* const* keys,
+                     float* const* values, const int64_t* layer_stride, const int64_t* tmax, float* logits,
+                     int nthreads) {
     const int64_t H = d->hidden, nh = d->heads, nkv = d->kv_heads, hd = d->head_dim, I = d->inter;
-    const int64_t nq = nh * hd, nk = nkv * hd, nqkv = nq + 2 * nk, T = pos + 1;
-    if (pos < 0 || pos >= tmax || R < 1 || nthreads < 1) return -1;
+    const int64_t nq = nh * hd, nk = nkv * hd, nqkv = nq + 2 * nk;
+    if (R < 1 || nthreads < 1) return -1;
+    int64_t T_max = 0;  // the longest attention span, for the scores scratch
+    for (int64_t r = 0; r < R; r++) {
+        if (pos[r] < 0 || pos[r] >= tmax[r] || !keys[r] || !values[r]) return -1;
+        if (pos[r] + 1 > T_max) T_max = pos[r] + 1;
+    }
     for (int64_t r = 0; r < R; r++) if (tokens[r] < 0 || tokens[r] >= d->vocab) return -2;
     const int64_t kmax = H > I ? H : I;
-    // Shared: h [R, H], q [R, nqkv], att [R, nq], m [R, I]; per thread: x [R, H] and scores [T].
-    const size_t shared = R * (H + nqkv + nq + I), per_thread = R * kmax + T + LANES;
+    // Shared: h [R, H], q [R, nqkv], att [R, nq], m [R, I]; per thread: x [R, H] and scores [T_max].
+    const size_t shared = R * (H + nqkv + nq + I), per_thread = R * kmax + T_max + LANES;
     float* scratch = (float*)aligned_alloc(64, ((shared + nthreads * per_thread) * sizeof(float) + 63) / 64 * 64);
     if (!scratch) return -3;
     float* h = scratch;
@@ -270,8 +293,6 @@ int engine_step(const Desc* d, const int64_t* tokens, int64_t R, int64_t pos, fl
     float* att = q + R * nqkv;
     float* m = att + R * nq;
     for (int64_t r = 0; r < R; r++) embed_row(d, tokens[r], h + r * H);
-    const float* cosv = d->rope_cos + pos * (hd / 2);
-    const float* sinv = d->rope_sin + pos * (hd / 2);
 
     Sync sync;
     atomic_init(&sync.count, 0);
@@ -285,18 +306,21 @@ int engine_step(const Desc* d, const int64_t* tokens, int64_t R, int64_t pos, fl
         float* sc = x + R * kmax;
         for (int64_t l = 0; l < d->n_layers; l++) {
             const float* const* L = d->layers + l * 10;
-            float* K = keys + l * R * nk * tmax;
-            float* V = values + l * R * nk * tmax;
             // Every thread normalizes the rows itself (cheaper than a barrier).
             rms_norm_rows(h, L[8], x, R, H, d->eps);
             Epi e = {0};
             e.mode = EPI_QKV; e.y = q; e.ldy = nqkv; e.N = nqkv; e.bias = L[1];
-            e.nq = nq; e.nk = nk; e.head_dim = hd; e.kv_heads = nkv; e.tmax = tmax; e.pos = pos;
-            e.cosv = cosv; e.sinv = sinv; e.keys = K; e.values = V;
+            e.nq = nq; e.nk = nk; e.head_dim = hd; e.kv_heads = nkv; e.layer = l;
+            e.pos = pos; e.layer_stride = layer_stride; e.tmax = tmax;
+            e.rope_cos = d->rope_cos; e.rope_sin = d->rope_sin; e.keys = keys; e.values = values;
             gemv(L[0], x, nqkv, H, R, &e, &sync);
             int64_t lo, hi;
             share(R * nkv, &lo, &hi);
-            for (int64_t t = lo; t < hi; t++) attention(q, K, V, att, sc, t / nkv, t % nkv, T, d, nqkv, tmax);
+            for (int64_t t = lo; t < hi; t++) {
+                const int64_t r = t / nkv;
+                attention(q, keys[r] + l * layer_stride[r], values[r] + l * layer_stride[r], att, sc, r, t % nkv,
+                          pos[r] + 1, d, nqkv, tmax[r]);
+            }
             sync_wait(&sync);
             Epi o = {0};
             o.mode = EPI_ADD; o.y = h; o.ldy = H; o.N = H; o.bias = L[3];
@@ -316,6 +340,30 @@ int engine_step(const Desc* d, const int64_t* tokens, int64_t R, int64_t pos, fl
     }
     free(scratch);
     return 0;
+}
+
+// The rows of one request, all at position pos: keys/values [n_layers, R, kv_heads, tmax, head_dim].
+int engine_step(const Desc* d, const int64_t* tokens, int64_t R, int64_t pos, float* keys, float* values,
+                int64_t tmax, float* logits, int nthreads) {
+    if (R < 1) return -1;
+    // Per row: pos, layer stride, tmax, then the key and value pointers.
+    int64_t* ints = (int64_t*)malloc(3 * R * sizeof(int64_t));
+    float** ptrs = (float**)malloc(2 * R * sizeof(float*));
+    int rc = -3;
+    if (ints && ptrs) {
+        const int64_t row = d->kv_heads * tmax * d->head_dim;
+        for (int64_t r = 0; r < R; r++) {
+            ints[r] = pos;
+            ints[R + r] = R * row;
+            ints[2 * R + r] = tmax;
+            ptrs[r] = keys + r * row;
+            ptrs[R + r] = values + r * row;
+        }
+        rc = engine_step_rows(d, tokens, R, ints, ptrs, ptrs + R, ints + R, ints + 2 * R, logits, nthreads);
+    }
+    free(ints);
+    free(ptrs);
+    return rc;
 }
 
 // ---- Sampling distributions (both rows of a pair at once)
