@@ -13,6 +13,7 @@ import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from playground.serving.decode_loop import DEFAULT_MAX_BATCH_ROWS
 from playground.serving.limits import DEFAULT_MAX_CONTEXT_TOKENS
 from playground.serving.models import BUNDLED, DEFAULT_CACHE_DIR, DEVICES
 from store import DEFAULT_DB
@@ -21,6 +22,7 @@ from trainers.defaults import DEFAULT_ADAPTERS_DIR, DEFAULT_TRAIN_EVERY_MIN, SCH
 if TYPE_CHECKING:
     from playground.chat import ChatService
     from playground.loop import TrainingLoop
+    from playground.serving.decode_loop import DecodeLoop
     from playground.serving.policy import PolicyHolder
     from store import Store
 
@@ -56,6 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="new training pairs a scheduled round needs (default: %(default)s)")
     parser.add_argument("--no-train", action="store_true",
                         help="turn the training schedule off (Train now and rollback still work)")
+    parser.add_argument("--max-batch-rows", type=int, default=DEFAULT_MAX_BATCH_ROWS,
+                        help="reply rows decoded together in the one decode loop (a pair is 2); past it requests "
+                             "wait in a queue and see their place (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=0,
                         help="CPU threads for torch; 0 keeps torch's choice (default: %(default)s)")
     args = parser.parse_args(argv)
@@ -65,6 +70,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--train-every {args.train_every} must be a positive number of minutes")
     if args.min_new_pairs < 1:
         parser.error(f"--min-new-pairs {args.min_new_pairs} must be at least 1")
+    if args.max_batch_rows < 2:
+        parser.error(f"--max-batch-rows {args.max_batch_rows} cannot hold one pair (at least 2)")
     if args.max_context_tokens < 64:
         parser.error(f"--max-context-tokens {args.max_context_tokens} is too small (at least 64)")
     return args
@@ -78,9 +85,11 @@ class Services:
     policy: "PolicyHolder"
     loop: "TrainingLoop"
     chat: "ChatService"
+    decode_loop: "DecodeLoop"
 
     def close(self) -> None:
         self.loop.shutdown()
+        self.decode_loop.close()
         self.store.close()
 
 
@@ -91,6 +100,7 @@ def build_services(args: argparse.Namespace, loaded=None, busy_timeout_ms: int |
 
     from playground.chat import ChatService
     from playground.loop import LoopSettings, TrainingLoop
+    from playground.serving.decode_loop import DecodeLoop
     from playground.serving.models import load_model
     from playground.serving.policy import PolicyHolder
     from store import Store
@@ -109,13 +119,16 @@ def build_services(args: argparse.Namespace, loaded=None, busy_timeout_ms: int |
                                          model_cache=args.model_cache, device=train_device,
                                          train_every_min=args.train_every, min_new_pairs=args.min_new_pairs,
                                          enabled=not args.no_train), store, policy)
-        # Each saved judgment nudges the schedule: the vote that reaches --min-new-pairs starts the round.
-        chat = ChatService(policy, store, max_context_tokens=args.max_context_tokens, on_feedback=loop.nudge)
+        # One decode loop for every session's pairs; each saved judgment nudges the schedule (the vote
+        # that reaches --min-new-pairs starts the round).
+        decode_loop = DecodeLoop(max_batch_rows=args.max_batch_rows)
+        chat = ChatService(policy, store, max_context_tokens=args.max_context_tokens, on_feedback=loop.nudge,
+                           decode_loop=decode_loop)
         loop.start()
     except BaseException:
         store.close()
         raise
-    return Services(store=store, policy=policy, loop=loop, chat=chat)
+    return Services(store=store, policy=policy, loop=loop, chat=chat, decode_loop=decode_loop)
 
 
 def main(argv: list[str] | None = None) -> int:

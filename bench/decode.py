@@ -19,6 +19,9 @@ Prints one JSON object:
 - engine_pair_decode_only_tokens_per_s and batched_tokens_per_s: engine.decode alone (no sampling)
   for 2 rows and for --batch-rows rows; torch_backend_pair_decode_only_tokens_per_s: the same for the
   engine's torch backend (the fallback where the native kernels cannot run);
+- loop_one_pair_tokens_per_s, loop_8_pairs_tokens_per_s and concurrent_8_pairs_speedup: one pair, then
+  8 pairs sent at once, through one DecodeLoop (the app's shared decode loop), aggregate tokens/s from
+  sending to the last token (prefill included), and their ratio (goal: at least 3);
 - read_bandwidth_gbs, limit_tokens_per_s, weight_bytes, rss_mb (model + engine, before the 1 GB
   bandwidth buffer), engine_build_s, backend, threads.
 
@@ -120,6 +123,35 @@ def time_engine_decode(engine, prompt_ids, rows, steps):
     return rows * steps / (time.perf_counter() - started)
 
 
+def time_concurrent(model, tokenizer, prompt_ids, settings, pairs: int, max_batch_rows: int) -> float:
+    """Aggregate tokens/s of `pairs` pairs sent at once through one DecodeLoop (the app's decode loop),
+    from the moment they are sent to the last token of the last pair, prefill included."""
+    import threading
+
+    from playground.serving.decode_loop import DecodeLoop
+
+    loop = DecodeLoop(max_batch_rows=max_batch_rows)
+    counts = [0] * pairs
+    barrier = threading.Barrier(pairs + 1)
+
+    def run(i):
+        barrier.wait()
+        for update in loop.stream(model, tokenizer, prompt_ids, settings, (SEEDS[0] + i, SEEDS[1] + i), stop_ids=set()):
+            counts[i] = sum(r.n_tokens for r in update.replies)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(pairs)]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    started = time.perf_counter()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - started
+    loop.close()
+    assert counts == [2 * settings.max_new_tokens] * pairs, counts
+    return sum(counts) / elapsed
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     import torch
@@ -168,6 +200,9 @@ def main(argv=None) -> dict:
         bandwidth.measure()
     else:
         decode_pair = batched = None
+    one_pair_loop = time_concurrent(model, tokenizer, prompt_ids, settings, 1, 16)
+    eight_pairs_loop = time_concurrent(model, tokenizer, prompt_ids, settings, 8, 16)
+    bandwidth.measure()
 
     hf_pair = hf_generate = None
     if not args.skip_hf:
@@ -208,6 +243,9 @@ def main(argv=None) -> dict:
         "torch_backend_pair_decode_only_tokens_per_s": r(torch_decode_pair),
         "batched_rows": args.batch_rows if batched is not None else None,
         "batched_tokens_per_s": r(batched),
+        "loop_one_pair_tokens_per_s": r(one_pair_loop),
+        "loop_8_pairs_tokens_per_s": r(eight_pairs_loop),
+        "concurrent_8_pairs_speedup": r(eight_pairs_loop / one_pair_loop, 3),
         "rss_mb": r(rss, 1),
         "engine_build_s": r(build_s, 3),
         "backend": engine.backend if engine is not None else "hf",

@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+from playground.serving.decode_loop import DecodeFailed, DecodeLoop, DecodeLoopBusy
 from playground.serving.generation import SampledReply, SamplingSettings, sample_pair
 from playground.serving.limits import DEFAULT_MAX_CONTEXT_TOKENS, MAX_STORED_MESSAGE_CHARS
 from playground.serving.policy import PolicyHolder, PolicySnapshot
@@ -47,6 +48,7 @@ class Pair:
     choice: str | None = None
     ratings: dict[str, str] = field(default_factory=dict)
     edit: str | None = None
+    ahead: int | None = None  # requests waiting before this pair's decoding starts (None: decoding)
 
     def reply(self, slot: str) -> SampledReply:
         return self.replies[SLOTS.index(slot)]
@@ -92,13 +94,22 @@ class ChatSession:
 
 class ChatService:
     def __init__(self, policy: PolicyHolder, store: Store, max_context_tokens: int = DEFAULT_MAX_CONTEXT_TOKENS,
-                 on_feedback: Callable[[], None] | None = None):
+                 on_feedback: Callable[[], None] | None = None, decode_loop: DecodeLoop | None = None):
         self.policy = policy
+        # Every session's pairs decode in this one loop (continuous batching); None: each on its own thread.
+        self.decode_loop = decode_loop
         self.store = store
         self.max_context_tokens = max_context_tokens
         # Called after each saved judgment (the loop's nudge: the vote that reaches the threshold starts
         # the round now, not at the next scheduled check). It must be quick and must not raise.
         self.on_feedback = on_feedback
+
+    def concurrent_generations(self) -> int:
+        """Pairs that may be generating at once: what the shared decode loop takes (rows plus its queue),
+        else one."""
+        if self.decode_loop is None:
+            return 1
+        return self.decode_loop.max_batch_rows // len(SLOTS) + self.decode_loop.max_waiting
 
     # -- sending and sampling ---------------------------------------------------------------------
 
@@ -142,15 +153,26 @@ class ChatService:
         pair = session.pair
         seeds = (secrets.randbits(SEED_BITS), secrets.randbits(SEED_BITS))
         try:
-            for replies in sample_pair(snapshot.model, snapshot.tokenizer, session.prompt_ids, pair.settings, seeds):
-                pair.replies = replies
-                yield pair
-        except BaseException:
+            if self.decode_loop is None:
+                for replies in sample_pair(snapshot.model, snapshot.tokenizer, session.prompt_ids, pair.settings,
+                                           seeds):
+                    pair.replies = replies
+                    yield pair
+            else:
+                for update in self.decode_loop.stream(snapshot.model, snapshot.tokenizer, session.prompt_ids,
+                                                      pair.settings, seeds):
+                    pair.replies, pair.ahead = update.replies, update.ahead
+                    yield pair
+        except BaseException as exc:
             # A failed or abandoned generation leaves no pair behind: a regenerate falls back to the
             # pair it replaced, a new turn to the conversation before it.
             session.pair = previous
             if previous is None:
                 session.user_message = None
+            if isinstance(exc, DecodeLoopBusy):
+                raise ChatError(f"The model is busy ({exc}). Nothing was sent; try again in a moment.") from exc
+            if isinstance(exc, DecodeFailed):
+                raise ChatError(f"The replies could not be written ({exc}). Nothing was saved; try again.") from exc
             raise
         pair.generating = False
         self._save_pair(session, pair)
@@ -303,6 +325,7 @@ def pair_summary(session: ChatSession) -> dict:
         "turn_id": pair.turn_id,
         "pair": pair.index,
         "generating": pair.generating,
+        "ahead": pair.ahead if pair.generating else None,  # requests waiting before this one starts
         "saved": bool(pair.reply_ids),
         "choice": pair.choice,
         "ratings": dict(pair.ratings),

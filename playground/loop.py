@@ -26,6 +26,7 @@ from pathlib import Path
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from playground.serving.adapters import AdapterError, load_version
+from playground.serving.generation import engine_for
 from playground.serving.policy import BASE_VERSION, PolicyHolder, PolicySnapshot
 from store import Store, StoreError
 from trainers.data import count_new_pairs
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 TRAINER_NICENESS = 10
 STATUS_CACHE_S = 1.0
 RUNS_SHOWN = 20  # rounds in the admin panel's table
+SHUTDOWN_WAIT_S = 10.0  # for a terminated trainer's watcher to record the round's end
 INTERRUPTED = "interrupted: the app stopped while the round was running"
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -68,6 +70,7 @@ class TrainingLoop:
         self._lock = threading.Lock()  # one round at a time; guards _process
         self._swap_lock = threading.Lock()
         self._process: subprocess.Popen | None = None
+        self._watcher: threading.Thread | None = None
         # Set from a round's start until its version is live (or it failed): the next round must see the
         # previous one's version as its parent, so it may start only after the promotion, not at process exit.
         self._round_active = threading.Event()
@@ -108,6 +111,10 @@ class TrainingLoop:
         with self._lock:
             if self._process is not None and self._process.poll() is None:
                 self._process.terminate()
+            watcher = self._watcher
+        # Let the watcher record how the round ended before the caller closes the store under it.
+        if watcher is not None and watcher is not threading.current_thread():
+            watcher.join(timeout=SHUTDOWN_WAIT_S)
 
     # -- rounds -----------------------------------------------------------------------------------
 
@@ -161,8 +168,9 @@ class TrainingLoop:
                 self.store.fail_run_if_running(run_id, f"the trainer could not start: {exc}")
                 return f"round {run_id} could not start: {exc}"
             self.store.set_run_pid(run_id, self._process.pid)
-            threading.Thread(target=self._watch, args=(self._process, run_id), daemon=True,
-                             name=f"round-{run_id}").start()
+            self._watcher = threading.Thread(target=self._watch, args=(self._process, run_id), daemon=True,
+                                             name=f"round-{run_id}")
+            self._watcher.start()
             self._event("started", f"round {run_id} started ({trigger}) on {new} new pair(s)")
             return f"round {run_id} started on {new} new pair(s)"
 
@@ -216,6 +224,8 @@ class TrainingLoop:
                     raise AdapterError(f"no version {version} for {self.policy.model_id}")
                 # Load and verify before the swap: the live version keeps serving all the while.
                 _, model = load_version(self.policy.base.model, Path(row["adapter_dir"]), self.policy.model_id)
+                # Build its decode engine now too, so the first reply after the swap does not wait for it.
+                engine_for(model)
                 snapshot = PolicySnapshot(version, model, self.policy.base.tokenizer, self.policy.model_id)
             self.last_load_s = time.perf_counter() - loading
             started = time.perf_counter()

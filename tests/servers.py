@@ -12,7 +12,7 @@ from bench.fixtures import free_port
 from playground.web.ui import build_ui, launch
 
 
-def app_args(loaded, db_path, loop_settings: dict | None = None) -> list[str]:
+def app_args(loaded, db_path, loop_settings: dict | None = None, extra: tuple[str, ...] = ()) -> list[str]:
     """app.py's command line for these settings (no loop settings: the schedule off, as --no-train)."""
     settings = dict(loop_settings or {})
     argv = ["--model", loaded.model_id, "--db", str(db_path)]
@@ -26,13 +26,15 @@ def app_args(loaded, db_path, loop_settings: dict | None = None) -> list[str]:
     settings.pop("device", None)  # the loop trains where the app serves, as app.py decides
     if settings:
         raise TypeError(f"unknown loop settings {sorted(settings)}")
-    return argv
+    return argv + list(extra)
 
 
 @contextlib.contextmanager
-def running_app(loaded, db_path, busy_timeout_ms: int = 200, loop_settings: dict | None = None):
-    """Yields (url, service) — or (url, service, loop) when loop_settings are given."""
-    services = build_services(parse_args(app_args(loaded, db_path, loop_settings)), loaded=loaded,
+def running_app(loaded, db_path, busy_timeout_ms: int = 200, loop_settings: dict | None = None,
+                extra_args: tuple[str, ...] = ()):
+    """Yields (url, service) — or (url, service, loop) when loop_settings are given. `extra_args`: more
+    app.py flags."""
+    services = build_services(parse_args(app_args(loaded, db_path, loop_settings, extra_args)), loaded=loaded,
                               busy_timeout_ms=busy_timeout_ms)
     demo = build_ui(services.chat, services.loop)
     port = free_port()

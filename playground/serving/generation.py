@@ -169,6 +169,23 @@ def _draw(probs: torch.Tensor, generators: list[torch.Generator]) -> torch.Tenso
 
 
 @torch.inference_mode()
+def sample_rows(logits: torch.Tensor, settings: SamplingSettings,
+                generators: list[torch.Generator]) -> tuple[torch.Tensor, list[float]]:
+    """One token per row from logits [rows, vocab] at the settings' temperature and top-p, each row with
+    its own generator; returns (tokens [rows], each token's log-probability at temperature 1, no top-p).
+    Every decode path samples here, so a seed gives the same reply whichever path decoded it."""
+    native = engine_mod.native_sampling_probs(logits, settings.temperature, settings.top_p)
+    if native is not None:  # the same distributions, ~1 ms a step sooner on a CPU
+        probs, lse = native
+        next_tokens = _draw(probs, generators)
+        return next_tokens, (logits.gather(-1, next_tokens[:, None])[:, 0] - lse).tolist()
+    logprobs = torch.log_softmax(logits, dim=-1)
+    probs = filter_top_p(logits / settings.temperature, settings.top_p).softmax(dim=-1)
+    next_tokens = _draw(probs, generators)
+    return next_tokens, logprobs.gather(-1, next_tokens[:, None])[:, 0].tolist()
+
+
+@torch.inference_mode()
 def sample_pair(
     model,
     tokenizer,
@@ -214,16 +231,7 @@ def sample_pair(
             return out.logits[:, -1, :].float()
 
     for step in range(max_new):
-        native = engine_mod.native_sampling_probs(logits, settings.temperature, settings.top_p)
-        if native is not None:  # the same distributions, ~1 ms a step sooner on a CPU
-            probs, lse = native
-            next_tokens = _draw(probs, generators)
-            picked = (logits.gather(-1, next_tokens[:, None])[:, 0] - lse).tolist()
-        else:
-            logprobs = torch.log_softmax(logits, dim=-1)
-            probs = filter_top_p(logits / settings.temperature, settings.top_p).softmax(dim=-1)
-            next_tokens = _draw(probs, generators)
-            picked = logprobs.gather(-1, next_tokens[:, None])[:, 0].tolist()
+        next_tokens, picked = sample_rows(logits, settings, generators)
         elapsed = time.perf_counter() - started
         for i, reply in enumerate(replies):
             if reply.done:

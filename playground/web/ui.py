@@ -19,7 +19,10 @@ from playground.serving.generation import SampledReply, SamplingSettings
 from playground.serving.limits import MAX_NEW_TOKENS_LIMIT, MAX_TEMPERATURE, MIN_TEMPERATURE
 from playground.loop import TrainingLoop
 
-GENERATE_CONCURRENCY = "generate"  # one decode at a time: on 2 cores two would only share the bandwidth
+# Sends and regenerates share one limit: as many at once as the shared decode loop takes (rows and its
+# queue, which tells each person their place); without the loop, one at a time (two separate decode
+# loops would only split the memory bandwidth).
+GENERATE_CONCURRENCY = "generate"
 CHOICE_LABELS = {"a": "A is better", "b": "B is better", "tie": "Tie", "both_bad": "Both are bad"}
 FINISH_LABELS = {"stop": "end of turn", "length": "length limit", None: "writing…"}
 # The conversation and both reply panels render text alike, so neither reply looks better for its layout.
@@ -117,6 +120,10 @@ def badge(pair: Pair | None, reply: SampledReply | None) -> str:
 def notice(session: ChatSession) -> str:
     lines = [f"⚠️ {n}" for n in session.notes]
     pair = session.pair
+    if pair is not None and pair.generating and pair.ahead is not None:
+        ahead = "1 request" if pair.ahead == 1 else f"{pair.ahead} requests"
+        lines.append(f"⏳ Waiting for the model: {ahead} ahead of you." if pair.ahead else
+                     "⏳ Waiting for the model: yours is next.")
     if pair is not None and not pair.generating:
         if pair.choice:
             lines.append(f"Saved: {CHOICE_LABELS[pair.choice]}. Send your next message to continue.")
@@ -129,6 +136,7 @@ def notice(session: ChatSession) -> str:
 
 def build_ui(service: ChatService, loop: TrainingLoop | None = None, title: str = "RLHF Playground") -> gr.Blocks:
     model_id = service.policy.model_id
+    generate_limit = service.concurrent_generations()
     with gr.Blocks(title=title, fill_width=True) as demo:
         session = gr.State(lambda: ChatSession())  # a factory: each browser session gets its own
         gr.Markdown(f"## {title}")
@@ -248,11 +256,13 @@ def build_ui(service: ChatService, loop: TrainingLoop | None = None, title: str 
             return run
 
         send_args = dict(fn=on_send, inputs=[session, message, *sampling], outputs=[session, message, *view_outputs],
-                         concurrency_id=GENERATE_CONCURRENCY, api_visibility="private")
+                         concurrency_id=GENERATE_CONCURRENCY, concurrency_limit=generate_limit,
+                         api_visibility="private")
         send.click(**send_args)
         message.submit(**send_args)
         regenerate.click(on_regenerate, [session, temperature, top_p, max_new_tokens], [session, *view_outputs],
-                         concurrency_id=GENERATE_CONCURRENCY, api_visibility="private")
+                         concurrency_id=GENERATE_CONCURRENCY, concurrency_limit=generate_limit,
+                         api_visibility="private")
         for choice, button in votes.items():
             button.click(judge(service.vote, choice), [session], [session, *view_outputs], api_visibility="private")
         for (slot, rating), button in thumbs.items():
@@ -366,9 +376,9 @@ def build_ui(service: ChatService, loop: TrainingLoop | None = None, title: str 
 
         api = api_trigger.click
         api(api_send, [session, api_text, api_num1, api_num2, api_num3, api_value], [session, api_out],
-            api_name="send", concurrency_id=GENERATE_CONCURRENCY)
+            api_name="send", concurrency_id=GENERATE_CONCURRENCY, concurrency_limit=generate_limit)
         api(api_regenerate, [session, api_num1, api_num2, api_num3], [session, api_out],
-            api_name="regenerate", concurrency_id=GENERATE_CONCURRENCY)
+            api_name="regenerate", concurrency_id=GENERATE_CONCURRENCY, concurrency_limit=generate_limit)
         api(api_vote, [session, api_value], [session, api_out], api_name="vote")
         api(api_rate, [session, api_slot, api_value], [session, api_out], api_name="rate")
         api(api_edit, [session, api_text], [session, api_out], api_name="edit")

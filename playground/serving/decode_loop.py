@@ -1,0 +1,343 @@
+"""One decode loop for every session: continuous batching over the decode engine.
+
+A step of a small model on a CPU is bound by reading the weights, so rows added to a step cost little:
+four people each running their own loop would each re-read all the weights every step and share the
+memory bandwidth four ways. Here one thread owns the decoding. A request (a pair of replies to one
+prompt) waits in a queue, is prefilled between two steps, joins the running batch at the next step,
+streams a snapshot of its replies after every step, and leaves when both replies are done or its
+reader goes away. Each engine step covers the rows of every active request of that engine at their
+own positions (`Engine.decode_many`), so a request's tokens are those it would get decoded alone.
+
+Each row samples with its own `torch.Generator` seeded from the stored seed, as `sample_pair` does, and
+with the same code (`generation.sample_rows`), so a stored seed reproduces its reply whichever way it
+was decoded. Models the engine does not support are decoded by `sample_pair` on the caller's thread,
+as before.
+
+Limits: at most `max_batch_rows` rows decode at once (`--max-batch-rows`); past that requests wait and
+their readers learn how many requests are ahead of them; past `max_waiting` waiting requests a new one
+is refused with `DecodeLoopBusy` (nothing was started). An exception inside a step fails the requests
+of that step with the error and the loop goes on with the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from playground.serving.generation import (
+    SLOTS,
+    SampledReply,
+    SamplingSettings,
+    engine_for,
+    sample_pair,
+    sample_rows,
+    stop_token_ids,
+)
+
+log = logging.getLogger(__name__)
+
+# Rows decoded in one step at most: a pair is 2 rows, so 8 people's pairs at once. Past this the step
+# stops being bound by the weights alone (bench/decode.py measures the curve), and waiting is better
+# than slowing every stream down.
+DEFAULT_MAX_BATCH_ROWS = 16
+# Requests allowed to wait for rows; past this a new request is refused ("busy, try again").
+DEFAULT_MAX_WAITING = 32
+# Tokens decoded again before the newest ones when streaming text, so a character split across tokens
+# (emoji, accents) is shown whole once its last token arrives.
+DETOKENIZE_WINDOW = 6
+# A waiting reader hears from the loop at least this often (the same update again when nothing changed).
+HEARTBEAT_S = 0.5
+
+
+class DecodeLoopBusy(RuntimeError):
+    """Too many requests are waiting already; nothing was started."""
+
+
+class DecodeFailed(RuntimeError):
+    """The step decoding this request failed; the message says why."""
+
+
+@dataclass
+class Update:
+    """What a reader sees after a step: its replies so far, or how many requests wait before it."""
+
+    replies: list[SampledReply]
+    ahead: int | None = None  # requests ahead of this one in the queue; None once it decodes
+
+
+@dataclass
+class _Request:
+    model: object
+    tokenizer: object
+    prompt_ids: list[int]
+    settings: SamplingSettings
+    seeds: tuple[int, ...]
+    stop_ids: set[int]
+    engine: object
+    replies: list[SampledReply] = field(default_factory=list)
+    generators: list[torch.Generator] = field(default_factory=list)
+    state: object = None
+    logits: torch.Tensor | None = None  # the distribution the next tokens are drawn from
+    step: int = 0
+    started: float = 0.0
+    version: int = 0  # +1 per published snapshot
+    snapshot: list[SampledReply] | None = None
+    ahead: int | None = None
+    error: BaseException | None = None
+    done: bool = False
+    cancelled: bool = False
+    text_from: list[int] = field(default_factory=list)  # per row: tokens whose text is final in `stable`
+    stable: list[str] = field(default_factory=list)
+
+    @property
+    def rows(self) -> int:
+        return len(self.seeds)
+
+
+class DecodeLoop:
+    def __init__(self, max_batch_rows: int = DEFAULT_MAX_BATCH_ROWS, max_waiting: int = DEFAULT_MAX_WAITING):
+        if max_batch_rows < len(SLOTS):
+            raise ValueError(f"max_batch_rows {max_batch_rows} cannot hold one pair ({len(SLOTS)} rows)")
+        if max_waiting < 0:
+            raise ValueError(f"max_waiting {max_waiting} must be >= 0")
+        self.max_batch_rows = max_batch_rows
+        self.max_waiting = max_waiting
+        self._cv = threading.Condition()
+        self._waiting: deque[_Request] = deque()
+        self._active: list[_Request] = []
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self.steps = 0  # engine steps run, for tests and benchmarks
+        self.max_rows_seen = 0
+
+    # -- what callers use ---------------------------------------------------------------------------
+
+    def stream(self, model, tokenizer, prompt_ids: list[int], settings: SamplingSettings,
+               seeds: tuple[int, ...], stop_ids: set[int] | None = None) -> Iterator[Update]:
+        """Yield an `Update` after every step the request is in (and while it waits); the last one has
+        every reply finished. Closing the iterator cancels the request. Raises DecodeLoopBusy at once
+        when too many requests wait, DecodeFailed when its step failed."""
+        stop_ids = stop_token_ids(tokenizer, model) if stop_ids is None else stop_ids
+        engine = engine_for(model)
+        if engine is None or len(prompt_ids) + int(settings.max_new_tokens) > engine.max_positions:
+            # No engine for this model (or past its window): the HF forward on this thread, as before.
+            for replies in sample_pair(model, tokenizer, prompt_ids, settings, seeds, stop_ids=stop_ids,
+                                       use_engine=False):
+                yield Update(replies)
+            return
+        request = _Request(model, tokenizer, list(prompt_ids), settings, tuple(int(s) for s in seeds),
+                           stop_ids, engine)
+        self._submit(request)
+        try:
+            seen = -1
+            while True:
+                with self._cv:
+                    # Wake up now and then even with nothing new: a reader blocked here could not be
+                    # cancelled (a web server stops a stream between two yields), so a tab closed while its
+                    # request waits would keep its place in the queue.
+                    if request.version == seen and request.error is None:
+                        self._cv.wait(HEARTBEAT_S)
+                    if request.error is not None:
+                        raise DecodeFailed(str(request.error)) from request.error
+                    seen, snapshot, ahead, done = request.version, request.snapshot, request.ahead, request.done
+                yield Update(snapshot if snapshot is not None else _fresh_replies(request.seeds), ahead)
+                if done:
+                    return
+        finally:
+            with self._cv:
+                if not request.done:
+                    request.cancelled = True  # the loop drops it before its next step
+                    if request in self._waiting:  # a waiting one leaves the queue now
+                        self._waiting.remove(request)
+                        self._publish_positions()
+                    self._cv.notify_all()
+
+    def sample_pair(self, model, tokenizer, prompt_ids, settings, seeds, stop_ids=None) -> Iterator[list[SampledReply]]:
+        """`generation.sample_pair`'s interface over the shared loop (replies only, no queue notes)."""
+        for update in self.stream(model, tokenizer, prompt_ids, settings, seeds, stop_ids):
+            yield update.replies
+
+    def load(self) -> dict:
+        with self._cv:
+            return {"active_requests": len(self._active), "active_rows": sum(r.rows for r in self._active),
+                    "waiting": len(self._waiting), "max_batch_rows": self.max_batch_rows}
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            for request in list(self._waiting) + self._active:
+                request.error = request.error or RuntimeError("the app is shutting down")
+            self._cv.notify_all()
+
+    # -- the loop -----------------------------------------------------------------------------------
+
+    def _submit(self, request: _Request) -> None:
+        with self._cv:
+            if self._closed:
+                raise DecodeLoopBusy("the app is shutting down")
+            queued_rows = sum(r.rows for r in self._waiting) + request.rows
+            if len(self._waiting) >= self.max_waiting and not self._has_room(request, queued_rows):
+                raise DecodeLoopBusy(f"{len(self._waiting)} requests are waiting already; try again in a moment")
+            self._waiting.append(request)
+            self._publish_positions()
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, daemon=True, name="decode-loop")
+                self._thread.start()
+            self._cv.notify_all()
+
+    def _has_room(self, request: _Request, rows: int | None = None) -> bool:
+        """Whether `rows` more (default: the request's) fit beside the active rows now."""
+        return sum(r.rows for r in self._active) + (request.rows if rows is None else rows) <= self.max_batch_rows
+
+    def _publish_positions(self) -> None:
+        for i, request in enumerate(self._waiting):
+            if request.ahead != i:
+                request.ahead = i
+                request.version += 1
+
+    @torch.inference_mode()
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                self._drop_cancelled()
+                while not self._active and not self._waiting and not self._closed:
+                    self._cv.wait()
+                if self._closed:
+                    return
+                admitted = []
+                while self._waiting and self._has_room(self._waiting[0]):
+                    request = self._waiting.popleft()
+                    request.ahead = None
+                    self._active.append(request)
+                    admitted.append(request)
+                self._publish_positions()
+                active = list(self._active)
+            for request in admitted:
+                self._guard([request], self._prefill)
+            by_engine: dict[int, list[_Request]] = {}
+            for request in active:
+                if request.error is None and not request.done and not request.cancelled:
+                    by_engine.setdefault(id(request.engine), []).append(request)
+            for group in by_engine.values():
+                self._guard(group, self._step)
+
+    def _guard(self, group: list[_Request], fn) -> None:
+        try:
+            fn(group)
+        except Exception as exc:  # fail these requests with the reason; the loop serves the others
+            log.exception("decode step failed for %d request(s)", len(group))
+            with self._cv:
+                for request in group:
+                    request.error = exc
+                    self._remove(request)
+                self._cv.notify_all()
+
+    def _prefill(self, group: list[_Request]) -> None:
+        (request,) = group
+        request.started = time.perf_counter()
+        device = next(request.model.parameters()).device
+        request.replies = _fresh_replies(request.seeds)
+        request.generators = [torch.Generator(device=device).manual_seed(s) for s in request.seeds]
+        request.text_from = [0] * request.rows
+        request.stable = [""] * request.rows
+        max_total = len(request.prompt_ids) + int(request.settings.max_new_tokens)
+        # The last sampled token is never fed back: prompt + max_new positions are enough.
+        request.state, request.logits = request.engine.prefill(request.prompt_ids, request.rows, max_total)
+
+    def _step(self, group: list[_Request]) -> None:
+        # Draw each request's next tokens from its pending logits, then one engine step for all rows.
+        feed: list[_Request] = []
+        tokens: list[torch.Tensor] = []
+        for request in group:
+            next_tokens = self._sample(request)
+            if not request.done:
+                feed.append(request)
+                tokens.append(next_tokens)
+        if not feed:
+            return
+        rows = sum(r.rows for r in feed)
+        self.max_rows_seen = max(self.max_rows_seen, rows)
+        logits = feed[0].engine.decode_many([r.state for r in feed], torch.cat(tokens))
+        self.steps += 1
+        start = 0
+        for request in feed:
+            request.logits = logits[start:start + request.rows]
+            start += request.rows
+
+    def _sample(self, request: _Request) -> torch.Tensor:
+        next_tokens, picked = sample_rows(request.logits, request.settings, request.generators)
+        elapsed = time.perf_counter() - request.started
+        max_new = int(request.settings.max_new_tokens)
+        for i, reply in enumerate(request.replies):
+            if reply.done:
+                continue
+            token = int(next_tokens[i])
+            reply.token_ids.append(token)
+            reply.logprob_sum += picked[i]
+            if reply.ttft_s is None:
+                reply.ttft_s = elapsed
+            if token in request.stop_ids:
+                reply.finish_reason = "stop"
+            elif request.step + 1 == max_new:
+                reply.finish_reason = "length"
+            if reply.done:
+                reply.latency_s = elapsed
+            reply.text = self._text(request, i, reply)
+        request.step += 1
+        with self._cv:
+            request.done = all(r.done for r in request.replies)
+            request.snapshot = [replace(r, token_ids=list(r.token_ids)) for r in request.replies]
+            request.version += 1
+            if request.done:
+                self._remove(request)
+            self._cv.notify_all()
+        return next_tokens
+
+    @staticmethod
+    def _text(request: _Request, i: int, reply: SampledReply) -> str:
+        """The reply's text so far, decoding only the newest tokens (plus a short window before them).
+
+        Decoding all tokens every step grows with the reply; the finished text is decoded whole, so what
+        is stored is exactly `tokenizer.decode` of the reply."""
+        content = reply.token_ids[:-1] if reply.finish_reason == "stop" else reply.token_ids
+        if reply.done:
+            return request.tokenizer.decode(content, skip_special_tokens=True)
+        decode = request.tokenizer.decode
+        start = request.text_from[i]
+        tail = decode(content[start:], skip_special_tokens=True)
+        if len(content) - start > 2 * DETOKENIZE_WINDOW:
+            # Fix the text of all but the newest window of tokens, where decoding the two parts apart
+            # gives the same text as together (not so inside a character split across tokens, or where
+            # a tokenizer drops the space that starts a piece): later steps decode only the window.
+            fixed = len(content) - DETOKENIZE_WINDOW
+            head = decode(content[start:fixed], skip_special_tokens=True)
+            rest = decode(content[fixed:], skip_special_tokens=True)
+            if head + rest == tail:
+                request.stable[i] += head
+                request.text_from[i] = fixed
+                tail = rest
+        return request.stable[i] + tail
+
+    def _drop_cancelled(self) -> None:
+        for request in [r for r in self._active if r.cancelled]:
+            self._remove(request)
+        kept = deque(r for r in self._waiting if not r.cancelled)
+        if len(kept) != len(self._waiting):
+            self._waiting = kept
+            self._publish_positions()
+
+    def _remove(self, request: _Request) -> None:
+        if request in self._active:
+            self._active.remove(request)
+        request.state = None  # its KV cache goes now, not when the reader lets go of the request
+        request.logits = None
+
+
+def _fresh_replies(seeds) -> list[SampledReply]:
+    return [SampledReply(slot=s, seed=int(seed)) for s, seed in zip(SLOTS, seeds)]

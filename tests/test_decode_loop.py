@@ -1,0 +1,240 @@
+"""The one decode loop: requests decoded together give the tokens they get alone; rows join and leave;
+the queue says how many are ahead; a full queue, a cancelled reader and a failing step are handled."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from playground.serving.decode_loop import DecodeFailed, DecodeLoop, DecodeLoopBusy
+from playground.serving.generation import SamplingSettings, engine_for, sample_pair
+
+SETTINGS = SamplingSettings(temperature=1.0, top_p=0.95, max_new_tokens=12)
+
+
+def prompt(tokenizer, text):
+    from playground.serving.prompting import render
+
+    return render(tokenizer, [{"role": "user", "content": text}])
+
+
+def decoding(stream):
+    """Advance a stream until its request decodes (it may wait a moment first); returns that update."""
+    for update in stream:
+        if update.ahead is None and any(r.token_ids for r in update.replies):
+            return update
+    raise AssertionError("the stream ended before it decoded")
+
+
+def finished(stream):
+    last = None
+    for update in stream:
+        last = update
+    return last
+
+
+@pytest.fixture
+def gate(tiny_loaded, monkeypatch):
+    """Engine steps wait while the gate is closed: a request that decodes then holds its rows for as long as
+    a test needs, whatever the machine's speed. Opened at the end of the test."""
+    engine = engine_for(tiny_loaded.model)
+    real = engine.decode_many
+    opened = threading.Event()
+
+    def gated(*args, **kwargs):
+        opened.wait(60)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "decode_many", gated)
+    yield opened
+    opened.set()
+
+
+@pytest.fixture
+def decode_loop():
+    loop = DecodeLoop(max_batch_rows=16)
+    yield loop
+    loop.close()
+
+
+def test_the_tiny_model_runs_on_the_engine(tiny_loaded):
+    assert engine_for(tiny_loaded.model) is not None  # else every test here would take the HF path
+
+
+def test_a_pair_decoded_with_six_other_requests_matches_it_alone(tiny_loaded, decode_loop):
+    model, tokenizer = tiny_loaded.model, tiny_loaded.tokenizer
+    texts = ["hello there", "the capital of France", "a", "list some fruit please", "code", "emoji 🙂", "why?"]
+    seeds = [(11 + i, 101 + i) for i in range(len(texts))]
+    alone = [finished(sample_pair(model, tokenizer, prompt(tokenizer, t), SETTINGS, s)) for t, s in zip(texts, seeds)]
+    results: dict[int, list] = {}
+    barrier = threading.Barrier(len(texts))
+
+    def run(i):
+        barrier.wait()  # all seven submitted together, so they share steps
+        results[i] = finished(decode_loop.sample_pair(model, tokenizer, prompt(tokenizer, texts[i]), SETTINGS,
+                                                      seeds[i]))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(texts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert decode_loop.max_rows_seen > 2, "the requests never shared a step"
+    for i, replies in results.items():
+        for got, want in zip(replies, alone[i]):
+            assert got.token_ids == want.token_ids and got.text == want.text
+            assert got.finish_reason == want.finish_reason
+            assert got.logprob_sum == pytest.approx(want.logprob_sum, abs=1e-5)
+    assert len(results) == len(texts)
+
+
+def test_requests_past_the_rows_wait_and_see_their_place(tiny_loaded, gate):
+    loop = DecodeLoop(max_batch_rows=2, max_waiting=8)  # one pair at a time
+    model, tokenizer = tiny_loaded.model, tiny_loaded.tokenizer
+    first = loop.stream(model, tokenizer, prompt(tokenizer, "first"), SETTINGS, (1, 2))
+    decoding(first)  # decoding now: holds both rows
+    waiting = [loop.stream(model, tokenizer, prompt(tokenizer, f"w{i}"), SETTINGS, (3 + i, 9 + i)) for i in range(2)]
+    places = [next(w).ahead for w in waiting]
+    assert places == [0, 1]
+    assert loop.load()["waiting"] == 2 and loop.load()["active_rows"] == 2
+    gate.set()
+    finished(first)
+    for w in waiting:
+        last = finished(w)
+        assert last.ahead is None and all(r.done for r in last.replies)
+    loop.close()
+
+
+def test_a_full_queue_refuses_at_once_and_starts_nothing(tiny_loaded, gate):
+    loop = DecodeLoop(max_batch_rows=2, max_waiting=0)
+    model, tokenizer = tiny_loaded.model, tiny_loaded.tokenizer
+    first = loop.stream(model, tokenizer, prompt(tokenizer, "first"), SETTINGS, (1, 2))
+    decoding(first)
+    with pytest.raises(DecodeLoopBusy, match="try again"):
+        next(loop.stream(model, tokenizer, prompt(tokenizer, "second"), SETTINGS, (3, 4)))
+    assert loop.load()["waiting"] == 0
+    gate.set()
+    finished(first)
+    loop.close()
+
+
+def test_a_reader_that_goes_away_frees_its_rows(tiny_loaded):
+    loop = DecodeLoop(max_batch_rows=2, max_waiting=4)
+    model, tokenizer = tiny_loaded.model, tiny_loaded.tokenizer
+    long = SamplingSettings(temperature=1.0, top_p=1.0, max_new_tokens=200)
+    gone = loop.stream(model, tokenizer, prompt(tokenizer, "long one"), long, (1, 2))
+    decoding(gone)
+    gone.close()  # the tab was closed mid-stream
+    after = finished(loop.stream(model, tokenizer, prompt(tokenizer, "next"), SETTINGS, (5, 6)))
+    assert all(r.done for r in after.replies)
+    assert loop.load()["active_rows"] == 0
+    loop.close()
+
+
+def test_a_failing_step_fails_its_requests_and_the_loop_goes_on(tiny_loaded, decode_loop, monkeypatch):
+    model, tokenizer = tiny_loaded.model, tiny_loaded.tokenizer
+    engine = engine_for(model)
+    calls = {"n": 0}
+    real = engine.decode_many
+
+    def broken_once(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("a bad step")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "decode_many", broken_once)
+    with pytest.raises(DecodeFailed, match="a bad step"):
+        finished(decode_loop.stream(model, tokenizer, prompt(tokenizer, "doomed"), SETTINGS, (1, 2)))
+    after = finished(decode_loop.stream(model, tokenizer, prompt(tokenizer, "fine"), SETTINGS, (3, 4)))
+    assert all(r.done for r in after.replies) and decode_loop.load()["active_rows"] == 0
+
+
+def test_streamed_text_matches_the_decoded_tokens_at_every_step(tiny_loaded, decode_loop):
+    model, tokenizer = tiny_loaded.model, tiny_loaded.tokenizer
+    long = SamplingSettings(temperature=1.0, top_p=1.0, max_new_tokens=60)
+    for update in decode_loop.stream(model, tokenizer, prompt(tokenizer, "say a lot 🙂 שלום"), long, (7, 8)):
+        for reply in update.replies:
+            content = reply.token_ids[:-1] if reply.finish_reason == "stop" else reply.token_ids
+            full = tokenizer.decode(content, skip_special_tokens=True)
+            # Mid-stream the newest few tokens may still be an unfinished character; never anything else.
+            assert full.startswith(reply.text.rstrip("\ufffd")) or reply.text.rstrip("\ufffd").startswith(full.rstrip("\ufffd"))
+            if reply.done:
+                assert reply.text == full
+
+
+def test_four_sessions_through_the_app_stream_in_one_batch(tiny_loaded, tmp_path, monkeypatch):
+    from gradio_client import Client
+
+    from tests.servers import running_app
+
+    engine = engine_for(tiny_loaded.model)
+    real = engine.decode_many
+    with running_app(tiny_loaded, tmp_path / "four.db") as (url, service):
+        loop = service.decode_loop
+
+        all_in = threading.Event()
+
+        def held_until_all_four_arrived(*args, **kwargs):
+            # The first steps wait (up to 60 s) until the four requests are in: they then share the
+            # next step, however the four HTTP requests were scheduled.
+            while not all_in.is_set():
+                load = loop.load()
+                if load["waiting"] + load["active_requests"] >= 4:
+                    all_in.set()
+                elif not all_in.wait(0.05) and time.monotonic() > deadline:
+                    break
+            return real(*args, **kwargs)
+
+        deadline = time.monotonic() + 60
+
+        monkeypatch.setattr(engine, "decode_many", held_until_all_four_arrived)
+        clients = [Client(url, verbose=False) for _ in range(4)]
+        results = [None] * 4
+
+        def chat(i):
+            results[i] = clients[i].predict(f"person {i} asks", api_name="/send", max_new_tokens=24,
+                                            temperature=1.0, top_p=1.0)
+
+        threads = [threading.Thread(target=chat, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert all(r is not None and r["replies"]["a"]["text"] is not None for r in results)
+        assert loop.max_rows_seen == 8  # four pairs in one step
+        assert service.store.stats()["replies"] == 8
+
+
+def test_through_the_app_a_waiting_person_sees_their_place_and_a_cancel_frees_rows(tiny_loaded, tmp_path, gate):
+    from gradio_client import Client
+
+    from tests.servers import running_app
+
+    with running_app(tiny_loaded, tmp_path / "queue.db", extra_args=("--max-batch-rows", "2")) as (url, service):
+        loop = service.decode_loop
+        first, second, third = (Client(url, verbose=False) for _ in range(3))
+        running = first.submit("the first person", api_name="/send", max_new_tokens=8)
+        deadline = time.monotonic() + 60
+        while loop.load()["active_rows"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert loop.load()["active_rows"] == 2  # decoding, held at the gate: no rows left
+        waiting = second.submit("the second person", api_name="/send", max_new_tokens=8)
+        while not any((o or {}).get("ahead") == 0 for o in waiting.outputs()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert any((o or {}).get("ahead") == 0 for o in waiting.outputs()), waiting.outputs()
+        # The third person gives up while waiting: their request leaves the queue.
+        gone = third.submit("the third person", api_name="/send", max_new_tokens=8)
+        while loop.load()["waiting"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        gone.cancel()
+        third.close()
+        while loop.load()["waiting"] > 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert loop.load()["waiting"] == 1
+        gate.set()
+        assert running.result()["replies"]["a"]["finish_reason"] is not None
+        assert waiting.result()["saved"] and waiting.result()["ahead"] is None
+        assert service.store.stats()["turns"] == 2  # the cancelled request stored nothing
