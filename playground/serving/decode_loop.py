@@ -277,17 +277,7 @@ class DecodeLoop:
         for i, reply in enumerate(request.replies):
             if reply.done:
                 continue
-            token = int(next_tokens[i])
-            reply.token_ids.append(token)
-            reply.logprob_sum += picked[i]
-            if reply.ttft_s is None:
-                reply.ttft_s = elapsed
-            if token in request.stop_ids:
-                reply.finish_reason = "stop"
-            elif request.step + 1 == max_new:
-                reply.finish_reason = "length"
-            if reply.done:
-                reply.latency_s = elapsed
+            reply.add(int(next_tokens[i]), picked[i], elapsed, request.stop_ids, last=request.step + 1 == max_new)
             reply.text = self._text(request, i, reply)
         request.step += 1
         with self._cv:

@@ -72,6 +72,20 @@ class SampledReply:
     def done(self) -> bool:
         return self.finish_reason is not None
 
+    def add(self, token: int, logprob: float, elapsed_s: float, stop_ids: set[int], last: bool) -> None:
+        """Append a sampled token (its log-prob at temperature 1, no top-p) and note why the reply ends,
+        if it does: an end-of-turn token, or the last step allowed. The text is the caller's to update."""
+        self.token_ids.append(token)
+        self.logprob_sum += logprob
+        if self.ttft_s is None:
+            self.ttft_s = elapsed_s
+        if token in stop_ids:
+            self.finish_reason = "stop"
+        elif last:
+            self.finish_reason = "length"
+        if self.done:
+            self.latency_s = elapsed_s
+
 
 def stop_token_ids(tokenizer, model) -> set[int]:
     """Every id that ends an assistant turn: the generation config's eos ids and the tokenizer's."""
@@ -236,17 +250,7 @@ def sample_pair(
         for i, reply in enumerate(replies):
             if reply.done:
                 continue
-            token = int(next_tokens[i])
-            reply.token_ids.append(token)
-            reply.logprob_sum += picked[i]
-            if reply.ttft_s is None:
-                reply.ttft_s = elapsed
-            if token in stop_ids:
-                reply.finish_reason = "stop"
-            elif step + 1 == max_new:
-                reply.finish_reason = "length"
-            if reply.done:
-                reply.latency_s = elapsed
+            reply.add(int(next_tokens[i]), picked[i], elapsed, stop_ids, last=step + 1 == max_new)
             content = reply.token_ids[:-1] if reply.finish_reason == "stop" else reply.token_ids
             reply.text = tokenizer.decode(content, skip_special_tokens=True)
         yield replies
