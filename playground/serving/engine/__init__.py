@@ -41,15 +41,26 @@ Several requests, each at its own position, in one step that reads the weights o
 
     logits = engine.decode_many([state_a, state_b], torch.cat([tokens_a, tokens_b]))
 
+Versions trained as LoRA adapters share one engine (the Punica / S-LoRA idea): `add_adapter` stores an
+adapter in the engine's own layout (~3% of the weights at rank 16 on SmolLM2), and each state names its
+adapter, so one step reads the base weights once for rows of different versions and adds each row's
+low-rank update `B (A x)` to every matrix it targets (native: in the matmuls' epilogues):
+
+    engine.add_adapter("v3", *read_adapter(folder))       # or engine.add_adapter("v3", peft_model)
+    state, logits = engine.prefill(prompt_ids, rows=2, max_total_len=n, adapter="v3")
+    logits = engine.decode_many([state_v3, state_base], tokens)   # each state keeps its prefill's adapter
+
 `supports(model)` says whether the engine reproduces a model exactly; callers fall back to the HF
-forward when it is False. An `Engine` is read-only once built, so threads may decode different states
-with it at the same time (each `DecodeState` belongs to one caller; a decode_many call needs all its
-states to itself).
+forward when it is False. An `Engine`'s weights are read-only once built, so threads may decode
+different states with it at the same time (each `DecodeState` belongs to one caller; a decode_many call
+needs all its states to itself). Adapters may be added and removed meanwhile: a step looks its adapters
+up once, at its start, and holds them to its end.
 """
 
 from __future__ import annotations
 
 import ctypes
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -63,6 +74,7 @@ from playground.serving.engine.native import (  # noqa: F401 - re-exported: call
     SAMPLING_THREADS,
     _cpu_flags,
     _Desc,
+    _Lora,
     native_library,
     native_sampling_probs,
 )
@@ -78,6 +90,23 @@ SKINNY_MAX_ROWS = 64
 # 99 ms packed against 147 ms unpacked (HF: 155 ms); they cross over between 300 and 600 tokens.
 NATIVE_PREFILL_MAX_ROWS = 384
 BLOCK_ROWS, BLOCK_COLS = 8, 16  # the packed layout; must match NB and LANES in native.c
+
+# LoRA: the fused matrices in native.c's LORA_* order, and where each HF module goes in them (its
+# segment: which rank-sized slice of t = A x its rows of B multiply).
+LORA_FUSED = ("qkv", "o", "gate_up", "down")
+LORA_MODULES = {"q_proj": ("qkv", 0), "k_proj": ("qkv", 1), "v_proj": ("qkv", 2), "o_proj": ("o", 0),
+                "gate_proj": ("gate_up", 0), "up_proj": ("gate_up", 1), "down_proj": ("down", 0)}
+LORA_SEGMENTS = {"qkv": 3, "o": 1, "gate_up": 2, "down": 1}
+# LoraConfig fields that change the forward beyond `x + scaling * B A x` on the modules above (or that
+# this code does not read): an adapter with any of them set is refused, and the caller merges instead.
+LORA_UNSUPPORTED_FIELDS = ("use_dora", "use_rslora", "rank_pattern", "alpha_pattern", "layers_to_transform",
+                           "layers_pattern", "modules_to_save", "fan_in_fan_out", "lora_bias", "layer_replication",
+                           "trainable_token_indices", "target_parameters", "alora_invocation_tokens", "use_qalora",
+                           "velora_config", "monteclora_config", "use_bdlora", "arrow_config", "kasa_config",
+                           "megatron_config")
+# A PEFT state-dict key: ...layers.<i>.<self_attn|mlp>.<module>.lora_<A|B>[.<adapter name>].weight
+_LORA_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|mlp)\.(" + "|".join(LORA_MODULES)
+                       + r")\.lora_([AB])(?:\.[^.]+)?\.weight$")
 
 
 def __getattr__(name: str):
@@ -296,6 +325,75 @@ class DecodeState:
     # The engine whose new_state made it: a cache of another model's shape, fed to this one, would be
     # read out of bounds by the native step (and is nonsense to any backend).
     owner: Engine | None = field(default=None, repr=False, compare=False)
+    # The LoRA adapter its prefill ran with (None: the base model); decode_many uses it unless told otherwise.
+    adapter: str | None = None
+
+
+class AdapterUnsupported(ValueError):
+    """The adapter is not a plain LoRA on the engine's matrices: serve it merged into a copy instead."""
+
+
+@dataclass
+class LoraAdapter:
+    """One adapter in the engine's layout: per layer, per fused matrix (LORA_FUSED) a pair (A, B) or None.
+
+    A [segments * rank, K] stacks the A of each module fused in that matrix (zeros for one the adapter
+    leaves alone); B [N, rank] holds each output row's B row, in the engine's row order for that matrix
+    (q and k permuted for RoPE, q scaled by 1/sqrt(head_dim), gate/up interleaved when packed) with the
+    LoRA scaling folded in. Row n's update is B[n] . t[segment(n) * rank:][:rank], t = A x.
+    """
+
+    name: str
+    rank: int
+    scaling: float
+    targets: frozenset[str]
+    mats: list[list[tuple[torch.Tensor, torch.Tensor] | None]]
+    _table: torch.Tensor | None = field(default=None, repr=False)  # native: the pointers of mats
+    _struct: _Lora | None = field(default=None, repr=False)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for layer in self.mats for pair in layer if pair for t in pair)
+
+
+def _config_field(config, name: str, default=None):
+    return config.get(name, default) if isinstance(config, dict) else getattr(config, name, default)
+
+
+def _check_lora_config(config) -> tuple[int, float, frozenset[str]]:
+    """(rank, scaling, target modules) of a LoraConfig (or its dict) the engine runs; else AdapterUnsupported."""
+    peft_type = _config_field(config, "peft_type")
+    peft_type = getattr(peft_type, "value", peft_type)
+    if peft_type != "LORA":
+        raise AdapterUnsupported(f"the engine runs LoRA adapters only, not peft_type={peft_type!r}")
+    bias = _config_field(config, "bias", "none")
+    if bias != "none":
+        raise AdapterUnsupported(f"bias={bias!r}: the engine runs LoRA with bias='none' only")
+    set_fields = [f"{name}={_config_field(config, name)!r}" for name in LORA_UNSUPPORTED_FIELDS
+                  if _config_field(config, name)]
+    if set_fields:
+        raise AdapterUnsupported(f"the engine runs plain LoRA (scaling alpha / r); this adapter sets "
+                                 f"{', '.join(set_fields)}")
+    targets = _config_field(config, "target_modules")
+    if isinstance(targets, str) or not targets:
+        raise AdapterUnsupported(f"target_modules={targets!r}: the engine needs the module names "
+                                 f"(a subset of {sorted(LORA_MODULES)})")
+    targets = frozenset(targets)
+    if not targets <= LORA_MODULES.keys():
+        raise AdapterUnsupported(f"target_modules {sorted(targets - LORA_MODULES.keys())} are not among the "
+                                 f"engine's {sorted(LORA_MODULES)}")
+    rank, alpha = _config_field(config, "r"), _config_field(config, "lora_alpha")
+    if not isinstance(rank, int) or rank < 1 or not isinstance(alpha, (int, float)):
+        raise AdapterUnsupported(f"r={rank!r}, lora_alpha={alpha!r}: need an integer rank >= 1 and a number")
+    return rank, alpha / rank, targets
+
+
+def read_adapter(folder) -> tuple[dict[str, torch.Tensor], object]:
+    """(state dict, config) of a saved PEFT adapter folder, what `Engine.add_adapter` takes."""
+    from peft import PeftConfig
+    from peft.utils import load_peft_weights
+
+    return load_peft_weights(str(folder), device="cpu"), PeftConfig.from_pretrained(str(folder))
 
 
 def _write_matrix(dest: torch.Tensor, parts: list[torch.Tensor], k: int, packed: bool) -> None:
@@ -328,6 +426,7 @@ class Engine:
         if not supports(model):
             raise ValueError(f"the engine does not support {type(model).__name__} with this config")
         self = cls.__new__(cls)
+        self._adapters: dict[str, LoraAdapter] = {}
         self._load(model, native)
         return self
 
@@ -503,6 +602,154 @@ class Engine:
             tensors += [t for t in vars(layer).values() if t is not None]
         return sum(t.numel() * t.element_size() for t in tensors)
 
+    # ---- LoRA adapters
+
+    @torch.no_grad()
+    def add_adapter(self, name: str, lora, config=None) -> LoraAdapter:
+        """Store a PEFT LoRA adapter under `name`, for prefill(adapter=name) and decode_many.
+
+        lora: a `peft.PeftModel` (its active adapter; config is then read from it), or the adapter's
+        state dict (`read_adapter(folder)` gives it, with its config) with config its LoraConfig or that
+        config as a dict. The tensors are copied, so the source may change or go afterwards.
+        Raises AdapterUnsupported for anything but plain LoRA (scaling alpha / r, bias 'none') on
+        q/k/v/o/gate/up/down (serve that one merged), ValueError for a taken name or tensors that do
+        not fit this model.
+        """
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"an adapter needs a non-empty name, got {name!r}")
+        if name in self._adapters:
+            raise ValueError(f"adapter {name!r} is already loaded; remove_adapter it first")
+        if hasattr(lora, "peft_config") and hasattr(lora, "active_adapter"):
+            from peft.utils import get_peft_model_state_dict
+
+            active = lora.active_adapter
+            config = lora.peft_config[active] if config is None else config
+            lora = get_peft_model_state_dict(lora, adapter_name=active)
+        if config is None:
+            raise ValueError("a state dict needs its LoraConfig (read_adapter(folder) returns both)")
+        rank, scaling, targets = _check_lora_config(config)
+        found = self._lora_tensors(lora, rank, targets)
+        adapter = LoraAdapter(name=name, rank=rank, scaling=float(scaling), targets=targets,
+                              mats=[self._lora_layer(found, i, rank, scaling) for i in range(len(self.layers))])
+        if self._lib is not None:
+            table = []
+            for layer in adapter.mats:
+                for pair in layer:
+                    table += [0, 0] if pair is None else [pair[0].data_ptr(), pair[1].data_ptr()]
+            adapter._table = torch.tensor(table, dtype=torch.int64)
+            adapter._struct = _Lora(rank=rank, mats=adapter._table.data_ptr())
+        self._adapters[name] = adapter
+        return adapter
+
+    def remove_adapter(self, name: str) -> None:
+        """Forget adapter `name` (steps already running with it finish on it). KeyError if unknown."""
+        if name not in self._adapters:
+            raise KeyError(f"no adapter {name!r} (loaded: {sorted(self._adapters)})")
+        del self._adapters[name]
+
+    @property
+    def adapters(self) -> dict[str, LoraAdapter]:
+        """The loaded adapters by name (a copy of the table)."""
+        return dict(self._adapters)
+
+    def _lora_tensors(self, state: dict, rank: int, targets: frozenset[str]) -> dict:
+        """{(layer, module): (A [r, in], B [out, r])} from a PEFT state dict, every key and shape checked."""
+        n, hd = len(self.layers), self.head_dim
+        shapes = {"q_proj": (self.hidden, self.heads * hd), "k_proj": (self.hidden, self.kv_heads * hd),
+                  "v_proj": (self.hidden, self.kv_heads * hd), "o_proj": (self.heads * hd, self.hidden),
+                  "gate_proj": (self.hidden, self.intermediate), "up_proj": (self.hidden, self.intermediate),
+                  "down_proj": (self.intermediate, self.hidden)}
+        halves: dict = {}
+        for key, tensor in state.items():
+            match = _LORA_KEY.search(key)
+            if match is None:
+                raise AdapterUnsupported(f"adapter tensor {key!r} is not a LoRA A/B weight of "
+                                         f"{sorted(LORA_MODULES)} (DoRA, bias, embedding or saved modules?)")
+            layer, module, half = int(match[1]), match[2], match[3]
+            if layer >= n or module not in targets:
+                raise ValueError(f"adapter tensor {key!r} does not fit: the model has {n} layers and the "
+                                 f"config targets {sorted(targets)}")
+            k, out = shapes[module]
+            want = (rank, k) if half == "A" else (out, rank)
+            if tuple(tensor.shape) != want:
+                raise ValueError(f"adapter tensor {key!r} is {tuple(tensor.shape)}, expected {want} (rank {rank}): "
+                                 "was it trained on another base model?")
+            halves.setdefault((layer, module), {})[half] = tensor.detach().to(device=self.device,
+                                                                              dtype=torch.float32)
+        for where, pair in halves.items():
+            if len(pair) != 2:
+                raise ValueError(f"adapter has lora_{'A' if 'A' not in pair else 'B'} missing for {where}")
+        return {where: (pair["A"], pair["B"]) for where, pair in halves.items()}
+
+    def _lora_layer(self, found: dict, i: int, rank: int, scaling: float) -> list:
+        """Layer i's (A, B) per fused matrix in the engine's row order, or None where nothing is targeted."""
+        hd = self.head_dim
+        perm_q = _rope_permutation(self.heads, hd).to(self.device)
+        perm_k = _rope_permutation(self.kv_heads, hd).to(self.device)
+        # The row transforms the base weights got in _load (scale as there, then the LoRA scaling).
+        row_map = {"q_proj": lambda b: b[perm_q] * hd**-0.5, "k_proj": lambda b: b[perm_k]}
+        mats = []
+        for fused in LORA_FUSED:
+            modules = [m for m, (f, _) in LORA_MODULES.items() if f == fused]
+            if not any((i, m) in found for m in modules):
+                mats.append(None)
+                continue
+            a_parts, b_parts = [], []
+            for m in modules:
+                if (i, m) in found:
+                    a, b = found[(i, m)]
+                    b = row_map.get(m, lambda t: t)(b) * scaling
+                else:  # fused with a targeted module: zero rows leave its outputs as the base's
+                    k = next(found[(i, o)][0].shape[1] for o in modules if (i, o) in found)
+                    out = {"q_proj": self.heads * hd, "k_proj": self.kv_heads * hd, "v_proj": self.kv_heads * hd,
+                           "gate_proj": self.intermediate, "up_proj": self.intermediate}[m]
+                    a, b = torch.zeros(rank, k, device=self.device), torch.zeros(out, rank, device=self.device)
+                a_parts.append(a)
+                b_parts.append(b)
+            if fused == "gate_up" and self.packed:
+                B = _interleave_gate_up(*b_parts)
+            else:
+                B = torch.cat(b_parts)
+            mats.append((torch.cat(a_parts).to(self.dtype).contiguous(), B.to(self.dtype).contiguous()))
+        return mats
+
+    def _resolve_adapters(self, names: list[str | None]) -> list[LoraAdapter | None]:
+        missing = sorted({n for n in names if n is not None and n not in self._adapters})
+        if missing:
+            raise ValueError(f"unknown adapter(s) {missing} (loaded: {sorted(self._adapters)})")
+        return [None if n is None else self._adapters[n] for n in names]
+
+    def _lora_delta(self, x: torch.Tensor, pair: tuple[torch.Tensor, torch.Tensor], slot: int) -> torch.Tensor:
+        """x [rows, K] -> the update [rows, N] of fused matrix LORA_FUSED[slot], its rows in plain order
+        (gate before up: what the torch-op paths see)."""
+        a, b = pair
+        rank = b.shape[1]
+        t = _linear(x, a)
+        fused = LORA_FUSED[slot]
+        if fused == "gate_up" and self.packed:  # undo the interleave by blocks of 4 rows
+            b = b.view(-1, 2, 4, rank).transpose(0, 1).reshape(-1, rank)
+        if fused == "qkv":
+            q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+            bounds = [0, q, q + kv, q + 2 * kv]
+        elif fused == "gate_up":
+            bounds = [0, self.intermediate, 2 * self.intermediate]
+        else:
+            bounds = [0, b.shape[0]]
+        parts = [_linear(t[:, s * rank:(s + 1) * rank], b[lo:hi]) for s, (lo, hi) in enumerate(zip(bounds, bounds[1:]))]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+    def _add_lora(self, y: torch.Tensor, x: torch.Tensor, groups: list, layer: int, slot: int) -> torch.Tensor:
+        """y + each row group's update; groups: [(adapter, rows: slice or index tensor)]."""
+        for adapter, rows in groups:
+            pair = adapter.mats[layer][slot]
+            if pair is None:
+                continue
+            if isinstance(rows, slice):
+                y[rows] += self._lora_delta(x[rows], pair, slot)
+            else:
+                y.index_add_(0, rows, self._lora_delta(x[rows], pair, slot))
+        return y
+
     # ---- decoding
 
     def new_state(self, rows: int, max_total_len: int) -> DecodeState:
@@ -514,12 +761,15 @@ class Engine:
         return DecodeState(keys=keys, values=values, rows=rows, length=0, max_total_len=max_total_len, owner=self)
 
     @torch.inference_mode()
-    def prefill(self, prompt_ids: list[int], rows: int, max_total_len: int) -> tuple[DecodeState, torch.Tensor]:
+    def prefill(self, prompt_ids: list[int], rows: int, max_total_len: int,
+                adapter: str | None = None) -> tuple[DecodeState, torch.Tensor]:
         """Run the prompt once and give each of `rows` sequences its cache.
 
         Returns (state, logits [rows, V] after the prompt's last token); `max_total_len` bounds the
-        prompt plus every token decode() will be fed.
+        prompt plus every token decode() will be fed. adapter: the name of a LoRA adapter (add_adapter)
+        to run with, None for the base model; the state remembers it for decode_many.
         """
+        (lora,) = self._resolve_adapters([adapter])
         n = len(prompt_ids)
         if n == 0:
             raise ValueError("empty prompt")
@@ -533,10 +783,13 @@ class Engine:
             raise ValueError("a prompt token id is outside the vocabulary")
         h = self._embed_rows(ids)  # [n, hidden]
         rope = self.rope[:n, None, :]
+        groups = [(lora, slice(None))]
         nqkv, hidden, inter = q_size + 2 * kv_size, self.hidden, self.intermediate
         for i, L in enumerate(self.layers):
             x = _rms_norm(h, L.norm_attn, self.eps)
             qkv = self._matmul(x, L.qkv, nqkv, L.b_qkv).contiguous()
+            if lora is not None:
+                qkv = self._add_lora(qkv, x, groups, i, 0)
             qk = _apply_rope(qkv[:, : q_size + kv_size].reshape(n, heads + kv_heads, hd), rope)
             q = qk[:, :heads].transpose(0, 1)  # [heads, n, hd]
             k = qk[:, heads:].transpose(0, 1)  # [kv_heads, n, hd]
@@ -545,11 +798,19 @@ class Engine:
             state.values[i, :, :, :n] = v
             a = F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, scale=1.0,
                                                enable_gqa=heads != kv_heads)  # the scale is in the q weights
-            h = h + self._matmul(a[0].transpose(0, 1).reshape(n, q_size), L.o, hidden, L.b_o)
+            a = a[0].transpose(0, 1).reshape(n, q_size)
+            y = self._matmul(a, L.o, hidden, L.b_o)
+            h = h + (y if lora is None else self._add_lora(y, a, groups, i, 1))
             x = _rms_norm(h, L.norm_mlp, self.eps)
-            g, u = self._matmul(x, L.gate_up, 2 * inter, L.b_gate_up, gate_up=True).split(inter, dim=-1)
-            h = h + self._matmul(F.silu(g) * u, L.down, hidden, L.b_down)
+            gu = self._matmul(x, L.gate_up, 2 * inter, L.b_gate_up, gate_up=True)
+            if lora is not None:
+                gu = self._add_lora(gu, x, groups, i, 2)
+            g, u = gu.split(inter, dim=-1)
+            m = F.silu(g) * u
+            y = self._matmul(m, L.down, hidden, L.b_down)
+            h = h + (y if lora is None else self._add_lora(y, m, groups, i, 3))
         state.length = n
+        state.adapter = adapter
         x = _rms_norm(h[-1:], self.norm_final, self.eps)
         if self.packed:
             logits = self._native_gemv(self.lm_head, x, self.vocab_size)
@@ -563,7 +824,8 @@ class Engine:
         return self.decode_many([state], tokens)
 
     @torch.inference_mode()
-    def decode_many(self, states: list[DecodeState], tokens: torch.Tensor) -> torch.Tensor:
+    def decode_many(self, states: list[DecodeState], tokens: torch.Tensor,
+                    adapters: list[str | None] | None = None) -> torch.Tensor:
         """One decode step for the rows of several states at once, each state at its own position.
 
         tokens: LongTensor [sum(s.rows for s in states)], the rows of states[0] first, then states[1], ...
@@ -577,14 +839,23 @@ class Engine:
         matmul's reduction order can change with its row count, so a state's logits match decoding it
         alone to ~1e-5 relative, not bit for bit.
 
+        adapters: one LoRA adapter name (or None: the base model) per state; None runs each state on
+        the adapter it was prefilled with (its `adapter`). Rows of different adapters share the step.
+
         Raises ValueError, with nothing advanced, for an empty list, a state of another engine or
-        listed twice, a full cache, or tokens of the wrong shape or outside the vocabulary.
+        listed twice, a full cache, tokens of the wrong shape or outside the vocabulary, or an adapter
+        list of the wrong length or naming an adapter not loaded.
         """
         self._check_step(states, tokens)
+        if adapters is None:
+            adapters = [s.adapter for s in states]
+        if len(adapters) != len(states):
+            raise ValueError(f"{len(adapters)} adapters for {len(states)} states: give one (or None) per state")
+        loras = self._resolve_adapters(list(adapters))
         if self._lib is not None:
-            logits = self._decode_native(states, tokens)
+            logits = self._decode_native(states, tokens, loras)
         else:
-            logits = self._decode_torch(states, tokens)
+            logits = self._decode_torch(states, tokens, loras)
         for s in states:
             s.length += 1
         return logits
@@ -615,9 +886,10 @@ class Engine:
             bad = low if low < 0 else high
             raise ValueError(f"token id {bad} is outside the vocabulary (0..{self.vocab_size - 1})")
 
-    def _decode_native(self, states: list[DecodeState], tokens: torch.Tensor) -> torch.Tensor:
+    def _decode_native(self, states: list[DecodeState], tokens: torch.Tensor,
+                       loras: list[LoraAdapter | None]) -> torch.Tensor:
         """One engine_step_rows call: per row its position, the layer-0 address of its cache, the
-        distance between layers and its tmax (states differ in rows and max_total_len)."""
+        distance between layers, its tmax (states differ in rows and max_total_len) and its adapter."""
         tokens = tokens.to(device="cpu", dtype=torch.int64).contiguous()
         total = tokens.shape[0]
         pos, strides, tmax, keys, values = [], [], [], [], []
@@ -629,21 +901,28 @@ class Engine:
             k, v, size = s.keys.data_ptr(), s.values.data_ptr(), s.keys.element_size()
             keys += [k + r * row * size for r in range(s.rows)]
             values += [v + r * row * size for r in range(s.rows)]
+        lora_rows = None  # NULL: no row has an adapter (`loras` keeps the adapters alive for the call)
+        if any(a is not None for a in loras):
+            lora_rows = torch.tensor([0 if a is None else ctypes.addressof(a._struct)
+                                      for a, s in zip(loras, states) for _ in range(s.rows)], dtype=torch.int64)
         rows = torch.tensor([pos, strides, tmax, keys, values], dtype=torch.int64)
         logits = torch.empty(total, self.vocab_size, dtype=torch.float32)
         rc = self._lib.engine_step_rows(ctypes.addressof(self._desc), tokens.data_ptr(), total, rows[0].data_ptr(),
                                         rows[3].data_ptr(), rows[4].data_ptr(), rows[1].data_ptr(),
-                                        rows[2].data_ptr(), logits.data_ptr(), torch.get_num_threads())
+                                        rows[2].data_ptr(), None if lora_rows is None else lora_rows.data_ptr(),
+                                        logits.data_ptr(), torch.get_num_threads())
         if rc != 0:
             reason = {-2: "a token id is outside the vocabulary", -3: "out of memory"}.get(rc, "bad arguments")
             raise RuntimeError(f"engine_step_rows failed ({rc}): {reason}")
         return logits
 
-    def _decode_torch(self, states: list[DecodeState], tokens: torch.Tensor) -> torch.Tensor:
+    def _decode_torch(self, states: list[DecodeState], tokens: torch.Tensor,
+                      loras: list[LoraAdapter | None]) -> torch.Tensor:
         """The step in torch ops: matmuls over all rows at once, then attention state by state.
 
         Attention runs per state over a view of its own cache: padding every state to the longest
         length would copy the caches each layer, a loop reads them in place (one state: as before).
+        LoRA updates run per adapter, over that adapter's rows at once.
         """
         heads, kv_heads, hd = self.heads, self.kv_heads, self.head_dim
         q_size, kv_size = heads * hd, kv_heads * hd
@@ -657,12 +936,20 @@ class Engine:
             positions = torch.tensor([s.length for s in states for _ in range(s.rows)], device=self.device)
             rope = self.rope[positions][:, None, :]
         spans, start = [], 0
-        for s in states:
+        by_adapter: dict[str, tuple[LoraAdapter, list[int]]] = {}
+        for s, lora in zip(states, loras):
             spans.append((s, start, start + s.rows))
+            if lora is not None:
+                by_adapter.setdefault(lora.name, (lora, []))[1].extend(range(start, start + s.rows))
             start += s.rows
+        groups = []  # (adapter, its rows: a slice where they are contiguous)
+        for lora, idx in by_adapter.values():
+            contiguous = idx == list(range(idx[0], idx[-1] + 1))
+            groups.append((lora, slice(idx[0], idx[-1] + 1) if contiguous else torch.tensor(idx, device=self.device)))
         for i, L in enumerate(self.layers):
             x = _rms_norm(h, L.norm_attn, eps)
             qkv = _linear(x, L.qkv, L.b_qkv).contiguous()
+            qkv = self._add_lora(qkv, x, groups, i, 0)
             qk = _apply_rope(qkv[:, : q_size + kv_size].reshape(total, heads + kv_heads, hd), rope)
             v_new = qkv[:, q_size + kv_size:].reshape(total, kv_heads, hd)
             parts = []
@@ -676,9 +963,11 @@ class Engine:
                 probs = scores.softmax(-1, dtype=torch.float32).to(scores.dtype)  # float32, as HF
                 parts.append(torch.matmul(probs, V).reshape(rows, q_size))
             a = parts[0] if len(parts) == 1 else torch.cat(parts)
-            h = h + _linear(a, L.o, L.b_o)
+            h = h + self._add_lora(_linear(a, L.o, L.b_o), a, groups, i, 1)
             x = _rms_norm(h, L.norm_mlp, eps)
-            g, u = _linear(x, L.gate_up, L.b_gate_up).split(self.intermediate, dim=-1)
-            h = h + _linear(F.silu(g) * u, L.down, L.b_down)
+            gu = self._add_lora(_linear(x, L.gate_up, L.b_gate_up), x, groups, i, 2)
+            g, u = gu.split(self.intermediate, dim=-1)
+            m = F.silu(g) * u
+            h = h + self._add_lora(_linear(m, L.down, L.b_down), m, groups, i, 3)
         x = _rms_norm(h, self.norm_final, eps)
         return _linear(x, self.lm_head).float()

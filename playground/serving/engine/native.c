@@ -7,6 +7,8 @@
 // thread streams them linearly. A layer is five phases with a barrier after each: q/k/v (with RoPE and
 // the cache writes in the epilogue), attention, o (added to the residual), gate/up (SwiGLU in the
 // epilogue: each block holds 4 gate rows then the 4 matching up rows), down (added to the residual).
+// Each row may carry its own LoRA adapter (Punica / S-LoRA): the base weights are read once for all rows,
+// and a row's low-rank update B (A x) is added in the epilogue, before RoPE, SwiGLU or the residual add.
 #include <immintrin.h>
 #include <math.h>
 #include <omp.h>
@@ -31,6 +33,19 @@ typedef struct {
     const float* const* layers;  // per layer: wqkv, bqkv, wo, bo, wgu, bgu, wdown, bdown, norm_attn, norm_mlp
 } Desc;
 
+// One LoRA adapter in the engine's layout. Per layer and fused matrix (qkv, o, gate/up, down: LORA_*)
+// a pair A [segs * rank, K], B [N, rank], row-major, both NULL where the adapter leaves that matrix alone.
+// A fused matrix has one segment per module it fuses (q, k, v: 3; gate, up: 2); B's row n multiplies the
+// rank entries of t = A x that belong to row n's module. B's rows are in the packed matrix's row order
+// (q and k permuted for RoPE, q scaled, gate/up interleaved by 4) with the LoRA scaling folded in.
+typedef struct {
+    int64_t rank;
+    const float* const* mats;  // [n_layers][LORA_MATS][2]: a, b
+} Lora;
+
+enum { LORA_QKV = 0, LORA_O = 1, LORA_GATE_UP = 2, LORA_DOWN = 3, LORA_MATS = 4 };
+static const int64_t LORA_SEGS[LORA_MATS] = {3, 1, 2, 1};
+
 enum { EPI_STORE = 0, EPI_ADD = 1, EPI_QKV = 2, EPI_SWIGLU = 3 };
 
 typedef struct {
@@ -45,9 +60,57 @@ typedef struct {
     const float *rope_cos, *rope_sin;  // [max_positions, head_dim / 2]
     float* const* keys;
     float* const* values;
+    // LoRA: lora[r] is row r's adapter (NULL: none; lora itself NULL: no row has one); slot is this
+    // matrix's LORA_* index; t [R, t_stride] holds each row's A x (lora_shrink, before the gemv).
+    const Lora* const* lora;
+    int64_t slot;
+    float* t;
+    int64_t t_stride;
 } Epi;
 
-int engine_abi(void) { return 6; }
+int engine_abi(void) { return 7; }
+
+static inline const float* lora_mat(const Lora* a, int64_t layer, int64_t slot, int which) {
+    return a->mats[(layer * LORA_MATS + slot) * 2 + which];
+}
+
+// sum of a[j] * b[j] for j < n: LANES at a time, the tail masked (the same order for any row).
+static inline float dot(const float* a, const float* b, int64_t n) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t j = 0; j < n; j += LANES) {
+        const __mmask16 m = n - j >= LANES ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - j)) - 1);
+        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + j), _mm512_maskz_loadu_ps(m, b + j), acc);
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+
+// t_r = A_r x_r for every row with an adapter on this matrix. Every thread computes all rows into its
+// own t (rank-sized work, ~3% of the matrix's): cheaper than a barrier, as for rms_norm_rows.
+static void lora_shrink(const Epi* e, const float* X, int64_t K, int64_t R, float* t) {
+    if (!e->lora) return;
+    for (int64_t r = 0; r < R; r++) {
+        const Lora* a = e->lora[r];
+        if (!a) continue;
+        const float* A = lora_mat(a, e->layer, e->slot, 0);
+        if (!A) continue;
+        for (int64_t j = 0; j < LORA_SEGS[e->slot] * a->rank; j++) t[r * e->t_stride + j] = dot(A + j * K, X + r * K, K);
+    }
+}
+
+// v[b] += B[n0 + b] . t_r (the part of t_r of row n0 + b's module).
+static inline void lora_expand(const Epi* e, int64_t r, int64_t n0, float* v) {
+    const Lora* a = e->lora[r];
+    const float* B = lora_mat(a, e->layer, e->slot, 1);
+    if (!B) return;
+    const int64_t rank = a->rank;
+    const float* t = e->t + r * e->t_stride;
+    for (int64_t b = 0; b < NB && n0 + b < e->N; b++) {
+        int64_t seg = 0;
+        if (e->mode == EPI_QKV) seg = n0 < e->nq ? 0 : n0 < e->nq + e->nk ? 1 : 2;  // blocks never straddle
+        else if (e->mode == EPI_SWIGLU) seg = b < NB / 2 ? 0 : 1;  // 4 gate rows, then 4 up rows
+        v[b] += dot(B + (n0 + b) * rank, t + seg * rank, rank);
+    }
+}
 
 // exp(x) for 16 floats: Cephes' expf polynomial (within 2 ulp of expf), 2^n applied by scalef.
 static inline __m512 exp16(__m512 x) {
@@ -90,6 +153,7 @@ static double sum_exp(const float* x, int64_t n, float scale, float shift, float
 
 static inline void epilogue(const Epi* e, int64_t r, int64_t n0, float* v) {
     if (e->bias) for (int64_t b = 0; b < NB && n0 + b < e->N; b++) v[b] += e->bias[n0 + b];
+    if (e->lora && e->lora[r]) lora_expand(e, r, n0, v);
     switch (e->mode) {
     case EPI_STORE: case EPI_ADD: {
         float* y = e->y + r * e->ldy + n0;
@@ -201,7 +265,9 @@ static void share(int64_t n, int64_t* lo, int64_t* hi) {
 }
 
 // Inside a parallel region (or not): the blocks of W [N, K] shared among the threads, then a barrier.
+// With LoRA rows, e->t is this thread's scratch for their A x.
 static void gemv(const float* W, const float* X, int64_t N, int64_t K, int64_t R, const Epi* e, Sync* sync) {
+    lora_shrink(e, X, K, R, e->t);
     int64_t lo, hi;
     share((N + NB - 1) / NB, &lo, &hi);
     for (int64_t i = lo; i < hi; i++) gemv_block(W + i * NB * K, X, K, R, i * NB, e);
@@ -269,11 +335,13 @@ static void attention(const float* q_all, const float* K, const float* V, float*
 // One step for R rows, row r at its own position pos[r] of its own cache: keys[r] (values[r]) points at
 // row r's layer-0 cache [kv_heads, tmax[r], head_dim], and layer l's at keys[r] + l * layer_stride[r]
 // (floats). Rows of one request share layer_stride and tmax; rows of different requests need not.
-// tokens[R]; logits [R, vocab]. Returns 0; -1 for bad arguments (pos[r] outside [0, tmax[r])), -2 for a
-// token outside the vocabulary, -3 when memory runs out; nothing is written unless it returns 0.
+// lora[r]: row r's adapter, NULL for the base model (lora itself may be NULL: no adapters).
+// tokens[R]; logits [R, vocab]. Returns 0; -1 for bad arguments (pos[r] outside [0, tmax[r]), an adapter
+// of rank < 1), -2 for a token outside the vocabulary, -3 when memory runs out; nothing is written unless
+// it returns 0.
 int engine_step_rows(const Desc* d, const int64_t* tokens, int64_t R, const int64_t* pos, float* const* keys,
-                     float* const* values, const int64_t* layer_stride, const int64_t* tmax, float* logits,
-                     int nthreads) {
+                     float* const* values, const int64_t* layer_stride, const int64_t* tmax,
+                     const Lora* const* lora, float* logits, int nthreads) {
     const int64_t H = d->hidden, nh = d->heads, nkv = d->kv_heads, hd = d->head_dim, I = d->inter;
     const int64_t nq = nh * hd, nk = nkv * hd, nqkv = nq + 2 * nk;
     if (R < 1 || nthreads < 1) return -1;
@@ -282,10 +350,18 @@ int engine_step_rows(const Desc* d, const int64_t* tokens, int64_t R, const int6
         if (pos[r] < 0 || pos[r] >= tmax[r] || !keys[r] || !values[r]) return -1;
         if (pos[r] + 1 > T_max) T_max = pos[r] + 1;
     }
+    int64_t rank_max = 0;  // t's row stride: LORA_SEGS at most 3 segments of the largest rank
+    for (int64_t r = 0; lora && r < R; r++) {
+        if (!lora[r]) continue;
+        if (lora[r]->rank < 1 || !lora[r]->mats) return -1;
+        if (lora[r]->rank > rank_max) rank_max = lora[r]->rank;
+    }
+    const int64_t t_stride = 3 * rank_max;
     for (int64_t r = 0; r < R; r++) if (tokens[r] < 0 || tokens[r] >= d->vocab) return -2;
     const int64_t kmax = H > I ? H : I;
-    // Shared: h [R, H], q [R, nqkv], att [R, nq], m [R, I]; per thread: x [R, H] and scores [T_max].
-    const size_t shared = R * (H + nqkv + nq + I), per_thread = R * kmax + T_max + LANES;
+    // Shared: h [R, H], q [R, nqkv], att [R, nq], m [R, I]; per thread: x [R, H], scores [T_max] and
+    // the LoRA t [R, t_stride].
+    const size_t shared = R * (H + nqkv + nq + I), per_thread = R * kmax + T_max + R * t_stride + LANES;
     float* scratch = (float*)aligned_alloc(64, ((shared + nthreads * per_thread) * sizeof(float) + 63) / 64 * 64);
     if (!scratch) return -3;
     float* h = scratch;
@@ -304,11 +380,16 @@ int engine_step_rows(const Desc* d, const int64_t* tokens, int64_t R, const int6
         sync.n = omp_get_num_threads();
         float* x = scratch + shared + omp_get_thread_num() * per_thread;
         float* sc = x + R * kmax;
+        float* t = sc + T_max;
+        // The LoRA fields of every matrix's epilogue (lm_head has none).
+        Epi base = {0};
+        base.lora = rank_max ? lora : NULL; base.t = t; base.t_stride = t_stride;
         for (int64_t l = 0; l < d->n_layers; l++) {
             const float* const* L = d->layers + l * 10;
             // Every thread normalizes the rows itself (cheaper than a barrier).
             rms_norm_rows(h, L[8], x, R, H, d->eps);
-            Epi e = {0};
+            Epi e = base;
+            e.slot = LORA_QKV;
             e.mode = EPI_QKV; e.y = q; e.ldy = nqkv; e.N = nqkv; e.bias = L[1];
             e.nq = nq; e.nk = nk; e.head_dim = hd; e.kv_heads = nkv; e.layer = l;
             e.pos = pos; e.layer_stride = layer_stride; e.tmax = tmax;
@@ -322,14 +403,17 @@ int engine_step_rows(const Desc* d, const int64_t* tokens, int64_t R, const int6
                           pos[r] + 1, d, nqkv, tmax[r]);
             }
             sync_wait(&sync);
-            Epi o = {0};
+            Epi o = base;
+            o.slot = LORA_O; o.layer = l;
             o.mode = EPI_ADD; o.y = h; o.ldy = H; o.N = H; o.bias = L[3];
             gemv(L[2], att, H, nq, R, &o, &sync);
             rms_norm_rows(h, L[9], x, R, H, d->eps);
-            Epi s = {0};
+            Epi s = base;
+            s.slot = LORA_GATE_UP; s.layer = l;
             s.mode = EPI_SWIGLU; s.y = m; s.ldy = I; s.N = 2 * I; s.bias = L[5];
             gemv(L[4], x, 2 * I, H, R, &s, &sync);
-            Epi dn = {0};
+            Epi dn = base;
+            dn.slot = LORA_DOWN; dn.layer = l;
             dn.mode = EPI_ADD; dn.y = h; dn.ldy = H; dn.N = H; dn.bias = L[7];
             gemv(L[6], m, H, I, R, &dn, &sync);
         }
@@ -359,7 +443,7 @@ int engine_step(const Desc* d, const int64_t* tokens, int64_t R, int64_t pos, fl
             ptrs[r] = keys + r * row;
             ptrs[R + r] = values + r * row;
         }
-        rc = engine_step_rows(d, tokens, R, ints, ptrs, ptrs + R, ints + R, ints + 2 * R, logits, nthreads);
+        rc = engine_step_rows(d, tokens, R, ints, ptrs, ptrs + R, ints + R, ints + 2 * R, NULL, logits, nthreads);
     }
     free(ints);
     free(ptrs);

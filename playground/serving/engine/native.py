@@ -29,7 +29,7 @@ NATIVE_CACHE_ENV = "PLAYGROUND_NATIVE_CACHE"  # where the compiled library goes 
 # -march=native: the library is built on the machine that runs it (the cache key holds the CPU flags).
 # -fno-math-errno: sqrtf compiles to one instruction, with no errno to set on a negative input.
 NATIVE_CFLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fPIC", "-shared")
-NATIVE_ABI = 6  # what engine_abi() in native.c returns; bump both when a signature or struct changes
+NATIVE_ABI = 7  # what engine_abi() in native.c returns; bump both when a signature or struct changes
 COMPILE_TIMEOUT_S = 120
 # The sampling distributions take ~0.1 ms a row on one thread: not worth an OpenMP barrier, which
 # stalls for a scheduler tick when another process holds the second core.
@@ -46,6 +46,12 @@ class _Desc(ctypes.Structure):
         ("embed", ctypes.c_void_p), ("lm_head", ctypes.c_void_p), ("norm_final", ctypes.c_void_p),
         ("rope_cos", ctypes.c_void_p), ("rope_sin", ctypes.c_void_p), ("layers", ctypes.c_void_p),
     ]
+
+
+class _Lora(ctypes.Structure):
+    """The `Lora` struct of native.c: one adapter's rank and its table of A/B pointers."""
+
+    _fields_ = [("rank", ctypes.c_int64), ("mats", ctypes.c_void_p)]
 
 
 _native_lock = threading.Lock()
@@ -140,7 +146,7 @@ def native_library() -> ctypes.CDLL | None:
             lib.engine_step_rows.restype = ctypes.c_int
             lib.engine_step_rows.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
                                              ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                                             ctypes.c_void_p, ctypes.c_int]
+                                             ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
             lib.engine_gemv.restype = ctypes.c_int
             lib.engine_gemv.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
                                         ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
