@@ -112,7 +112,8 @@ def build_services(args: argparse.Namespace, loaded=None, busy_timeout_ms: int |
     store = Store(args.db) if busy_timeout_ms is None else Store(args.db, busy_timeout_ms=busy_timeout_ms)
     try:
         store.ensure_base_version(loaded.model_id)
-        policy = PolicyHolder(loaded)
+        # Versions are served as adapters on one copy of the weights, decoded by the shared loop below.
+        policy = PolicyHolder(loaded, per_row_adapters=True)
         # The trainer subprocess trains on the CPU unless the app serves from a GPU.
         train_device = "cuda" if loaded.device.type == "cuda" else "cpu"
         loop = TrainingLoop(LoopSettings(db=str(args.db), adapters_dir=args.adapters_dir, model=args.model,

@@ -154,13 +154,15 @@ class ChatService:
         seeds = (secrets.randbits(SEED_BITS), secrets.randbits(SEED_BITS))
         try:
             if self.decode_loop is None:
+                if snapshot.adapter is not None:
+                    raise RuntimeError("a version served as an adapter needs the shared decode loop")
                 for replies in sample_pair(snapshot.model, snapshot.tokenizer, session.prompt_ids, pair.settings,
                                            seeds):
                     pair.replies = replies
                     yield pair
             else:
                 for update in self.decode_loop.stream(snapshot.model, snapshot.tokenizer, session.prompt_ids,
-                                                      pair.settings, seeds):
+                                                      pair.settings, seeds, adapter=snapshot.adapter):
                     pair.replies, pair.ahead = update.replies, update.ahead
                     yield pair
         except BaseException as exc:

@@ -26,6 +26,7 @@ from pathlib import Path
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from playground.serving.adapters import AdapterError, load_version
+from playground.serving.engine import AdapterUnsupported, read_adapter
 from playground.serving.generation import engine_for
 from playground.serving.policy import BASE_VERSION, PolicyHolder, PolicySnapshot
 from store import Store, StoreError
@@ -223,10 +224,9 @@ class TrainingLoop:
                 if row is None:
                     raise AdapterError(f"no version {version} for {self.policy.model_id}")
                 # Load and verify before the swap: the live version keeps serving all the while.
-                _, model = load_version(self.policy.base.model, Path(row["adapter_dir"]), self.policy.model_id)
-                # Build its decode engine now too, so the first reply after the swap does not wait for it.
-                engine_for(model)
-                snapshot = PolicySnapshot(version, model, self.policy.base.tokenizer, self.policy.model_id)
+                manifest, model = load_version(self.policy.base.model, Path(row["adapter_dir"]),
+                                               self.policy.model_id)
+                snapshot = self._serving_snapshot(version, Path(row["adapter_dir"]), model, manifest)
             self.last_load_s = time.perf_counter() - loading
             started = time.perf_counter()
             self.policy.set_live(snapshot)
@@ -234,6 +234,25 @@ class TrainingLoop:
             if action is not None:
                 self.store.record_live(self.policy.model_id, version, action, note)
             return self.last_swap_s
+
+    def _serving_snapshot(self, version: str, folder: Path, merged, manifest: dict) -> PolicySnapshot:
+        """How a verified version is served: its adapter resident in the base model's engine, applied per
+        row (the version costs the size of its adapter), or, where that cannot be, its merged copy. Either
+        way what serving it needs is built now, before it goes live, never on a request."""
+        base = self.policy.base
+        engine = engine_for(base.model) if self.policy.per_row_adapters else None
+        if engine is not None:
+            # Named by its weights' hash too: the engine outlives a database (tests, a store started
+            # afresh), where another 'v1' may be another adapter.
+            name = f"{version}:{manifest['files']['adapter_model.safetensors'][:16]}"
+            try:
+                if name not in engine.adapters:  # a rollback to a resident version is only a switch
+                    engine.add_adapter(name, *read_adapter(folder))
+                return PolicySnapshot(version, base.model, base.tokenizer, self.policy.model_id, adapter=name)
+            except (AdapterUnsupported, ValueError, OSError) as exc:
+                log.info("%s is served merged: %s", version, exc)
+        engine_for(merged)  # its own engine, built before the swap
+        return PolicySnapshot(version, merged, base.tokenizer, self.policy.model_id)
 
     # -- what the UI shows ------------------------------------------------------------------------
 

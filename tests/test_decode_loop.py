@@ -35,6 +35,25 @@ def finished(stream):
     return last
 
 
+def hold_steps_until(loop, monkeypatch, engine, requests: int, timeout_s: float = 60) -> None:
+    """Engine steps wait (up to timeout_s) until `requests` requests are in the loop: they then share the
+    next step, however their threads were scheduled."""
+    real = engine.decode_many
+    all_in = threading.Event()
+    deadline = time.monotonic() + timeout_s
+
+    def held(*args, **kwargs):
+        while not all_in.is_set():
+            load = loop.load()
+            if load["waiting"] + load["active_requests"] >= requests:
+                all_in.set()
+            elif not all_in.wait(0.05) and time.monotonic() > deadline:
+                break
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "decode_many", held)
+
+
 @pytest.fixture
 def gate(tiny_loaded, monkeypatch):
     """Engine steps wait while the gate is closed: a request that decodes then holds its rows for as long as
@@ -63,12 +82,13 @@ def test_the_tiny_model_runs_on_the_engine(tiny_loaded):
     assert engine_for(tiny_loaded.model) is not None  # else every test here would take the HF path
 
 
-def test_a_pair_decoded_with_six_other_requests_matches_it_alone(tiny_loaded, decode_loop):
+def test_a_pair_decoded_with_six_other_requests_matches_it_alone(tiny_loaded, decode_loop, monkeypatch):
     model, tokenizer = tiny_loaded.model, tiny_loaded.tokenizer
     texts = ["hello there", "the capital of France", "a", "list some fruit please", "code", "emoji 🙂", "why?"]
     seeds = [(11 + i, 101 + i) for i in range(len(texts))]
     alone = [finished(sample_pair(model, tokenizer, prompt(tokenizer, t), SETTINGS, s)) for t, s in zip(texts, seeds)]
     results: dict[int, list] = {}
+    hold_steps_until(decode_loop, monkeypatch, engine_for(model), len(texts))
     barrier = threading.Barrier(len(texts))
 
     def run(i):
@@ -81,7 +101,7 @@ def test_a_pair_decoded_with_six_other_requests_matches_it_alone(tiny_loaded, de
         t.start()
     for t in threads:
         t.join(timeout=120)
-    assert decode_loop.max_rows_seen > 2, "the requests never shared a step"
+    assert decode_loop.max_rows_seen == 2 * len(texts), "the requests never shared one step"
     for i, replies in results.items():
         for got, want in zip(replies, alone[i]):
             assert got.token_ids == want.token_ids and got.text == want.text
@@ -171,26 +191,10 @@ def test_four_sessions_through_the_app_stream_in_one_batch(tiny_loaded, tmp_path
     from tests.servers import running_app
 
     engine = engine_for(tiny_loaded.model)
-    real = engine.decode_many
     with running_app(tiny_loaded, tmp_path / "four.db") as (url, service):
         loop = service.decode_loop
 
-        all_in = threading.Event()
-
-        def held_until_all_four_arrived(*args, **kwargs):
-            # The first steps wait (up to 60 s) until the four requests are in: they then share the
-            # next step, however the four HTTP requests were scheduled.
-            while not all_in.is_set():
-                load = loop.load()
-                if load["waiting"] + load["active_requests"] >= 4:
-                    all_in.set()
-                elif not all_in.wait(0.05) and time.monotonic() > deadline:
-                    break
-            return real(*args, **kwargs)
-
-        deadline = time.monotonic() + 60
-
-        monkeypatch.setattr(engine, "decode_many", held_until_all_four_arrived)
+        hold_steps_until(loop, monkeypatch, engine, 4)
         clients = [Client(url, verbose=False) for _ in range(4)]
         results = [None] * 4
 
@@ -238,3 +242,63 @@ def test_through_the_app_a_waiting_person_sees_their_place_and_a_cancel_frees_ro
         assert running.result()["replies"]["a"]["finish_reason"] is not None
         assert waiting.result()["saved"] and waiting.result()["ahead"] is None
         assert service.store.stats()["turns"] == 2  # the cancelled request stored nothing
+
+
+def test_versions_share_one_step_on_one_copy_of_the_weights(tiny_loaded, tmp_path, monkeypatch):
+    """A promoted version is served as an adapter on the base model's engine: a v0 request and a v1 request
+    decode in one step, each exactly as decoded alone, and the live version holds no copy of the weights."""
+    from playground.loop import LoopSettings, TrainingLoop
+    from playground.serving.policy import PolicyHolder
+    from store import Store
+    from tests.test_engine_lora import random_peft
+
+    folder = tmp_path / "adapters" / "v1"
+    random_peft(tiny_loaded.model, seed=3).save_pretrained(tmp_path / "raw")
+    from playground.serving.adapters import publish
+
+    def write(tmp):
+        import shutil
+
+        for f in (tmp_path / "raw").iterdir():
+            shutil.copy(f, tmp / f.name)
+
+    publish(tmp_path / "adapters", "v1", write, {"base_model_id": tiny_loaded.model_id, "parent": "v0"})
+    store = Store(tmp_path / "v.db")
+    store.ensure_base_version(tiny_loaded.model_id)
+    store.record_version("v1", tiny_loaded.model_id, "v0", str(folder), {})
+    policy = PolicyHolder(tiny_loaded, per_row_adapters=True)
+    loop = TrainingLoop(LoopSettings(db=str(tmp_path / "v.db"), adapters_dir=str(tmp_path / "adapters"),
+                                     model=tiny_loaded.model_id, model_cache=str(tmp_path / "c"), enabled=False),
+                        store, policy)
+    loop.promote("v1")
+    live = policy.snapshot()
+    assert live.version == "v1" and live.model is tiny_loaded.model and live.adapter is not None
+
+    decode_loop = DecodeLoop(max_batch_rows=4)
+    model, tokenizer = tiny_loaded.model, tiny_loaded.tokenizer
+    p = prompt(tokenizer, "which version am I")
+    alone = {a: finished(decode_loop.stream(model, tokenizer, p, SETTINGS, (5, 6), adapter=a)).replies
+             for a in (None, live.adapter)}
+    assert alone[None][0].token_ids != alone[live.adapter][0].token_ids or \
+        alone[None][0].logprob_sum != alone[live.adapter][0].logprob_sum  # the adapter changes the policy
+    steps_before = decode_loop.steps
+    hold_steps_until(decode_loop, monkeypatch, engine_for(model), 2)
+    results = {}
+    barrier = threading.Barrier(2)
+
+    def run(a):
+        barrier.wait()
+        results[a] = finished(decode_loop.stream(model, tokenizer, p, SETTINGS, (5, 6), adapter=a)).replies
+
+    threads = [threading.Thread(target=run, args=(a,)) for a in alone]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert decode_loop.max_rows_seen == 4, "the two versions never shared a step"
+    for a, replies in results.items():
+        assert [r.token_ids for r in replies] == [r.token_ids for r in alone[a]]
+        assert [r.logprob_sum for r in replies] == pytest.approx([r.logprob_sum for r in alone[a]], abs=1e-5)
+    assert decode_loop.steps > steps_before
+    decode_loop.close()
+    store.close()

@@ -80,6 +80,7 @@ class _Request:
     seeds: tuple[int, ...]
     stop_ids: set[int]
     engine: object
+    adapter: str | None = None  # the version's LoRA in the engine; None: the model itself
     replies: list[SampledReply] = field(default_factory=list)
     generators: list[torch.Generator] = field(default_factory=list)
     state: object = None
@@ -119,20 +120,26 @@ class DecodeLoop:
     # -- what callers use ---------------------------------------------------------------------------
 
     def stream(self, model, tokenizer, prompt_ids: list[int], settings: SamplingSettings,
-               seeds: tuple[int, ...], stop_ids: set[int] | None = None) -> Iterator[Update]:
+               seeds: tuple[int, ...], stop_ids: set[int] | None = None, adapter: str | None = None
+               ) -> Iterator[Update]:
         """Yield an `Update` after every step the request is in (and while it waits); the last one has
-        every reply finished. Closing the iterator cancels the request. Raises DecodeLoopBusy at once
-        when too many requests wait, DecodeFailed when its step failed."""
+        every reply finished. Closing the iterator cancels the request. `adapter`: a LoRA resident in
+        `model`'s engine, applied to this request's rows. Raises DecodeLoopBusy at once when too many
+        requests wait, DecodeFailed when its step failed."""
         stop_ids = stop_token_ids(tokenizer, model) if stop_ids is None else stop_ids
         engine = engine_for(model)
-        if engine is None or len(prompt_ids) + int(settings.max_new_tokens) > engine.max_positions:
+        too_long = engine is not None and len(prompt_ids) + int(settings.max_new_tokens) > engine.max_positions
+        if adapter is not None and (engine is None or too_long):
+            # The HF forward below would decode the base model, not this version: refuse instead.
+            raise DecodeFailed(f"{adapter} can only be decoded by the engine, and this request does not fit it")
+        if engine is None or too_long:
             # No engine for this model (or past its window): the HF forward on this thread, as before.
             for replies in sample_pair(model, tokenizer, prompt_ids, settings, seeds, stop_ids=stop_ids,
                                        use_engine=False):
                 yield Update(replies)
             return
         request = _Request(model, tokenizer, list(prompt_ids), settings, tuple(int(s) for s in seeds),
-                           stop_ids, engine)
+                           stop_ids, engine, adapter=adapter)
         self._submit(request)
         try:
             seen = -1
@@ -248,7 +255,8 @@ class DecodeLoop:
         request.stable = [""] * request.rows
         max_total = len(request.prompt_ids) + int(request.settings.max_new_tokens)
         # The last sampled token is never fed back: prompt + max_new positions are enough.
-        request.state, request.logits = request.engine.prefill(request.prompt_ids, request.rows, max_total)
+        request.state, request.logits = request.engine.prefill(request.prompt_ids, request.rows, max_total,
+                                                               adapter=request.adapter)
 
     def _step(self, group: list[_Request]) -> None:
         # Draw each request's next tokens from its pending logits, then one engine step for all rows.
@@ -263,7 +271,9 @@ class DecodeLoop:
             return
         rows = sum(r.rows for r in feed)
         self.max_rows_seen = max(self.max_rows_seen, rows)
-        logits = feed[0].engine.decode_many([r.state for r in feed], torch.cat(tokens))
+        # Rows of every version share the step: each state carries its own adapter (None: the base).
+        logits = feed[0].engine.decode_many([r.state for r in feed], torch.cat(tokens),
+                                            adapters=[r.adapter for r in feed])
         self.steps += 1
         start = 0
         for request in feed:

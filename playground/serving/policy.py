@@ -18,9 +18,12 @@ BASE_VERSION = "v0"
 @dataclass(frozen=True)
 class PolicySnapshot:
     version: str
-    model: object
+    model: object  # what to decode: the base model when `adapter` is set, else this version's own model
     tokenizer: object
     model_id: str
+    # The version's LoRA, resident in the base model's decode engine under this name and applied per row
+    # (one copy of the base weights for every version); None for v0 and for versions served merged.
+    adapter: str | None = None
 
     @property
     def context_window(self) -> int:
@@ -28,8 +31,11 @@ class PolicySnapshot:
 
 
 class PolicyHolder:
-    def __init__(self, loaded: LoadedModel):
+    def __init__(self, loaded: LoadedModel, per_row_adapters: bool = False):
         self.loaded = loaded
+        # Serve versions as adapters on the base model's engine (only where a decode loop decodes them):
+        # the composition root turns this on; otherwise each version is a merged copy of the weights.
+        self.per_row_adapters = per_row_adapters
         self._lock = threading.Lock()
         self.base = PolicySnapshot(BASE_VERSION, loaded.model, loaded.tokenizer, loaded.model_id)
         self._live = self.base
