@@ -162,7 +162,8 @@ class ChatService:
                     yield pair
             else:
                 for update in self.decode_loop.stream(snapshot.model, snapshot.tokenizer, session.prompt_ids,
-                                                      pair.settings, seeds, adapter=snapshot.adapter):
+                                                      pair.settings, seeds, adapter=snapshot.adapter,
+                                                      lora=snapshot.lora):
                     pair.replies, pair.ahead = update.replies, update.ahead
                     yield pair
         except BaseException as exc:

@@ -246,9 +246,11 @@ class TrainingLoop:
             # afresh), where another 'v1' may be another adapter.
             name = f"{version}:{manifest['files']['adapter_model.safetensors'][:16]}"
             try:
+                lora = read_adapter(folder)
                 if name not in engine.adapters:  # a rollback to a resident version is only a switch
-                    engine.add_adapter(name, *read_adapter(folder))
-                return PolicySnapshot(version, base.model, base.tokenizer, self.policy.model_id, adapter=name)
+                    engine.add_adapter(name, *lora)
+                return PolicySnapshot(version, base.model, base.tokenizer, self.policy.model_id, adapter=name,
+                                      lora=lora)
             except (AdapterUnsupported, ValueError, OSError) as exc:
                 log.info("%s is served merged: %s", version, exc)
         engine_for(merged)  # its own engine, built before the swap

@@ -66,17 +66,22 @@ def loop_settings(tmp_path, **overrides):
 def test_a_scheduled_round_goes_live_and_rollback_returns_v0(tiny_loaded, tmp_path):
     with running_app(tiny_loaded, tmp_path / "loop.db", loop_settings=loop_settings(tmp_path)) as (url, service, loop):
         client = Client(url, verbose=False)
-        # Paused while the first 8 land, so the round starts on all of them, and long enough (30 epochs,
-        # some seconds) that the 3 late votes land while it trains.
+        # Paused while the first 8 land, so the round starts on all of them.
         client.predict(api_name="/pause")
-        loop.settings.next_config = {"epochs": 30}
+        loop.set_next_config({"epochs": 30})
         vote_in_new_conversations(client, 8)
         client.predict(api_name="/resume")
-        # Once the round has taken a step it has read its pairs: votes from now on are not in it.
-        wait_for(lambda: (runs := service.store.runs(1)) and (runs[0]["step"] or runs[0]["status"] != "running"),
-                 what="the round's first step")
-        late_pairs = vote_in_new_conversations(client, 3, choice="b")
-        assert service.store.running_run() is not None  # they landed while the round trained
+        # Once the round has taken a step it has read its pairs: votes from now on are not in it. The
+        # trainer is stopped (SIGSTOP) while the 3 late votes land, so they land while it trains however
+        # fast the machine is, then it goes on.
+        run = wait_for(lambda: (runs := service.store.runs(1)) and runs[0]["step"] and runs[0]["pid"] and runs[0],
+                       what="the round's first step")
+        os.kill(run["pid"], signal.SIGSTOP)
+        try:
+            late_pairs = vote_in_new_conversations(client, 3, choice="b")
+            assert service.store.running_run() is not None  # they landed while the round trained
+        finally:
+            os.kill(run["pid"], signal.SIGCONT)
         status = wait_for(lambda: (s := client.predict(api_name="/training_status"))["live"] == "v1" and s,
                           what="v1 to go live")
         assert status["live"] == "v1"

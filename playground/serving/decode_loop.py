@@ -81,6 +81,7 @@ class _Request:
     stop_ids: set[int]
     engine: object
     adapter: str | None = None  # the version's LoRA in the engine; None: the model itself
+    lora: tuple | None = None
     replies: list[SampledReply] = field(default_factory=list)
     generators: list[torch.Generator] = field(default_factory=list)
     state: object = None
@@ -120,11 +121,12 @@ class DecodeLoop:
     # -- what callers use ---------------------------------------------------------------------------
 
     def stream(self, model, tokenizer, prompt_ids: list[int], settings: SamplingSettings,
-               seeds: tuple[int, ...], stop_ids: set[int] | None = None, adapter: str | None = None
-               ) -> Iterator[Update]:
+               seeds: tuple[int, ...], stop_ids: set[int] | None = None, adapter: str | None = None,
+               lora: tuple | None = None) -> Iterator[Update]:
         """Yield an `Update` after every step the request is in (and while it waits); the last one has
         every reply finished. Closing the iterator cancels the request. `adapter`: a LoRA resident in
-        `model`'s engine, applied to this request's rows. Raises DecodeLoopBusy at once when too many
+        `model`'s engine, applied to this request's rows; `lora` (its weights and config) registers it
+        again should the engine have been rebuilt. Raises DecodeLoopBusy at once when too many
         requests wait, DecodeFailed when its step failed."""
         stop_ids = stop_token_ids(tokenizer, model) if stop_ids is None else stop_ids
         engine = engine_for(model)
@@ -139,7 +141,7 @@ class DecodeLoop:
                 yield Update(replies)
             return
         request = _Request(model, tokenizer, list(prompt_ids), settings, tuple(int(s) for s in seeds),
-                           stop_ids, engine, adapter=adapter)
+                           stop_ids, engine, adapter=adapter, lora=lora)
         self._submit(request)
         try:
             seen = -1
@@ -254,6 +256,11 @@ class DecodeLoop:
         request.text_from = [0] * request.rows
         request.stable = [""] * request.rows
         max_total = len(request.prompt_ids) + int(request.settings.max_new_tokens)
+        if request.adapter is not None and request.adapter not in request.engine.adapters:
+            if request.lora is None:
+                raise RuntimeError(f"the adapter {request.adapter} is not loaded")
+            # The engine was rebuilt since the promotion (its model's weights changed): load it again.
+            request.engine.add_adapter(request.adapter, *request.lora)
         # The last sampled token is never fed back: prompt + max_new positions are enough.
         request.state, request.logits = request.engine.prefill(request.prompt_ids, request.rows, max_total,
                                                                adapter=request.adapter)

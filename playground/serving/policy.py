@@ -8,7 +8,7 @@ the swap of one reference, so it never blocks for longer than that.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from playground.serving.models import LoadedModel
 
@@ -24,6 +24,9 @@ class PolicySnapshot:
     # The version's LoRA, resident in the base model's decode engine under this name and applied per row
     # (one copy of the base weights for every version); None for v0 and for versions served merged.
     adapter: str | None = None
+    # The adapter's weights and config (`engine.read_adapter`): whoever decodes registers them again if
+    # the engine was rebuilt (a new engine starts with no adapters).
+    lora: tuple | None = field(default=None, repr=False, compare=False)
 
     @property
     def context_window(self) -> int:
