@@ -23,9 +23,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from playground.serving.adapters import AdapterError, load_version
+from playground.serving.adapters import AdapterError, check_files, load_version
 from playground.serving.engine import AdapterUnsupported, read_adapter
 from playground.serving.generation import engine_for
 from playground.serving.policy import BASE_VERSION, PolicyHolder, PolicySnapshot
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 TRAINER_NICENESS = 10
 STATUS_CACHE_S = 1.0
 RUNS_SHOWN = 20  # rounds in the admin panel's table
+PROBE_TOKENS = 8  # a new adapter's logits are checked finite on a prompt this long before it goes live
 SHUTDOWN_WAIT_S = 10.0  # for a terminated trainer's watcher to record the round's end
 INTERRUPTED = "interrupted: the app stopped while the round was running"
 ROOT = Path(__file__).resolve().parent.parent
@@ -224,9 +226,13 @@ class TrainingLoop:
                 if row is None:
                     raise AdapterError(f"no version {version} for {self.policy.model_id}")
                 # Load and verify before the swap: the live version keeps serving all the while.
-                manifest, model = load_version(self.policy.base.model, Path(row["adapter_dir"]),
-                                               self.policy.model_id)
-                snapshot = self._serving_snapshot(version, Path(row["adapter_dir"]), model, manifest)
+                folder = Path(row["adapter_dir"])
+                manifest = check_files(folder, self.policy.model_id)
+                snapshot = self._resident_snapshot(version, folder, manifest)
+                if snapshot is None:  # served as a merged copy, with its own engine built now
+                    _, model = load_version(self.policy.base.model, folder, self.policy.model_id)
+                    engine_for(model)
+                    snapshot = PolicySnapshot(version, model, self.policy.base.tokenizer, self.policy.model_id)
             self.last_load_s = time.perf_counter() - loading
             started = time.perf_counter()
             self.policy.set_live(snapshot)
@@ -235,26 +241,43 @@ class TrainingLoop:
                 self.store.record_live(self.policy.model_id, version, action, note)
             return self.last_swap_s
 
-    def _serving_snapshot(self, version: str, folder: Path, merged, manifest: dict) -> PolicySnapshot:
-        """How a verified version is served: its adapter resident in the base model's engine, applied per
-        row (the version costs the size of its adapter), or, where that cannot be, its merged copy. Either
-        way what serving it needs is built now, before it goes live, never on a request."""
+    def _resident_snapshot(self, version: str, folder: Path, manifest: dict) -> PolicySnapshot | None:
+        """A verified version served as its adapter, resident in the base model's engine and applied per
+        row: the version costs the size of its adapter, and no copy of the weights is made, not even to
+        verify it (the adapter's logits are probed on the engine). None where the engine cannot serve it
+        (no engine for this model, or an adapter config it does not apply): then it is served merged.
+        Raises AdapterError for an adapter that does not fit this model or gives non-finite logits."""
         base = self.policy.base
         engine = engine_for(base.model) if self.policy.per_row_adapters else None
-        if engine is not None:
-            # Named by its weights' hash too: the engine outlives a database (tests, a store started
-            # afresh), where another 'v1' may be another adapter.
-            name = f"{version}:{manifest['files']['adapter_model.safetensors'][:16]}"
-            try:
-                lora = read_adapter(folder)
-                if name not in engine.adapters:  # a rollback to a resident version is only a switch
-                    engine.add_adapter(name, *lora)
-                return PolicySnapshot(version, base.model, base.tokenizer, self.policy.model_id, adapter=name,
-                                      lora=lora)
-            except (AdapterUnsupported, ValueError, OSError) as exc:
-                log.info("%s is served merged: %s", version, exc)
-        engine_for(merged)  # its own engine, built before the swap
-        return PolicySnapshot(version, merged, base.tokenizer, self.policy.model_id)
+        if engine is None:
+            return None
+        # Named by its weights' hash too: the engine outlives a database (tests, a store started afresh),
+        # where another 'v1' may be another adapter.
+        name = f"{version}:{manifest['files']['adapter_model.safetensors'][:16]}"
+        try:
+            lora = read_adapter(folder)
+            if not all(bool(torch.isfinite(t).all()) for t in lora[0].values()):
+                raise AdapterError(f"{folder.name} has non-finite weights")
+            if name not in engine.adapters:  # a rollback to a resident version is only a switch
+                engine.add_adapter(name, *lora)
+                self._probe_finite(engine, name)
+        except AdapterUnsupported as exc:
+            log.info("%s is served merged: %s", version, exc)
+            return None
+        except AdapterError:
+            raise
+        except (ValueError, OSError, RuntimeError) as exc:
+            raise AdapterError(f"{folder.name} does not load onto this base model: {exc}") from exc
+        return PolicySnapshot(version, base.model, base.tokenizer, self.policy.model_id, adapter=name, lora=lora)
+
+    @staticmethod
+    @torch.inference_mode()
+    def _probe_finite(engine, name: str) -> None:
+        probe = [1 + i % (engine.vocab_size - 1) for i in range(PROBE_TOKENS)]
+        _, logits = engine.prefill(probe, 1, len(probe) + 1, adapter=name)
+        if not bool(torch.isfinite(logits).all()):
+            engine.remove_adapter(name)
+            raise AdapterError(f"{name} produces non-finite logits")
 
     # -- what the UI shows ------------------------------------------------------------------------
 

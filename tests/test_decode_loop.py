@@ -244,32 +244,60 @@ def test_through_the_app_a_waiting_person_sees_their_place_and_a_cancel_frees_ro
         assert service.store.stats()["turns"] == 2  # the cancelled request stored nothing
 
 
-def test_versions_share_one_step_on_one_copy_of_the_weights(tiny_loaded, tmp_path, monkeypatch):
-    """A promoted version is served as an adapter on the base model's engine: a v0 request and a v1 request
-    decode in one step, each exactly as decoded alone, and the live version holds no copy of the weights."""
+def loop_with_version(tiny_loaded, tmp_path, version, seed, poison=None):
+    """A store with a published random adapter as `version`, and a training loop serving adapters per row."""
+    import shutil
+
+    import torch
+
     from playground.loop import LoopSettings, TrainingLoop
+    from playground.serving.adapters import publish
     from playground.serving.policy import PolicyHolder
     from store import Store
     from tests.test_engine_lora import random_peft
 
-    folder = tmp_path / "adapters" / "v1"
-    random_peft(tiny_loaded.model, seed=3).save_pretrained(tmp_path / "raw")
-    from playground.serving.adapters import publish
+    peft_model = random_peft(tiny_loaded.model, seed=seed)
+    if poison is not None:  # 'nan': one NaN matrix; 'overflow': weights whose products overflow float32
+        with torch.no_grad():
+            for n, p in peft_model.named_parameters():
+                if "lora_B" in n:
+                    p.fill_(float("nan") if poison == "nan" else 1e30)
+                    if poison == "nan":
+                        break
+    peft_model.save_pretrained(tmp_path / f"raw-{version}")
 
     def write(tmp):
-        import shutil
-
-        for f in (tmp_path / "raw").iterdir():
+        for f in (tmp_path / f"raw-{version}").iterdir():
             shutil.copy(f, tmp / f.name)
 
-    publish(tmp_path / "adapters", "v1", write, {"base_model_id": tiny_loaded.model_id, "parent": "v0"})
+    folder = publish(tmp_path / "adapters", version, write, {"base_model_id": tiny_loaded.model_id, "parent": "v0"})
     store = Store(tmp_path / "v.db")
     store.ensure_base_version(tiny_loaded.model_id)
-    store.record_version("v1", tiny_loaded.model_id, "v0", str(folder), {})
+    store.record_version(version, tiny_loaded.model_id, "v0", str(folder), {})
     policy = PolicyHolder(tiny_loaded, per_row_adapters=True)
     loop = TrainingLoop(LoopSettings(db=str(tmp_path / "v.db"), adapters_dir=str(tmp_path / "adapters"),
                                      model=tiny_loaded.model_id, model_cache=str(tmp_path / "c"), enabled=False),
                         store, policy)
+    return store, policy, loop
+
+
+@pytest.mark.parametrize("poison", ["nan", "overflow"])
+def test_an_adapter_with_non_finite_weights_or_logits_is_refused_and_the_live_version_stays(tiny_loaded, tmp_path,
+                                                                                            poison):
+    from playground.serving.adapters import AdapterError
+
+    store, policy, loop = loop_with_version(tiny_loaded, tmp_path, "v7", seed=4, poison=poison)
+    with pytest.raises(AdapterError, match="non-finite"):
+        loop.promote("v7")
+    assert policy.snapshot().version == "v0"
+    assert not any(name.startswith("v7:") for name in engine_for(tiny_loaded.model).adapters)
+    store.close()
+
+
+def test_versions_share_one_step_on_one_copy_of_the_weights(tiny_loaded, tmp_path, monkeypatch):
+    """A promoted version is served as an adapter on the base model's engine: a v0 request and a v1 request
+    decode in one step, each exactly as decoded alone, and the live version holds no copy of the weights."""
+    store, policy, loop = loop_with_version(tiny_loaded, tmp_path, "v1", seed=3)
     loop.promote("v1")
     live = policy.snapshot()
     assert live.version == "v1" and live.model is tiny_loaded.model and live.adapter is not None
