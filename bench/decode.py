@@ -22,6 +22,11 @@ Prints one JSON object:
 - loop_one_pair_tokens_per_s, loop_8_pairs_tokens_per_s and concurrent_8_pairs_speedup: one pair, then
   8 pairs sent at once, through one DecodeLoop (the app's shared decode loop), aggregate tokens/s from
   sending to the last token (prefill included), and their ratio (goal: at least 3);
+- unmerged_vs_merged, mixed_versions_vs_same, rss_10_versions_vs_v0, ttft_after_swap_vs_before: per-row
+  LoRA (random adapters with the trainer's config): a pair on an unmerged adapter against the merged
+  copy's pair (engine steps, best of 3); a pair whose rows are on two versions against one on a single
+  version; process memory with ten adapters resident against v0 alone; time to first token of the first
+  request on a just-added version against requests before it (goals 0.9, 0.85, 1.10, 1.2);
 - read_bandwidth_gbs, limit_tokens_per_s, weight_bytes, rss_mb (model + engine, before the 1 GB
   bandwidth buffer), engine_build_s, backend, threads.
 
@@ -111,16 +116,128 @@ def time_pair(model, tokenizer, prompt_ids, settings, use_engine):
     return first - started, 2 * (steps - 1) / (last - first)
 
 
-def time_engine_decode(engine, prompt_ids, rows, steps):
+def time_engine_decode(engine, prompt_ids, rows, steps, adapter=None):
     import torch
 
-    state, _ = engine.prefill(prompt_ids, rows, len(prompt_ids) + steps + 1)
+    state, _ = engine.prefill(prompt_ids, rows, len(prompt_ids) + steps + 1, adapter=adapter)
     tokens = torch.full((rows,), 100, dtype=torch.long)
     engine.decode(state, tokens)
     started = time.perf_counter()
     for i in range(steps):
         engine.decode(state, tokens + i)
     return rows * steps / (time.perf_counter() - started)
+
+
+def random_adapter(model, seed: int) -> tuple[dict, object]:
+    """A LoRA with the trainer's config (trainers/dpo.py defaults) and random A and B, as the state dict
+    and config `engine.read_adapter` gives for a published version (no copy of the model is made)."""
+    import torch
+    from peft import LoraConfig
+
+    from trainers.dpo import DPOConfig
+
+    cfg = DPOConfig()
+    config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                        target_modules=list(cfg.target_modules), bias="none", task_type="CAUSAL_LM")
+    g = torch.Generator().manual_seed(seed)
+    weights = {}
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in cfg.target_modules and isinstance(module, torch.nn.Linear):
+            key = f"base_model.model.{name}"
+            weights[f"{key}.lora_A.weight"] = torch.randn(cfg.lora_r, module.in_features, generator=g) * 0.01
+            weights[f"{key}.lora_B.weight"] = torch.randn(module.out_features, cfg.lora_r, generator=g) * 0.01
+    return weights, config
+
+
+def merged_copy(model, adapter: tuple[dict, object]):
+    """The base model with that LoRA merged in: what serving a version cost before per-row LoRA."""
+    import copy
+
+    from peft import get_peft_model, set_peft_model_state_dict
+
+    weights, config = adapter
+    peft_model = get_peft_model(copy.deepcopy(model), config)
+    set_peft_model_state_dict(peft_model, weights)
+    return peft_model.merge_and_unload().eval()
+
+
+def time_mixed(engine, prompt_ids, adapters, steps):
+    """Tokens/s of one pair whose two rows are two states on the given adapters (one decode_many a step)."""
+    import torch
+
+    states = [engine.prefill(prompt_ids, 1, len(prompt_ids) + steps + 1, adapter=a)[0] for a in adapters]
+    tokens = torch.full((len(states),), 100, dtype=torch.long)
+    engine.decode_many(states, tokens)
+    started = time.perf_counter()
+    for i in range(steps):
+        engine.decode_many(states, tokens + i)
+    return len(states) * steps / (time.perf_counter() - started)
+
+
+def time_ttft(loop, model, tokenizer, prompt_ids, settings, adapter=None) -> float:
+    started = time.perf_counter()
+    for update in loop.stream(model, tokenizer, prompt_ids, settings, SEEDS, stop_ids=set(), adapter=adapter):
+        if any(r.token_ids for r in update.replies):
+            return time.perf_counter() - started
+    raise AssertionError("no token")
+
+
+def versions_measures(model, tokenizer, engine, prompt_ids, settings, steps: int) -> dict:
+    """The per-row LoRA measures: an unmerged-adapter pair against the merged copy's pair, a pair on two
+    versions against a pair on one, memory with ten adapters resident against v0, and time to first
+    token of the first request on a just-promoted version against one before it."""
+    from playground.serving.decode_loop import DecodeLoop
+    from playground.serving.engine import Engine
+    from playground.serving.generation import SamplingSettings
+
+    # Memory first, before any merged copy exists (freed memory would hide the adapters' growth).
+    import gc
+
+    gc.collect()
+    rss_v0 = rss_mb()
+    for i in range(10):
+        engine.add_adapter(f"bench-r{i}", *random_adapter(model, 10 + i))
+    gc.collect()
+    rss_10 = rss_mb()
+    for i in range(10):
+        engine.remove_adapter(f"bench-r{i}")
+    # Time to first token: requests before a swap, then the first request on each of 3 new versions,
+    # each made resident first as a promotion does.
+    loop = DecodeLoop()
+    first = SamplingSettings(temperature=0.8, top_p=0.95, max_new_tokens=2)
+    before = [time_ttft(loop, model, tokenizer, prompt_ids, first) for _ in range(3)]
+    after = []
+    for i in range(3):
+        engine.add_adapter(f"bench-new{i}", *random_adapter(model, 90 + i))
+        after.append(time_ttft(loop, model, tokenizer, prompt_ids, first, adapter=f"bench-new{i}"))
+        engine.remove_adapter(f"bench-new{i}")
+    loop.close()
+    # Speed: an unmerged adapter pair against the merged copy's pair; two versions in one pair.
+    v1 = random_adapter(model, 1)
+    engine.add_adapter("bench-v1", *v1)
+    engine.add_adapter("bench-v2", *random_adapter(model, 2))
+    merged_engine = Engine.from_model(merged_copy(model, v1))
+    unmerged, merged_rate, same, mixed = [], [], [], []
+    for _ in range(3):  # interleaved, so the bandwidth's drift falls on each alike
+        unmerged.append(time_engine_decode(engine, prompt_ids, 2, steps, adapter="bench-v1"))
+        merged_rate.append(time_engine_decode(merged_engine, prompt_ids, 2, steps))
+        same.append(time_mixed(engine, prompt_ids, ["bench-v1", "bench-v1"], steps))
+        mixed.append(time_mixed(engine, prompt_ids, ["bench-v1", "bench-v2"], steps))
+    del merged_engine
+    for name in ("bench-v1", "bench-v2"):
+        engine.remove_adapter(name)
+    before.sort()
+    after.sort()
+    return {
+        "unmerged_pair_tokens_per_s": round(max(unmerged), 2), "merged_pair_tokens_per_s": round(max(merged_rate), 2),
+        "unmerged_vs_merged": round(max(unmerged) / max(merged_rate), 3),
+        "mixed_versions_pair_tokens_per_s": round(max(mixed), 2), "same_version_pair_tokens_per_s": round(max(same), 2),
+        "mixed_versions_vs_same": round(max(mixed) / max(same), 3),
+        "rss_v0_mb": round(rss_v0, 1), "rss_10_versions_mb": round(rss_10, 1),
+        "rss_10_versions_vs_v0": round(rss_10 / rss_v0, 3),
+        "ttft_before_swap_s": round(before[1], 4), "ttft_after_swap_s": round(after[1], 4),
+        "ttft_after_swap_vs_before": round(after[1] / before[1], 3),  # medians of 3
+    }
 
 
 def time_concurrent(model, tokenizer, prompt_ids, settings, pairs: int, max_batch_rows: int) -> float:
@@ -177,6 +294,9 @@ def main(argv=None) -> dict:
     time_pair(model, tokenizer, prompt_ids, warm, use_engine=None)  # warm-up
     rss = rss_mb()
 
+    # Before the 1 GB bandwidth buffer exists, so the memory ratio is of the serving process alone.
+    versions = versions_measures(model, tokenizer, engine, prompt_ids, settings, min(48, args.new_tokens)) \
+        if engine is not None else {}
     bandwidth = Bandwidth(lm.device)
     bandwidth.measure()
     pair_rates, ttfts, ratios, run_bandwidths = [], [], [], []
@@ -246,6 +366,7 @@ def main(argv=None) -> dict:
         "loop_one_pair_tokens_per_s": r(one_pair_loop),
         "loop_8_pairs_tokens_per_s": r(eight_pairs_loop),
         "concurrent_8_pairs_speedup": r(eight_pairs_loop / one_pair_loop, 3),
+        **versions,
         "rss_mb": r(rss, 1),
         "engine_build_s": r(build_s, 3),
         "backend": engine.backend if engine is not None else "hf",
