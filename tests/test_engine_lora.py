@@ -9,6 +9,7 @@ import torch
 
 from playground.serving import engine as engine_mod
 from playground.serving.engine import AdapterUnsupported, Engine, read_adapter
+from tests.test_engine import build
 from trainers.dpo import ALL_LINEAR, DPOConfig
 
 BACKENDS = ["torch", "native"]
@@ -61,20 +62,6 @@ def peft_v1(base):
 @pytest.fixture(scope="module")
 def peft_v2(base):
     return random_peft(base, seed=2)
-
-
-def require_native():
-    if engine_mod.native_library() is None:
-        pytest.skip("the native backend needs x86-64 Linux with AVX-512 and a C compiler; "
-                    f"here: {engine_mod._native_error}")
-
-
-def build(model, backend: str) -> Engine:
-    if backend == "native":
-        require_native()
-    engine = Engine.from_model(model, native=backend == "native")
-    assert engine.backend == backend
-    return engine
 
 
 def feeds(vocab: int, rows: int = 1, seed: int = 0) -> torch.Tensor:
