@@ -312,7 +312,7 @@ class DecodeLoop:
 
         Decoding all tokens every step grows with the reply; the finished text is decoded whole, so what
         is stored is exactly `tokenizer.decode` of the reply."""
-        content = reply.token_ids[:-1] if reply.finish_reason == "stop" else reply.token_ids
+        content = reply.text_ids
         if reply.done:
             return request.tokenizer.decode(content, skip_special_tokens=True)
         decode = request.tokenizer.decode

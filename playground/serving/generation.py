@@ -72,6 +72,11 @@ class SampledReply:
     def done(self) -> bool:
         return self.finish_reason is not None
 
+    @property
+    def text_ids(self) -> list[int]:
+        """The tokens its text decodes from: all but the end-of-turn token that ended it."""
+        return self.token_ids[:-1] if self.finish_reason == "stop" else self.token_ids
+
     def add(self, token: int, logprob: float, elapsed_s: float, stop_ids: set[int], last: bool) -> None:
         """Append a sampled token (its log-prob at temperature 1, no top-p) and note why the reply ends,
         if it does: an end-of-turn token, or the last step allowed. The text is the caller's to update."""
@@ -251,8 +256,7 @@ def sample_pair(
             if reply.done:
                 continue
             reply.add(int(next_tokens[i]), picked[i], elapsed, stop_ids, last=step + 1 == max_new)
-            content = reply.token_ids[:-1] if reply.finish_reason == "stop" else reply.token_ids
-            reply.text = tokenizer.decode(content, skip_special_tokens=True)
+            reply.text = tokenizer.decode(reply.text_ids, skip_special_tokens=True)
         yield replies
         if all(r.done for r in replies):
             return
