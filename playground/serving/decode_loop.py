@@ -191,7 +191,7 @@ class DecodeLoop:
             if self._closed:
                 raise DecodeLoopBusy("the app is shutting down")
             queued_rows = sum(r.rows for r in self._waiting) + request.rows
-            if len(self._waiting) >= self.max_waiting and not self._has_room(request, queued_rows):
+            if len(self._waiting) >= self.max_waiting and not self._has_room(queued_rows):
                 raise DecodeLoopBusy(f"{len(self._waiting)} requests are waiting already; try again in a moment")
             self._waiting.append(request)
             self._publish_positions()
@@ -200,9 +200,9 @@ class DecodeLoop:
                 self._thread.start()
             self._cv.notify_all()
 
-    def _has_room(self, request: _Request, rows: int | None = None) -> bool:
-        """Whether `rows` more (default: the request's) fit beside the active rows now."""
-        return sum(r.rows for r in self._active) + (request.rows if rows is None else rows) <= self.max_batch_rows
+    def _has_room(self, rows: int) -> bool:
+        """Whether `rows` more rows fit beside the active ones now."""
+        return sum(r.rows for r in self._active) + rows <= self.max_batch_rows
 
     def _publish_positions(self) -> None:
         for i, request in enumerate(self._waiting):
@@ -220,7 +220,7 @@ class DecodeLoop:
                 if self._closed:
                     return
                 admitted = []
-                while self._waiting and self._has_room(self._waiting[0]):
+                while self._waiting and self._has_room(self._waiting[0].rows):
                     request = self._waiting.popleft()
                     request.ahead = None
                     self._active.append(request)
