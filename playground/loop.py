@@ -58,6 +58,7 @@ class LoopSettings:
     min_new_pairs: int = SCHEDULE_MIN_NEW_PAIRS
     enabled: bool = True
     include_simulated: bool = True  # train on the autopilot's simulated votes too (a demo's whole point)
+    include_arena: bool = False  # train on arena votes (two versions shown blind) too: the admin's call
     next_config: dict = field(default_factory=dict)  # DPO settings for the next round: set_next_config()
 
 
@@ -160,6 +161,7 @@ class TrainingLoop:
                 "--run-id", str(run_id), "--trigger", trigger, "--min-new-pairs", str(min_new_pairs),
                 "--config", json.dumps(config), "--no-progress",
             ] + ([] if self.settings.include_simulated else ["--exclude-simulated"])
+            command += ["--include-arena"] if self.settings.include_arena else []
             # Niced: on a small machine the chat's decoding keeps priority over the round.
             self._round_active.set()
             try:
@@ -358,7 +360,13 @@ class TrainingLoop:
     def new_pairs(self) -> int:
         """New pairs the next round would train on: the trainer's own definition, at the next round's length limit."""
         max_length = self.next_config().get("max_length", DPOConfig.max_length)
-        return count_new_pairs(self.store, self.policy.model_id, self.settings.include_simulated, max_length)
+        return count_new_pairs(self.store, self.policy.model_id, self.settings.include_simulated, max_length,
+                               include_arena=self.settings.include_arena)
+
+    def set_include_arena(self, include: bool) -> None:
+        """Whether rounds train on arena votes too (the admin's call; by default they only rate versions)."""
+        self.settings.include_arena = include
+        self._event("settings", "rounds " + ("train on" if include else "leave out") + " arena votes")
 
     def set_paused(self, paused: bool) -> None:
         self.paused = paused

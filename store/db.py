@@ -21,6 +21,8 @@ from sqlite_utils import Database
 
 from store import migrations
 from store.pairs import index_rows, judged_groups
+from store.evaluations import EvaluationQueries
+from store.insights import InsightQueries
 from store.training import TrainingQueries
 
 # Where the app, `python -m trainers.run` and `python -m store` keep their SQLite file unless told otherwise.
@@ -75,7 +77,7 @@ def _explain(exc: sqlite3.Error) -> str:
     return f"database error: {exc}"
 
 
-class Store(TrainingQueries):
+class Store(TrainingQueries, EvaluationQueries, InsightQueries):
     def __init__(self, path: str | Path, busy_timeout_ms: int = BUSY_TIMEOUT_MS):
         # A "file:...?mode=ro" URI opens read-only (the read-only test and read-only mounts use it).
         is_uri = str(path).startswith("file:")
@@ -342,7 +344,7 @@ class Store(TrainingQueries):
         counts = {
             table: self._rows(f"select count(*) as n from [{table}]")[0]["n"]
             for table in ("conversations", "turns", "replies", "feedback", "training_pairs", "policy_versions",
-                          "training_runs", "metrics", "live_events")
+                          "training_runs", "metrics", "live_events", "evaluations", "eval_samples")
         }
         by_kind = self._rows(
             "select kind, value, count(*) as n from feedback where replaced_by is null group by kind, value"

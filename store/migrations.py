@@ -184,8 +184,73 @@ def m005_pair_index(db: Database) -> None:
     db["training_runs"].create_index(["status"])
     # Existing judgments: the same rules, applied once. Old turns have no prompt token count, so their
     # pairs have no length and the trainer measures them.
+    # (Only the columns this schema has: later migrations add more, and the rules' rows carry them.)
+    columns = set(db["training_pairs"].columns_dict)
     for group in judged_groups(db):
-        db["training_pairs"].insert_all(index_rows(group))
+        db["training_pairs"].insert_all([{k: v for k, v in row.items() if k in columns} for row in index_rows(group)])
+
+
+@migrations()
+def m006_evaluations_and_arena(db: Database) -> None:
+    # What the dashboard reads. An evaluation is one version's run over the probe set (retried once when
+    # it crashes: each attempt is a row); its samples keep every probe reply with its exact per-token KL
+    # to v0 and to the parent summed over the reply, and its sentence embedding (float32 bytes); its
+    # pair scores are the version's implicit reward margin on each held-out pair, so accuracy can be
+    # split by the version that sampled the pair. An arena pair (two versions in one pair, shown blind)
+    # is marked in the pair index: its votes train only when the admin says so.
+    db["evaluations"].create(
+        {
+            "id": int,
+            "model_id": str,
+            "version": str,
+            "parent": str,  # the version KL-to-previous is measured against (null for v0)
+            "status": str,  # 'running', 'succeeded', 'failed'
+            "attempt": int,  # 1, then 2 for the one retry of a crashed evaluation
+            "error": str,
+            "probe_set": str,  # sha256 of the probe file: evaluations of different probe sets do not compare
+            "n_probes": int,
+            "samples_per_prompt": int,
+            "settings_json": str,
+            "metrics_json": str,  # the evaluator's own summary (timings, counts)
+            "started_at": str,
+            "finished_at": str,
+        },
+        pk="id",
+    )
+    db["evaluations"].create_index(["model_id", "version", "status"])
+    db["eval_samples"].create(
+        {
+            "id": int,
+            "evaluation_id": int,
+            "probe_idx": int,
+            "sample": int,
+            "text": str,
+            "n_tokens": int,
+            "finish_reason": str,
+            "token_ids_json": str,
+            "logprob_sum": float,
+            "kl_v0": float,  # sum over the reply's tokens of KL(version || v0) at each position
+            "kl_prev": float,  # the same against the parent version
+            "embedding": bytes,
+        },
+        pk="id",
+        foreign_keys=[("evaluation_id", "evaluations", "id")],
+    )
+    db["eval_samples"].create_index(["evaluation_id", "probe_idx"])
+    db["eval_pairs"].create(
+        {
+            "id": int,
+            "evaluation_id": int,
+            "training_pair_id": int,
+            "source_version": str,  # the version that sampled the pair
+            "margin": float,  # implicit reward of chosen minus rejected (beta * log-ratio to v0)
+        },
+        pk="id",
+        foreign_keys=[("evaluation_id", "evaluations", "id")],
+    )
+    db["eval_pairs"].create_index(["evaluation_id"])
+    db["training_pairs"].add_column("arena", int, not_null_default=0)
+    db.execute("update training_pairs set arena = 1 where policy_version like '%|%'")
 
 
 def apply(db: Database, stop_before: str | None = None) -> None:

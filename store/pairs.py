@@ -4,7 +4,9 @@ The rules (each judged pair of replies that was not regenerated away):
 - a choice of A or B gives (context, chosen, rejected);
 - an edit (the person's own better reply) gives (context, edit, A) and (context, edit, B);
 - thumbs up on one reply and down on the other give a pair, unless a choice on the same pair already did;
-- a tie, both-bad, a lone thumb, or two identical texts give none.
+- a tie, both-bad, a lone thumb, or two identical texts give none;
+- an arena pair (two versions, shown blind) gives its pairs marked `arena`: rounds leave them out unless
+  told to include them.
 
 The held-out 10% is chosen by conversation (a hash of its id), not by pair, so that no conversation's
 turns sit on both sides, and it stays the same across rounds.
@@ -45,6 +47,10 @@ def pair_rows(group: dict[str, Any]) -> list[dict[str, Any]]:
     if group["superseded"] or set(replies) != {"a", "b"}:
         return []
     version = replies["a"].get("policy_version")
+    # An arena pair (one reply from the live version, one from an earlier one) has two versions: it is
+    # marked as such and named by its pair of versions, "v0|v3", in slot order.
+    if replies["b"].get("policy_version") != version:
+        version = f"{version}|{replies['b'].get('policy_version')}"
     pairs: dict[tuple, dict[str, Any]] = {}
 
     def add(chosen_slot_or_edit, rejected_slot: str, source: str, feedback_ids: list[int]) -> None:
@@ -128,6 +134,7 @@ def _index_row(group: dict, row: dict) -> dict:
         "rejected_reply_id": row["rejected_reply_id"], "edit_feedback_id": row["edit_feedback_id"],
         "feedback_ids_json": json.dumps(list(row["feedback_ids"])), "newest_feedback_id": row["newest_feedback_id"],
         "policy_version": row["policy_version"], "held_out": int(is_held_out(group["conversation_id"])),
+        "arena": int("|" in (row["policy_version"] or "")),
         "simulated": int(group["simulated"] or 0),
         "n_tokens": pair_length(group["prompt_tokens"], chosen_tokens, tokens.get(row["rejected_reply_id"])),
     }

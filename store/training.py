@@ -16,26 +16,34 @@ LIVE_ACTIONS = ("start", "promote", "rollback")
 class TrainingQueries:
     # -- the data a round trains on ---------------------------------------------------------------
 
-    def count_new_pairs(self, model_id: str, include_simulated: bool = True, max_length: int | None = None) -> int:
+    def count_new_pairs(self, model_id: str, include_simulated: bool = True, max_length: int | None = None,
+                        include_arena: bool = False) -> int:
         """Training pairs (not held out) from judgments no successful round of this model has consumed,
         within `max_length` tokens when given: what the schedule's threshold and the trainer both count.
         An indexed count, the same cost at a hundred judgments and at a hundred thousand."""
-        where, params = self._pair_filter(model_id, include_simulated, max_length, held_out=False, new=True)
+        where, params = self._pair_filter(model_id, include_simulated, max_length, held_out=False, new=True,
+                                          include_arena=include_arena)
         return int(self._rows(f"select count(*) as n from training_pairs p where {where}", params)[0]["n"])
 
     def training_pairs(self, model_id: str, *, held_out: bool, new: bool | None, include_simulated: bool = True,
-                       max_length: int | None = None, ids: list[int] | None = None) -> list[dict[str, Any]]:
+                       max_length: int | None = None, ids: list[int] | None = None,
+                       include_arena: bool = False) -> list[dict[str, Any]]:
         """Pairs with their texts and context, oldest first: new (True), already consumed (False) or both
         (None); within `max_length` when given; only `ids` when given. Each row has the
-        `training_pairs` columns plus context (messages), chosen and rejected."""
-        where, params = self._pair_filter(model_id, include_simulated, max_length, held_out, new)
+        `training_pairs` columns plus context (messages), chosen and rejected, and how each reply was
+        sampled: chosen_/rejected_ logprob_sum, temperature and top_p (the chosen ones None for an edit,
+        the person's own text). Arena pairs only with `include_arena`."""
+        where, params = self._pair_filter(model_id, include_simulated, max_length, held_out, new, include_arena)
         if ids is not None:
             if not ids:
                 return []
             where += f" and p.id in ({','.join('?' * len(ids))})"
             params += list(ids)
         rows = self._rows(
-            "select p.*, t.context_json, coalesce(e.value, c.text) as chosen, r.text as rejected"
+            "select p.*, t.context_json, coalesce(e.value, c.text) as chosen, r.text as rejected,"
+            " c.logprob_sum as chosen_logprob_sum, c.temperature as chosen_temperature, c.top_p as chosen_top_p,"
+            " r.logprob_sum as rejected_logprob_sum, r.temperature as rejected_temperature,"
+            " r.top_p as rejected_top_p"
             " from training_pairs p join turns t on t.id = p.turn_id join replies r on r.id = p.rejected_reply_id"
             " left join replies c on c.id = p.chosen_reply_id left join feedback e on e.id = p.edit_feedback_id"
             f" where {where} order by p.newest_feedback_id, p.id", params)
@@ -45,14 +53,16 @@ class TrainingQueries:
         return rows
 
     def training_pair_ids(self, model_id: str, *, held_out: bool, new: bool | None, include_simulated: bool = True,
-                          max_length: int | None = None) -> list[int]:
+                          max_length: int | None = None, include_arena: bool = False) -> list[int]:
         """The ids alone (cheap): a round samples its replay from these, then loads only the sample."""
-        where, params = self._pair_filter(model_id, include_simulated, max_length, held_out, new)
+        where, params = self._pair_filter(model_id, include_simulated, max_length, held_out, new, include_arena)
         return [r["id"] for r in self._rows(f"select p.id from training_pairs p where {where} order by p.id", params)]
 
-    def count_too_long_pairs(self, model_id: str, max_length: int, include_simulated: bool = True) -> int:
+    def count_too_long_pairs(self, model_id: str, max_length: int, include_simulated: bool = True,
+                             include_arena: bool = False) -> int:
         """New training pairs longer than `max_length`: counted, never trained on."""
-        where, params = self._pair_filter(model_id, include_simulated, None, held_out=False, new=True)
+        where, params = self._pair_filter(model_id, include_simulated, None, held_out=False, new=True,
+                                          include_arena=include_arena)
         return int(self._rows(f"select count(*) as n from training_pairs p where {where} and p.n_tokens > ?",
                               params + [max_length])[0]["n"])
 
@@ -61,8 +71,10 @@ class TrainingQueries:
         return int(self._rows("select max(newest_feedback_id) as m from training_pairs")[0]["m"] or 0)
 
     def _pair_filter(self, model_id: str, include_simulated: bool, max_length: int | None, held_out: bool,
-                     new: bool | None) -> tuple[str, list]:
+                     new: bool | None, include_arena: bool = False) -> tuple[str, list]:
         where, params = ["p.held_out = ?"], [int(held_out)]
+        if not include_arena:
+            where.append("p.arena = 0")
         if new is not None:
             where.append("p.newest_feedback_id > ?" if new else "p.newest_feedback_id <= ?")
             params.append(self.last_consumed_feedback_id(model_id))

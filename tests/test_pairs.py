@@ -85,11 +85,12 @@ def test_tokenized_pair_prompt_is_a_prefix_and_reply_ends_the_turn(tiny_loaded):
     assert tok.decode(pair.prompt_ids).endswith("<|im_start|>assistant\n")
 
 
-def make_judged_turn(store, conversation_session, choice, a="Paris.", b="London.", simulated=False):
+def make_judged_turn(store, conversation_session, choice, a="Paris.", b="London.", simulated=False,
+                     versions=("v0", "v0")):
     conv = store.start_conversation(conversation_session, "u", "tiny", "", simulated=simulated)
     rows = []
-    for slot, text in (("a", a), ("b", b)):
-        rows.append({"slot": slot, "text": text, "policy_version": "v0", "model_id": "tiny", "seed": 1,
+    for slot, text, version in (("a", a, versions[0]), ("b", b, versions[1])):
+        rows.append({"slot": slot, "text": text, "policy_version": version, "model_id": "tiny", "seed": 1,
                      "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 8, "finish_reason": "stop",
                      "n_tokens": 2, "logprob_sum": -1.0, "latency_s": 0.1})
     turn_id, _ = store.record_turn(conv, 0, CONTEXT, "hi", rows)
@@ -134,3 +135,29 @@ def test_simulated_votes_can_be_left_out_of_training(store):
     in_training = lambda convs: len([c for c in convs if not is_held_out(c)])  # noqa: E731
     assert count_new_pairs(store, "tiny") == in_training(people) + in_training(robots)
     assert count_new_pairs(store, "tiny", include_simulated=False) == in_training(people)
+
+
+def test_an_arena_pair_is_named_by_both_versions():
+    arena = group([fb(1, "choice", "b")])
+    arena["replies"]["b"]["policy_version"] = "v3"
+    (spec,) = pair_specs([arena])
+    assert spec.policy_version == "v0|v3" and spec.chosen == "reply B"
+
+
+@pytest.mark.parametrize("choice", ["a", "b"])
+def test_arena_votes_count_and_train_only_when_included(store, tiny_loaded, choice):
+    # An arena turn: one reply from v0, one from v1, shown blind, voted a or b.
+    plain = [make_judged_turn(store, f"p{i}", choice) for i in range(12)]
+    arena = [make_judged_turn(store, f"a{i}", choice, versions=("v1", "v0")) for i in range(12)]
+    in_training = lambda convs: len([c for c in convs if not is_held_out(c)])  # noqa: E731
+    assert count_new_pairs(store, "tiny") == in_training(plain)
+    assert count_new_pairs(store, "tiny", include_arena=True) == in_training(plain) + in_training(arena)
+
+    left_out = build_round(store, tiny_loaded.tokenizer, "tiny", max_length=512)
+    assert left_out.new_pairs == in_training(plain)
+    assert {p.policy_version for p in left_out.train + left_out.held_out} == {"v0"}
+    assert {p.conversation_id for p in left_out.train}.isdisjoint(arena)
+    included = build_round(store, tiny_loaded.tokenizer, "tiny", max_length=512, include_arena=True)
+    assert included.new_pairs == in_training(plain) + in_training(arena)
+    assert {p.conversation_id for p in included.train if p.policy_version == "v1|v0"} == {
+        c for c in arena if not is_held_out(c)}

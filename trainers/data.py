@@ -15,7 +15,8 @@ from playground.serving.prompting import render
 from store.pairs import is_held_out, pair_rows
 from trainers.pairs import PreferencePair
 
-__all__ = ["PairSpec", "RoundData", "build_round", "count_new_pairs", "is_held_out", "pair_specs", "tokenize"]
+__all__ = ["PairSpec", "ReplySampling", "RoundData", "build_round", "count_new_pairs", "is_held_out", "pair_specs",
+           "tokenize"]
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,33 @@ def pair_specs(judged: list[dict]) -> list[PairSpec]:
     """The store's rules applied to judged (turn, pair) groups (each with its context messages)."""
     return [_spec(group["context"], group["conversation_id"], group["turn_id"], row)
             for group in judged for row in pair_rows(group)]
+
+
+@dataclass(frozen=True)
+class ReplySampling:
+    """How a stored reply was sampled: its `logprob_sum` under the version that sampled it, and the settings."""
+
+    logprob_sum: float | None
+    temperature: float | None
+    top_p: float | None
+
+    @property
+    def exact(self) -> bool:
+        """The stored log-prob is the sampling distribution's own: it is always taken at temperature 1 with no
+        top-p filter, which is the distribution the reply came from only when it was sampled that way."""
+        return self.logprob_sum is not None and self.temperature == 1 and self.top_p in (1, None)
+
+
+def reply_sampling(rows: list[dict]) -> dict[int, ReplySampling]:
+    """The sampled replies of `Store.training_pairs` rows, by reply id (an edit's chosen text has none)."""
+    out = {}
+    for row in rows:
+        for side in ("chosen", "rejected"):
+            reply_id = row.get(f"{side}_reply_id")
+            if reply_id is not None:
+                out[reply_id] = ReplySampling(row.get(f"{side}_logprob_sum"), row.get(f"{side}_temperature"),
+                                              row.get(f"{side}_top_p"))
+    return out
 
 
 def stored_specs(rows: list[dict]) -> list[PairSpec]:
@@ -86,32 +114,39 @@ class RoundData:
     replayed: int  # older training pairs mixed back in
     max_feedback_id: int
     skipped: dict[str, int] = field(default_factory=dict)
+    # How each sampled reply of the training pairs was drawn, by reply id (the staleness metrics read it).
+    sampling: dict[int, ReplySampling] = field(default_factory=dict)
 
     def counts(self) -> dict:
         return {"train": len(self.train), "held_out": len(self.held_out), "new": self.new_pairs,
                 "replayed": self.replayed, "skipped": dict(self.skipped)}
 
 
-def count_new_pairs(store, model_id: str, include_simulated: bool = True, max_length: int | None = None) -> int:
-    """New training pairs within `max_length` tokens: the one definition the schedule and the trainer use."""
-    return store.count_new_pairs(model_id, include_simulated, max_length)
+def count_new_pairs(store, model_id: str, include_simulated: bool = True, max_length: int | None = None,
+                    include_arena: bool = False) -> int:
+    """New training pairs within `max_length` tokens: the one definition the schedule and the trainer use.
+    Arena pairs (two versions shown blind) count only with `include_arena`."""
+    return store.count_new_pairs(model_id, include_simulated, max_length, include_arena=include_arena)
 
 
 def build_round(store, tokenizer, model_id: str, max_length: int, replay_ratio: float = 1.0,
-                seed: int = 0, include_simulated: bool = True) -> RoundData:
+                seed: int = 0, include_simulated: bool = True, include_arena: bool = False) -> RoundData:
     """The pairs of one round: every new pair, plus a replay sample of older ones (replay_ratio x new).
 
     Pairs the store measured as longer than `max_length` are left out (and counted); the rest are
-    tokenised here, and any the store could not measure are measured now."""
-    options = dict(include_simulated=include_simulated, max_length=max_length)
-    new = stored_specs(store.training_pairs(model_id, held_out=False, new=True, **options))
+    tokenised here, and any the store could not measure are measured now. Arena pairs are left out
+    (train, replay and held out alike) unless `include_arena`."""
+    options = dict(include_simulated=include_simulated, max_length=max_length, include_arena=include_arena)
+    new_rows = store.training_pairs(model_id, held_out=False, new=True, **options)
+    new = stored_specs(new_rows)
     old_ids = store.training_pair_ids(model_id, held_out=False, new=False, **options)
     rng = random.Random(seed)
     replay_ids = rng.sample(old_ids, min(len(old_ids), int(round(replay_ratio * len(new)))))
-    replay = stored_specs(store.training_pairs(model_id, held_out=False, new=False, ids=replay_ids, **options))
+    replay_rows = store.training_pairs(model_id, held_out=False, new=False, ids=replay_ids, **options)
+    replay = stored_specs(replay_rows)
     held_out = stored_specs(store.training_pairs(model_id, held_out=True, new=None, **options))
     skipped: dict[str, int] = {}
-    too_long = store.count_too_long_pairs(model_id, max_length, include_simulated)
+    too_long = store.count_too_long_pairs(model_id, max_length, include_simulated, include_arena=include_arena)
     if too_long:
         skipped["too_long"] = too_long
     # Every pair this round could use, consumed or not: the next round's "new" starts after it.
@@ -134,4 +169,5 @@ def build_round(store, tokenizer, model_id: str, max_length: int, replay_ratio: 
     train_new = tokenized(new)
     train_replay = tokenized(replay)
     return RoundData(train=train_new + train_replay, held_out=tokenized(held_out), new_pairs=len(train_new),
-                     replayed=len(train_replay), max_feedback_id=newest, skipped=skipped)
+                     replayed=len(train_replay), max_feedback_id=newest, skipped=skipped,
+                     sampling=reply_sampling(new_rows + replay_rows))

@@ -18,7 +18,8 @@ A round, in the order `train_dpo` runs it:
 2. Reference log-probs once per round, without grad: the base model with the adapter switched off
    (ref='base', pi_0 fixed across rounds as in iterative DPO), or the adapter as loaded at the start of
    the round (ref='previous'). The reference never changes during a round, so one pass is enough.
-3. Held-out implicit-reward accuracy and margin, before training.
+3. Held-out implicit-reward accuracy and margin, before training; the starting policy's log-probs of the
+   training pairs the caller asks for (`score_start`: the round's staleness metrics).
 4. The loop: AdamW on the LoRA weights, linear decay, gradient clipping. A NaN/inf loss or a gradient
    norm above `max_grad_norm_abort` raises TrainingAborted before that step touches the weights.
 5. The same held-out metrics after training.
@@ -29,7 +30,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -191,6 +192,9 @@ class DPOResult:
     trained: int = 0  # training pairs used
     skipped_too_long: int = 0  # training + held-out pairs over config.max_length
     seconds: float = 0.0
+    # Summed (chosen, rejected) log-probs under the policy the round started from, for the indices of
+    # pairs_train that train_dpo's score_start named (and that fit max_length).
+    start_logps: dict[int, tuple[float, float]] = field(default_factory=dict)
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         from peft import get_peft_model_state_dict
@@ -366,12 +370,17 @@ def train_dpo(
     config: DPOConfig | None = None,
     init_adapter_dir: str | Path | None = None,
     on_step: Callable[[dict], None] | None = None,
+    score_start: Collection[int] = (),
 ) -> DPOResult:
     """Train a LoRA adapter with DPO on pairs_train; held-out metrics on pairs_eval before and after.
 
     model: a plain HF causal LM; it is copied, never modified. init_adapter_dir: a saved adapter to
     continue from (warm start; its rank and targets replace the config's lora_* fields). on_step gets a
-    dict of metrics after every optimizer step. Raises TrainingAborted when training diverges.
+    dict of metrics after every optimizer step. score_start: indices of pairs_train whose summed reply
+    log-probs under the starting policy (the initial adapter, or the base model for a fresh one) come
+    back in `DPOResult.start_logps` (the staleness metrics compare them with the sampler's): where the
+    starting policy is the reference they are the reference pass's own numbers, otherwise one no-grad pass
+    over just those pairs. Raises TrainingAborted when training diverges.
     """
     from peft import LoraConfig, PeftModel, get_peft_model
 
@@ -382,7 +391,8 @@ def train_dpo(
     attention = getattr(model.config, "_attn_implementation", "sdpa")
     if attention not in ("sdpa", "eager"):
         raise ValueError(f"packed DPO rows need a 4D attention mask: use 'sdpa' or 'eager', not {attention!r}")
-    fits = [p for p in pairs_train if p.length <= config.max_length]
+    fit_index = [i for i, p in enumerate(pairs_train) if p.length <= config.max_length]
+    fits = [pairs_train[i] for i in fit_index]
     eval_fits = [p for p in pairs_eval if p.length <= config.max_length]
     skipped = len(pairs_train) - len(fits) + len(pairs_eval) - len(eval_fits)
     if not fits:
@@ -424,6 +434,13 @@ def train_dpo(
         policy_is_ref = config.ref == "previous" or init_adapter_dir is None
         eval_before = _held_out(ref_eval if policy_is_ref else score_pairs(policy, eval_fits, pad_id), ref_eval,
                                 eval_fits, config)  # 3.
+        wanted = set(score_start)
+        start_at = [k for k, i in enumerate(fit_index) if i in wanted]  # positions in fits
+        if policy_is_ref or not start_at:
+            start_c, start_r = ref_train[0][start_at], ref_train[1][start_at]
+        else:
+            start_c, start_r = score_pairs(policy, [fits[k] for k in start_at], pad_id)
+        start_logps = {fit_index[k]: (c, r) for k, c, r in zip(start_at, start_c.tolist(), start_r.tolist())}
 
         # 4. The loop.
         batches_per_epoch = math.ceil(len(fits) / config.batch_size)
@@ -487,6 +504,7 @@ def train_dpo(
         return DPOResult(
             model=policy, config=config, steps=steps, eval_before=eval_before, eval_after=eval_after,
             trained=len(fits), skipped_too_long=skipped, seconds=time.perf_counter() - started,
+            start_logps=start_logps,
         )
 
 

@@ -18,6 +18,7 @@ import logging
 import os
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 from store import DEFAULT_DB
@@ -48,6 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="reference policy: the base model (default) or the previous version")
     p.add_argument("--exclude-simulated", action="store_true",
                    help="train only on votes from people, not on the autopilot's simulated annotators")
+    p.add_argument("--include-arena", action="store_true",
+                   help="train on arena votes (two versions shown blind) too; by default they are left out")
     p.add_argument("--config", default="{}", help="JSON object of DPO settings overriding the defaults")
     p.add_argument("--run-id", type=int, default=None, help="a round the scheduler already recorded")
     p.add_argument("--trigger", default="manual", help="what started the round, recorded on it")
@@ -90,6 +93,7 @@ def run_round(args: argparse.Namespace) -> tuple[int, dict]:
     adapters_dir = Path(args.adapters_dir)
     started = time.perf_counter()
     include_simulated = not args.exclude_simulated
+    include_arena = args.include_arena
 
     def finish(status: str, reason: str | None = None, **extra) -> tuple[int, dict]:
         store.finish_run(run_id, status, reason=reason, **extra)
@@ -101,15 +105,16 @@ def run_round(args: argparse.Namespace) -> tuple[int, dict]:
         for name in clean_temporary(adapters_dir):
             log.info("removed half-written %s left by an earlier round", name)
         # The app's schedule counted by the same definition before it started this round.
-        waiting = count_new_pairs(store, model_id, include_simulated, config.max_length)
+        waiting = count_new_pairs(store, model_id, include_simulated, config.max_length, include_arena=include_arena)
         if waiting < args.min_new_pairs:
             why = f"{waiting} new training pair(s), fewer than the {args.min_new_pairs} needed"
-            too_long = store.count_too_long_pairs(model_id, config.max_length, include_simulated)
+            too_long = store.count_too_long_pairs(model_id, config.max_length, include_simulated,
+                                                  include_arena=include_arena)
             if too_long:
                 why += f" (skipped: {{'too_long': {too_long}}}, over max_length={config.max_length} tokens)"
             return finish("skipped", why, n_pairs=0, metrics={"counts": {"new": waiting}})
         data = build_round(store, loaded.tokenizer, model_id, config.max_length, args.replay_ratio, config.seed,
-                           include_simulated=include_simulated)
+                           include_simulated=include_simulated, include_arena=include_arena)
         counts = data.counts()
         if data.new_pairs == 0:
             why = f"none of the {waiting} new pair(s) could be tokenised (skipped: {data.skipped})"
@@ -128,11 +133,12 @@ def run_round(args: argparse.Namespace) -> tuple[int, dict]:
             progress(m)
 
         result = train_dpo(loaded.model, data.train, data.held_out, config, init_adapter_dir=init_adapter,
-                           on_step=on_step)
+                           on_step=on_step, score_start=gap_pairs(data))
         name = store.next_version_name(model_id)
         metrics = {"held_out_before": result.eval_before, "held_out_after": result.eval_after,
                    "last_step": result.steps[-1] if result.steps else None, "train_seconds": round(result.seconds, 2),
-                   "skipped_too_long": result.skipped_too_long}
+                   "skipped_too_long": result.skipped_too_long,
+                   "staleness": round_staleness(data, result.start_logps, parent)}
         manifest = {
             "base_model_id": model_id, "parent": parent, "algo": args.algo, "config": config_dict(config),
             "data": counts, "metrics": metrics, "run_id": run_id,
@@ -149,6 +155,56 @@ def run_round(args: argparse.Namespace) -> tuple[int, dict]:
     except Exception as exc:  # the round is recorded as failed whatever went wrong, with the reason
         log.exception("round %s failed", run_id)
         return finish("failed", f"{type(exc).__name__}: {exc}")
+
+
+def _gap_sides(pair, sampling) -> list[int]:
+    """The sides (0 chosen, 1 rejected) of a training pair whose stored log-prob is exact."""
+    replies = (pair.chosen_reply_id, pair.rejected_reply_id)
+    return [side for side, reply_id in enumerate(replies) if reply_id in sampling and sampling[reply_id].exact]
+
+
+def gap_pairs(data) -> list[int]:
+    """Indices of the round's training pairs with a reply the off-policy gap can use."""
+    return [i for i, pair in enumerate(data.train) if _gap_sides(pair, data.sampling)]
+
+
+def round_staleness(data, start_logps: dict[int, tuple[float, float]], trained_from: str) -> dict:
+    """How stale the round's training pairs are (`playground.metrics.staleness`), with `by_version`.
+
+    Per training pair: n, share_older (sampled by a version older than `trained_from`, the round's
+    parent), mean_lag (for an arena pair "v0|v2", the newer of its two versions) and by_version (pairs
+    per sampling version, as stored). Per reply: the off-policy gap is the mean, over the sampled replies
+    of the training pairs whose stored `logprob_sum` is exact (sampled at temperature 1 with no top-p
+    filter), of that log-prob under the version that sampled the reply minus the reply's log-prob under
+    `trained_from` (from `train_dpo`'s pass before its first step); n_gap counts those replies. A choice
+    or ratings pair gives up to two replies, an edit pair at most one: its chosen side is the person's
+    own text, which no version sampled. The trained-from side scores the reply's tokens as trained on,
+    which end with the chat template's tail (its newline after the end-of-turn token, and an end-of-turn
+    token added to a reply cut at the length limit) that the stored sum does not hold: a pair sampled by
+    `trained_from` itself has a gap of about that tail's surprisal, near 0 for a chat-tuned model.
+    """
+    from playground.metrics.staleness import staleness
+
+    pairs = [{"policy_version": pair.policy_version} for pair in data.train]
+    replies = []
+    for i, pair in enumerate(data.train):
+        if i not in start_logps:
+            continue
+        ids = (pair.chosen_reply_id, pair.rejected_reply_id)
+        for side in _gap_sides(pair, data.sampling):
+            replies.append({"policy_version": pair.policy_version,
+                            "stored_logprob": data.sampling[ids[side]].logprob_sum,
+                            "logprob_trained_from": start_logps[i][side]})
+    try:
+        # Called twice, per pair and per reply: the counts are of pairs, the gap is of replies.
+        summary = staleness(pairs, trained_from)
+        gap = staleness(replies, trained_from)
+    except ValueError as exc:  # a version that is not "vN": the round still trains, without this metric
+        log.warning("no staleness metrics: %s", exc)
+        return {"error": str(exc)}
+    by_version = Counter(str(pair.policy_version) for pair in data.train)
+    return summary | {"off_policy_gap": gap["off_policy_gap"], "n_gap": gap["n_gap"],
+                      "by_version": dict(sorted(by_version.items()))}
 
 
 def _progress_bar(disabled: bool):
