@@ -13,6 +13,7 @@ import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from playground.chat import DEFAULT_ARENA_RATE
 from playground.serving.decode_loop import DEFAULT_MAX_BATCH_ROWS
 from playground.serving.limits import DEFAULT_MAX_CONTEXT_TOKENS
 from playground.serving.models import BUNDLED, DEFAULT_CACHE_DIR, DEVICES
@@ -61,6 +62,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-batch-rows", type=int, default=DEFAULT_MAX_BATCH_ROWS,
                         help="reply rows decoded together in the one decode loop (a pair is 2); past it requests "
                              "wait in a queue and see their place (default: %(default)s)")
+    parser.add_argument("--arena-rate", type=float, default=DEFAULT_ARENA_RATE,
+                        help="share of turns whose pair is a blind arena pair: the live version against an earlier "
+                             "one, sides random, versions shown after the vote (default: %(default)s)")
+    parser.add_argument("--train-on-arena", action="store_true",
+                        help="let rounds train on arena votes too (by default they only rate versions)")
     parser.add_argument("--threads", type=int, default=0,
                         help="CPU threads for torch; 0 keeps torch's choice (default: %(default)s)")
     args = parser.parse_args(argv)
@@ -72,6 +78,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--min-new-pairs {args.min_new_pairs} must be at least 1")
     if args.max_batch_rows < 2:
         parser.error(f"--max-batch-rows {args.max_batch_rows} cannot hold one pair (at least 2)")
+    if not 0.0 <= args.arena_rate <= 1.0:
+        parser.error(f"--arena-rate {args.arena_rate} must be between 0 and 1")
     if args.max_context_tokens < 64:
         parser.error(f"--max-context-tokens {args.max_context_tokens} is too small (at least 64)")
     return args
@@ -119,12 +127,13 @@ def build_services(args: argparse.Namespace, loaded=None, busy_timeout_ms: int |
         loop = TrainingLoop(LoopSettings(db=str(args.db), adapters_dir=args.adapters_dir, model=args.model,
                                          model_cache=args.model_cache, device=train_device,
                                          train_every_min=args.train_every, min_new_pairs=args.min_new_pairs,
-                                         enabled=not args.no_train), store, policy)
+                                         enabled=not args.no_train, include_arena=args.train_on_arena),
+                             store, policy)
         # One decode loop for every session's pairs; each saved judgment nudges the schedule (the vote
         # that reaches --min-new-pairs starts the round).
         decode_loop = DecodeLoop(max_batch_rows=args.max_batch_rows)
         chat = ChatService(policy, store, max_context_tokens=args.max_context_tokens, on_feedback=loop.nudge,
-                           decode_loop=decode_loop)
+                           decode_loop=decode_loop, arena_rate=args.arena_rate)
         loop.start()
     except BaseException:
         store.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import secrets
 import threading
 import uuid
@@ -28,6 +29,9 @@ DEFAULT_USER = "anonymous"
 MAX_USER_CHARS = 100
 SEED_BITS = 31
 UNSAVED_NOTE = "These replies are not saved yet"
+# The share of turns whose pair is a blind arena pair (the live version against an earlier one) unless
+# `--arena-rate` says otherwise: enough votes to rate versions, few enough that most votes train.
+DEFAULT_ARENA_RATE = 0.15
 
 
 class ChatError(Exception):
@@ -39,8 +43,12 @@ class Pair:
     """The two replies of the current turn, and what the person said about them."""
 
     replies: list[SampledReply]
-    version: str
+    version: str  # the live version when the pair started
     settings: SamplingSettings
+    # The version of each slot's reply: both `version`, except in a blind arena pair, where one slot is
+    # the live version and the other an earlier one, sides drawn at random and hidden until the vote.
+    versions: tuple[str, ...] = ()
+    arena: bool = False
     generating: bool = True
     turn_id: int | None = None  # set once stored
     index: int = 0  # 0 for the first pair of the turn, +1 per regenerate
@@ -49,6 +57,15 @@ class Pair:
     ratings: dict[str, str] = field(default_factory=dict)
     edit: str | None = None
     ahead: int | None = None  # requests waiting before this pair's decoding starts (None: decoding)
+
+    def __post_init__(self):
+        if not self.versions:
+            self.versions = (self.version,) * len(SLOTS)
+
+    @property
+    def revealed(self) -> bool:
+        """Whether the versions may be shown: always for an ordinary pair, after the vote for an arena pair."""
+        return not self.arena or self.choice is not None
 
     def reply(self, slot: str) -> SampledReply:
         return self.replies[SLOTS.index(slot)]
@@ -94,8 +111,14 @@ class ChatSession:
 
 class ChatService:
     def __init__(self, policy: PolicyHolder, store: Store, max_context_tokens: int = DEFAULT_MAX_CONTEXT_TOKENS,
-                 on_feedback: Callable[[], None] | None = None, decode_loop: DecodeLoop | None = None):
+                 on_feedback: Callable[[], None] | None = None, decode_loop: DecodeLoop | None = None,
+                 arena_rate: float = 0.0, rng: random.Random | None = None):
+        if not 0.0 <= arena_rate <= 1.0:
+            raise ValueError(f"arena_rate {arena_rate} must be between 0 and 1")
         self.policy = policy
+        # The share of pairs that put the live version against an earlier one, blind (needs the decode loop).
+        self.arena_rate = arena_rate
+        self._rng = rng or random.SystemRandom()
         # Every session's pairs decode in this one loop (continuous batching); None: each on its own thread.
         self.decode_loop = decode_loop
         self.store = store
@@ -133,7 +156,7 @@ class ChatService:
             session.context = prompt.messages
             session.prompt_ids = prompt.ids
             session.notes = prompt.notes
-            previous, session.pair = None, Pair(replies=[], version=snapshot.version, settings=settings)
+            previous, session.pair = None, self._new_pair(snapshot, settings)
         yield from self._stream(session, snapshot, previous)
 
     def regenerate(self, session: ChatSession, settings: SamplingSettings) -> Iterator[Pair]:
@@ -143,11 +166,35 @@ class ChatService:
                 raise ChatError("There is no pair to regenerate yet: send a message first.")
             self._check_idle(session)
             previous = session.pair
-            session.pair = Pair(
-                replies=[], version=snapshot.version, settings=settings,
-                turn_id=previous.turn_id, index=previous.index + 1,
-            )
+            session.pair = self._new_pair(snapshot, settings, turn_id=previous.turn_id, index=previous.index + 1)
         yield from self._stream(session, snapshot, previous)
+
+    # -- the blind arena --------------------------------------------------------------------------
+
+    def _new_pair(self, snapshot: PolicySnapshot, settings: SamplingSettings, **where) -> Pair:
+        """An ordinary pair of the live version, or (at the arena rate) the live version against an earlier
+        one, in random slots."""
+        opponent = self._arena_opponent(snapshot) if self.arena_rate and self._rng.random() < self.arena_rate else None
+        if opponent is None:
+            return Pair(replies=[], version=snapshot.version, settings=settings, **where)
+        versions = (snapshot.version, opponent)
+        if self._rng.random() < 0.5:
+            versions = versions[::-1]
+        return Pair(replies=[], version=snapshot.version, settings=settings, versions=versions, arena=True, **where)
+
+    def _arena_opponent(self, live: PolicySnapshot) -> str | None:
+        """The earlier version to put against the live one: of those resident on the base engine (so both
+        rows decode in one step), the one with the fewest arena votes against it, which narrows the widest
+        interval first (v0 on a tie, the reference every win rate is read against)."""
+        if self.decode_loop is None or live.version == self.policy.base.version:
+            return None
+        if live.adapter is None or live.model is not self.policy.base.model:
+            return None  # a version served as a merged copy decodes on its own engine, apart from v0's
+        candidates = [v for v in self.policy.resident() if v != live.version and _older(v, live.version)]
+        if not candidates:
+            return None
+        counts = self.store.arena_vote_counts(self.policy.model_id, live.version)
+        return min(candidates, key=lambda v: (counts.get(v, 0), v != self.policy.base.version, v))
 
     def _stream(self, session: ChatSession, snapshot: PolicySnapshot, previous: Pair | None) -> Iterator[Pair]:
         pair = session.pair
@@ -161,9 +208,13 @@ class ChatService:
                     pair.replies = replies
                     yield pair
             else:
+                resident = self.policy.resident()
+                rows = None
+                if pair.arena:
+                    rows = [(resident[v].adapter, resident[v].lora) for v in pair.versions]
                 for update in self.decode_loop.stream(snapshot.model, snapshot.tokenizer, session.prompt_ids,
                                                       pair.settings, seeds, adapter=snapshot.adapter,
-                                                      lora=snapshot.lora):
+                                                      lora=snapshot.lora, row_adapters=rows):
                     pair.replies, pair.ahead = update.replies, update.ahead
                     yield pair
         except BaseException as exc:
@@ -301,7 +352,7 @@ def _reply_row(reply: SampledReply, pair: Pair, model_id: str) -> dict:
     return {
         "slot": reply.slot,
         "text": reply.text,
-        "policy_version": pair.version,
+        "policy_version": pair.versions[SLOTS.index(reply.slot)],
         "model_id": model_id,
         "seed": reply.seed,
         "temperature": pair.settings.temperature,
@@ -334,11 +385,14 @@ def pair_summary(session: ChatSession) -> dict:
         "ratings": dict(pair.ratings),
         "edit": pair.edit,
         "notes": list(session.notes),
+        # An arena pair names no version (nor that it is one) until it is voted on: a client cannot know
+        # which side is which before judging.
+        "arena": pair.arena if pair.revealed else None,
         "replies": {
             r.slot: {
                 "id": pair.reply_ids[i] if pair.reply_ids else None,
                 "text": r.text,
-                "policy_version": pair.version,
+                "policy_version": pair.versions[i] if pair.revealed else None,
                 "n_tokens": r.n_tokens,
                 "finish_reason": r.finish_reason,
                 "seed": r.seed,
@@ -346,3 +400,10 @@ def pair_summary(session: ChatSession) -> dict:
             for i, r in enumerate(pair.replies)
         },
     }
+
+
+def _older(version: str, than: str) -> bool:
+    """Whether `version` came before `than` ("v2" before "v10"); names that are not vN compare as text."""
+    def number(name: str):
+        return (0, int(name[1:]), "") if name[1:].isdigit() else (1, 0, name)
+    return number(version) < number(than)

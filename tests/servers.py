@@ -26,7 +26,9 @@ def app_args(loaded, db_path, loop_settings: dict | None = None, extra: tuple[st
     settings.pop("device", None)  # the loop trains where the app serves, as app.py decides
     if settings:
         raise TypeError(f"unknown loop settings {sorted(settings)}")
-    return argv + list(extra)
+    # No blind arena pairs unless a test asks (extra's --arena-rate comes later and wins): a test that
+    # checks which version wrote a reply must not meet a random arena turn.
+    return argv + ["--arena-rate", "0"] + list(extra)
 
 
 @contextlib.contextmanager

@@ -168,7 +168,7 @@ def test_admin_autopilot_trains_a_version_that_goes_live_in_the_page(tiny_loaded
     with running_app(tiny_loaded, tmp_path / "admin.db", loop_settings=settings) as (url, service, loop):
         page = browser.new_page(viewport={"width": 1280, "height": 1600})
         page.goto(url)
-        page.get_by_text("Training loop (admin)").click()
+        page.get_by_role("tab", name="Training loop (admin)").click()
         page.locator("#autopilot-start").click()
         page.wait_for_function("document.querySelector('#admin-note').innerText.includes('Autopilot started')")
         page.wait_for_function("document.querySelector('#loop-status').innerText.includes('Live policy v1')",

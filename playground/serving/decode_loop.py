@@ -80,11 +80,12 @@ class _Request:
     seeds: tuple[int, ...]
     stop_ids: set[int]
     engine: object
-    adapter: str | None = None  # the version's LoRA in the engine; None: the model itself
-    lora: tuple | None = None
+    # Per row: (the version's LoRA in the engine, None: the model itself; its weights and config).
+    row_adapters: tuple = ()
     replies: list[SampledReply] = field(default_factory=list)
     generators: list[torch.Generator] = field(default_factory=list)
-    state: object = None
+    # One engine state per run of consecutive rows on the same adapter (one for an ordinary pair).
+    states: list = field(default_factory=list)
     logits: torch.Tensor | None = None  # the distribution the next tokens are drawn from
     step: int = 0
     started: float = 0.0
@@ -122,15 +123,27 @@ class DecodeLoop:
 
     def stream(self, model, tokenizer, prompt_ids: list[int], settings: SamplingSettings,
                seeds: tuple[int, ...], stop_ids: set[int] | None = None, adapter: str | None = None,
-               lora: tuple | None = None) -> Iterator[Update]:
+               lora: tuple | None = None, row_adapters: list[tuple[str | None, tuple | None]] | None = None,
+               ) -> Iterator[Update]:
         """Yield an `Update` after every step the request is in (and while it waits); the last one has
         every reply finished. Closing the iterator cancels the request. `adapter`: a LoRA resident in
         `model`'s engine, applied to this request's rows; `lora` (its weights and config) registers it
-        again should the engine have been rebuilt. Raises DecodeLoopBusy at once when too many
-        requests wait, DecodeFailed when its step failed."""
+        again should the engine have been rebuilt. `row_adapters`: instead, one (adapter, lora) per row,
+        so the rows of one pair decode different versions (a blind arena turn: v0 against the live
+        version); each row's tokens are those it would get on its own version alone. Raises
+        DecodeLoopBusy at once when too many requests wait, DecodeFailed when its step failed."""
         stop_ids = stop_token_ids(tokenizer, model) if stop_ids is None else stop_ids
+        if row_adapters is None:
+            row_adapters = [(adapter, lora)] * len(seeds)
+        if len(row_adapters) != len(seeds):
+            raise ValueError(f"{len(row_adapters)} row adapters for {len(seeds)} rows")
         engine = engine_for(model)
         too_long = engine is not None and len(prompt_ids) + int(settings.max_new_tokens) > engine.max_positions
+        adapters = tuple(a for a, _ in row_adapters)
+        if len(set(adapters)) > 1 and (engine is None or too_long):
+            raise DecodeFailed("rows on different versions can only be decoded together by the engine, and this "
+                               "request does not fit it")
+        adapter, lora = row_adapters[0]
         if adapter is not None and (engine is None or too_long):
             # The HF forward below would decode the base model, not this version: refuse instead.
             raise DecodeFailed(f"{adapter} can only be decoded by the engine, and this request does not fit it")
@@ -141,7 +154,7 @@ class DecodeLoop:
                 yield Update(replies)
             return
         request = _Request(model, tokenizer, list(prompt_ids), settings, tuple(int(s) for s in seeds),
-                           stop_ids, engine, adapter=adapter, lora=lora)
+                           stop_ids, engine, row_adapters=tuple(row_adapters))
         self._submit(request)
         try:
             seen = -1
@@ -256,14 +269,20 @@ class DecodeLoop:
         request.text_from = [0] * request.rows
         request.stable = [""] * request.rows
         max_total = len(request.prompt_ids) + int(request.settings.max_new_tokens)
-        if request.adapter is not None and request.adapter not in request.engine.adapters:
-            if request.lora is None:
-                raise RuntimeError(f"the adapter {request.adapter} is not loaded")
-            # The engine was rebuilt since the promotion (its model's weights changed): load it again.
-            request.engine.add_adapter(request.adapter, *request.lora)
-        # The last sampled token is never fed back: prompt + max_new positions are enough.
-        request.state, request.logits = request.engine.prefill(request.prompt_ids, request.rows, max_total,
-                                                               adapter=request.adapter)
+        for adapter, lora in dict(request.row_adapters).items():
+            if adapter is not None and adapter not in request.engine.adapters:
+                if lora is None:
+                    raise RuntimeError(f"the adapter {adapter} is not loaded")
+                # The engine was rebuilt since the promotion (its model's weights changed): load it again.
+                request.engine.add_adapter(adapter, *lora)
+        # The last sampled token is never fed back: prompt + max_new positions are enough. Rows on one
+        # adapter share one prefill; a pair on two versions runs the prompt once per version.
+        request.states, logits = [], []
+        for adapter, rows in _runs([a for a, _ in request.row_adapters]):
+            state, first = request.engine.prefill(request.prompt_ids, rows, max_total, adapter=adapter)
+            request.states.append(state)
+            logits.append(first)
+        request.logits = logits[0] if len(logits) == 1 else torch.cat(logits)
 
     def _step(self, group: list[_Request]) -> None:
         # Draw each request's next tokens from its pending logits, then one engine step for all rows.
@@ -279,8 +298,8 @@ class DecodeLoop:
         rows = sum(r.rows for r in feed)
         self.max_rows_seen = max(self.max_rows_seen, rows)
         # Rows of every version share the step: each state carries its own adapter (None: the base).
-        logits = feed[0].engine.decode_many([r.state for r in feed], torch.cat(tokens),
-                                            adapters=[r.adapter for r in feed])
+        logits = feed[0].engine.decode_many([s for r in feed for s in r.states], torch.cat(tokens),
+                                            adapters=[s.adapter for r in feed for s in r.states])
         self.steps += 1
         start = 0
         for request in feed:
@@ -342,8 +361,19 @@ class DecodeLoop:
     def _remove(self, request: _Request) -> None:
         if request in self._active:
             self._active.remove(request)
-        request.state = None  # its KV cache goes now, not when the reader lets go of the request
+        request.states = []  # its KV cache goes now, not when the reader lets go of the request
         request.logits = None
+
+
+def _runs(items: list) -> list[tuple[object, int]]:
+    """Consecutive equal items as (item, count): [a, a, b] -> [(a, 2), (b, 1)]."""
+    runs: list[list] = []
+    for item in items:
+        if runs and runs[-1][0] == item:
+            runs[-1][1] += 1
+        else:
+            runs.append([item, 1])
+    return [(item, count) for item, count in runs]
 
 
 def _fresh_replies(seeds) -> list[SampledReply]:

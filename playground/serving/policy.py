@@ -42,6 +42,10 @@ class PolicyHolder:
         self._lock = threading.Lock()
         self.base = PolicySnapshot(BASE_VERSION, loaded.model, loaded.tokenizer, loaded.model_id)
         self._live = self.base
+        # Versions ready to serve without loading anything (v0, and each version promoted since the
+        # start that is served as an adapter on the base engine): a blind arena turn decodes one of these
+        # beside the live version.
+        self._resident: dict[str, PolicySnapshot] = {BASE_VERSION: self.base}
 
     @property
     def model_id(self) -> str:
@@ -54,3 +58,10 @@ class PolicyHolder:
     def set_live(self, snapshot: PolicySnapshot) -> None:
         with self._lock:
             self._live = snapshot
+            if snapshot.adapter is not None or snapshot.version == BASE_VERSION:
+                self._resident[snapshot.version] = snapshot
+
+    def resident(self) -> dict[str, PolicySnapshot]:
+        """Versions servable now on the base model's engine (with v0), by name."""
+        with self._lock:
+            return dict(self._resident)

@@ -102,7 +102,8 @@ def version_choices(loop: TrainingLoop) -> list[str]:
 
 
 def build_admin(loop: TrainingLoop, service=None):
-    with gr.Accordion("Training loop (admin)", open=False, elem_id="admin") as panel:
+    # A tab of the page (build_ui opens the tabs): its tables load when it is chosen, not on every page load.
+    with gr.Tab("Training loop (admin)", id="admin", elem_id="admin") as panel:
         with gr.Row():
             train_now = gr.Button("Train now", variant="primary", elem_id="train-now")
             pause = gr.Button("Pause schedule", elem_id="pause")
@@ -115,6 +116,8 @@ def build_admin(loop: TrainingLoop, service=None):
             epochs = gr.Number(value=defaults.epochs, label="epochs", precision=0)
             loss_type = gr.Radio(["sigmoid", "ipo"], value="sigmoid", label="loss")
             ref = gr.Radio(["base", "previous"], value="base", label="reference policy")
+        arena = gr.Checkbox(value=loop.settings.include_arena, elem_id="train-on-arena",
+                            label="Train on blind arena votes too (by default they only rate the versions)")
         apply = gr.Button("Use these settings for the next round", elem_id="apply-settings")
         with gr.Row():
             version = gr.Dropdown(choices=version_choices(loop), label="Version", elem_id="version-pick",
@@ -166,6 +169,12 @@ def build_admin(loop: TrainingLoop, service=None):
 
     apply.click(apply_settings, [beta, learning_rate, epochs, loss_type, ref], admin_note, api_visibility="private")
 
+    def set_arena(include: bool):
+        loop.set_include_arena(bool(include))
+        return note("Rounds train on arena votes too." if include else "Arena votes only rate versions now.")
+
+    arena.input(set_arena, [arena], admin_note, api_visibility="private")
+
     def do_rollback(name: str):
         if not name:
             raise gr.Error("Pick a version first.")
@@ -193,6 +202,7 @@ def build_admin(loop: TrainingLoop, service=None):
         """The loop's state: live version, round in progress, next check, new pairs, recent events."""
         return loop.status()
 
-    gr.api(training_status, api_name="training_status")
+    with panel:  # inside the tab: the page's tabs hold only tabs
+        gr.api(training_status, api_name="training_status")
     return {"panel": panel, "runs": runs, "curves": curves, "logp_curves": logp_curves, "version": version,
             "run_pick": run_pick}

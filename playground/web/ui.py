@@ -11,13 +11,18 @@ Open WebUI show them), but HTML in it is shown as typed, never rendered or run: 
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
 import gradio as gr
 
 from playground.chat import ChatError, ChatService, ChatSession, Pair, pair_summary
+from playground.loop import TrainingLoop
 from playground.serving.generation import SampledReply, SamplingSettings
 from playground.serving.limits import MAX_NEW_TOKENS_LIMIT, MAX_TEMPERATURE, MIN_TEMPERATURE
-from playground.loop import TrainingLoop
+from store import SLOTS
+
+if TYPE_CHECKING:
+    from playground.dashboard import Dashboard
 
 # Sends and regenerates share one limit: as many at once as the shared decode loop takes (rows and its
 # queue, which tells each person their place); without the loop, one at a time (two separate decode
@@ -106,15 +111,30 @@ def conversation(session: ChatSession) -> list[dict]:
 
 
 def badge(pair: Pair | None, reply: SampledReply | None) -> str:
+    """What is known of one reply: its version (for an arena pair only after the vote), length, finish."""
     if pair is None or reply is None:
         return ""
     rating = pair.ratings.get(reply.slot)
-    parts = [f"`{pair.version}`", f"{reply.n_tokens} tokens", FINISH_LABELS.get(reply.finish_reason, "")]
+    version = pair.versions[SLOTS.index(reply.slot)] if pair.revealed else "version hidden until you vote"
+    parts = [f"`{version}`", f"{reply.n_tokens} tokens", FINISH_LABELS.get(reply.finish_reason, "")]
     if rating:
         parts.append("👍 rated up" if rating == "up" else "👎 rated down")
     if pair.choice == reply.slot:
         parts.append("**chosen**")
     return " · ".join(parts)
+
+
+def by_line(model_id: str, pair: Pair | None) -> str:
+    """The line above the replies: the model, and which version wrote them (an arena pair: after the vote)."""
+    line = f"Model **{model_id}**"
+    if pair is None:
+        return line
+    if not pair.arena:
+        return line + f" · these replies by **{pair.version}**"
+    if not pair.revealed:
+        return line + " · a blind comparison: the versions are shown after your vote"
+    a, b = pair.versions
+    return line + f" · blind arena: A was **{a}**, B was **{b}** (live: {pair.version})"
 
 
 def notice(session: ChatSession) -> str:
@@ -134,7 +154,9 @@ def notice(session: ChatSession) -> str:
     return "\n\n".join(lines)
 
 
-def build_ui(service: ChatService, loop: TrainingLoop | None = None, title: str = "RLHF Playground") -> gr.Blocks:
+def build_ui(service: ChatService, loop: TrainingLoop | None = None, title: str = "RLHF Playground",
+             dashboard: "Dashboard | None" = None) -> gr.Blocks:
+    """The page: tabs for the chat, the drift dashboard (with `dashboard`) and the admin panel (with `loop`)."""
     model_id = service.policy.model_id
     generate_limit = service.concurrent_generations()
     with gr.Blocks(title=title, fill_width=True) as demo:
@@ -144,54 +166,69 @@ def build_ui(service: ChatService, loop: TrainingLoop | None = None, title: str 
         loop_status = gr.Markdown(elem_id="loop-status", visible=loop is not None)
         round_progress = gr.Slider(0, 1, value=0, label="Round progress", interactive=False, visible=False,
                                    elem_id="round-progress")
-        history = gr.Chatbot(
-            label="Conversation", height=260, buttons=["copy_all"], elem_id="history", **CHAT_RENDERING,
-            placeholder="Send a message: you will get two replies to compare.",
-        )
-        with gr.Row(equal_height=True):
-            panels, badges, thumbs = {}, {}, {}
-            for slot in ("a", "b"):
-                with gr.Column(elem_id=f"column-{slot}"):
-                    gr.Markdown(f"**Reply {slot.upper()}**")
-                    panels[slot] = gr.Chatbot(
-                        show_label=False, height=300, **CHAT_RENDERING,
-                        elem_id=f"reply-{slot}", elem_classes="reply-panel", buttons=["copy"],
+        tabs = gr.Tabs(elem_id="tabs")
+        with tabs:
+            chat_tab = gr.Tab("Chat", id="chat", elem_id="chat-tab")
+            with chat_tab:
+                history = gr.Chatbot(
+                    label="Conversation", height=260, buttons=["copy_all"], elem_id="history", **CHAT_RENDERING,
+                    placeholder="Send a message: you will get two replies to compare.",
+                )
+                with gr.Row(equal_height=True):
+                    panels, badges, thumbs = {}, {}, {}
+                    for slot in ("a", "b"):
+                        with gr.Column(elem_id=f"column-{slot}"):
+                            gr.Markdown(f"**Reply {slot.upper()}**")
+                            panels[slot] = gr.Chatbot(
+                                show_label=False, height=300, **CHAT_RENDERING,
+                                elem_id=f"reply-{slot}", elem_classes="reply-panel", buttons=["copy"],
+                            )
+                            with gr.Row(equal_height=True):
+                                badges[slot] = gr.Markdown(elem_id=f"badge-{slot}", elem_classes="badge")
+                                thumbs[slot, "up"] = gr.Button("👍 Good", size="sm", interactive=False, scale=0,
+                                                               elem_id=f"up-{slot}")
+                                thumbs[slot, "down"] = gr.Button("👎 Bad", size="sm", interactive=False, scale=0,
+                                                                 elem_id=f"down-{slot}")
+                with gr.Row(elem_classes="vote-row"):
+                    votes = {
+                        choice: gr.Button(label, interactive=False, elem_id=f"vote-{choice}",
+                                          variant="primary" if choice in "ab" else "secondary")
+                        for choice, label in CHOICE_LABELS.items()
+                    }
+                note = gr.Markdown(elem_id="notice")
+                with gr.Row():
+                    message = gr.Textbox(
+                        # lines=1 is what makes Enter send: Gradio's textarea sends on Enter only when lines == 1
+                        # (and on Shift+Enter when lines > 1); max_lines lets it grow, Shift+Enter adds a line.
+                        show_label=False, placeholder="Type a message and press Enter (Shift+Enter for a new line)",
+                        lines=1, max_lines=8, scale=5, elem_id="message",
                     )
-                    with gr.Row(equal_height=True):
-                        badges[slot] = gr.Markdown(elem_id=f"badge-{slot}", elem_classes="badge")
-                        thumbs[slot, "up"] = gr.Button("👍 Good", size="sm", interactive=False, scale=0,
-                                                       elem_id=f"up-{slot}")
-                        thumbs[slot, "down"] = gr.Button("👎 Bad", size="sm", interactive=False, scale=0,
-                                                         elem_id=f"down-{slot}")
-        with gr.Row(elem_classes="vote-row"):
-            votes = {
-                choice: gr.Button(label, interactive=False, variant="primary" if choice in "ab" else "secondary",
-                                  elem_id=f"vote-{choice}")
-                for choice, label in CHOICE_LABELS.items()
-            }
-        note = gr.Markdown(elem_id="notice")
-        with gr.Row():
-            message = gr.Textbox(
-                # lines=1 is what makes Enter send: Gradio's textarea sends on Enter only when lines == 1
-                # (and on Shift+Enter when lines > 1); max_lines lets it grow, Shift+Enter adds a line.
-                show_label=False, placeholder="Type a message and press Enter (Shift+Enter for a new line)",
-                lines=1, max_lines=8, scale=5, elem_id="message",
-            )
-            send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
-        with gr.Row():
-            regenerate = gr.Button("Regenerate", interactive=False, elem_id="regenerate")
-            new_chat = gr.Button("New conversation", elem_id="new-conversation")
-        with gr.Accordion("Write a better reply", open=False):
-            edit_text = gr.Textbox(show_label=False, lines=4, placeholder="The reply you would have wanted")
-            edit_save = gr.Button("Save better reply", interactive=False, elem_id="save-edit")
-        with gr.Accordion("Sampling settings", open=False):
-            temperature = gr.Slider(MIN_TEMPERATURE, MAX_TEMPERATURE, value=SamplingSettings.temperature,
-                                    step=0.05, label="Temperature")
-            top_p = gr.Slider(0.05, 1.0, value=SamplingSettings.top_p, step=0.01, label="Top-p")
-            max_new_tokens = gr.Slider(1, MAX_NEW_TOKENS_LIMIT, value=SamplingSettings.max_new_tokens, step=1,
-                                       label="Max new tokens")
-            system_prompt = gr.Textbox(value="", label="System prompt (applies from the next conversation's first message)",
-                                       lines=2)
+                    send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
+                with gr.Row():
+                    regenerate = gr.Button("Regenerate", interactive=False, elem_id="regenerate")
+                    new_chat = gr.Button("New conversation", elem_id="new-conversation")
+                with gr.Accordion("Write a better reply", open=False):
+                    edit_text = gr.Textbox(show_label=False, lines=4, placeholder="The reply you would have wanted")
+                    edit_save = gr.Button("Save better reply", interactive=False, elem_id="save-edit")
+                with gr.Accordion("Sampling settings", open=False):
+                    temperature = gr.Slider(MIN_TEMPERATURE, MAX_TEMPERATURE, value=SamplingSettings.temperature,
+                                            step=0.05, label="Temperature")
+                    top_p = gr.Slider(0.05, 1.0, value=SamplingSettings.top_p, step=0.01, label="Top-p")
+                    max_new_tokens = gr.Slider(1, MAX_NEW_TOKENS_LIMIT, value=SamplingSettings.max_new_tokens, step=1,
+                                               label="Max new tokens")
+                    system_prompt = gr.Textbox(
+                        value="", lines=2, label="System prompt (applies from the next conversation's first message)")
+            dashboard_tab = None
+            if dashboard is not None:
+                from playground.web.dashboard import build_dashboard
+
+                dashboard_tab = gr.Tab("Dashboard", id="dashboard", elem_id="dashboard-tab")
+                with dashboard_tab:
+                    build_dashboard(dashboard.data, dashboard.compare)
+            if loop is not None:
+                from playground.web.admin import build_admin
+
+                admin = build_admin(loop, service)  # the third tab
         sampling = [temperature, top_p, max_new_tokens, system_prompt]
 
         judge_buttons = [*votes.values(), *thumbs.values(), edit_save]
@@ -210,7 +247,7 @@ def build_ui(service: ChatService, loop: TrainingLoop | None = None, title: str 
                 badge(pair, replies.get("a")),
                 badge(pair, replies.get("b")),
                 notice(state),
-                f"Model **{model_id}**" + (f" · these replies by **{pair.version}**" if pair else ""),
+                by_line(model_id, pair),
             ]
             out += [gr.Button(interactive=judgeable) for _ in judge_buttons]
             out += [gr.Button(interactive=judgeable), gr.Button(interactive=not busy), gr.Button(interactive=not busy)]
@@ -279,10 +316,9 @@ def build_ui(service: ChatService, loop: TrainingLoop | None = None, title: str 
 
         # -- the training loop: status every few seconds, a toast when a new version goes live -----
         if loop is not None:
-            from playground.web.admin import STATUS_REFRESH_S, TabView, build_admin, curves_frame, runs_frame
+            from playground.web.admin import STATUS_REFRESH_S, TabView, curves_frame, runs_frame
             from playground.web.admin import LOGP_CURVES, progress_fraction, status_line, version_choices
 
-            admin = build_admin(loop, service)
             timer = gr.Timer(STATUS_REFRESH_S)
 
             tab = gr.State(lambda: TabView())  # this tab's view of the loop, apart from its chat session
@@ -310,9 +346,11 @@ def build_ui(service: ChatService, loop: TrainingLoop | None = None, title: str 
             tick_outputs = [tab, loop_status, round_progress, *admin_outputs]
             timer.tick(on_tick, [tab], tick_outputs, api_visibility="private", show_progress="hidden")
             demo.load(on_tick, [tab], tick_outputs, api_visibility="private")
-            admin["panel"].expand(lambda v: on_panel(v, True), [tab], [tab, *admin_outputs], api_visibility="private")
-            admin["panel"].collapse(lambda v: on_panel(v, False), [tab], [tab, *admin_outputs],
-                                    api_visibility="private")
+            # The admin tab's tables refresh while it is the tab shown; choosing another tab stops them.
+            admin["panel"].select(lambda v: on_panel(v, True), [tab], [tab, *admin_outputs], api_visibility="private")
+            for other in (chat_tab, dashboard_tab):
+                if other is not None:
+                    other.select(lambda v: on_panel(v, False), [tab], [tab, *admin_outputs], api_visibility="private")
 
             def pick_run(view_state: TabView, text: str):
                 text = (text or "").strip()
@@ -384,6 +422,14 @@ def build_ui(service: ChatService, loop: TrainingLoop | None = None, title: str 
         api(api_edit, [session, api_text], [session, api_out], api_name="edit")
         api(api_new_conversation, [session, api_slot, api_flag], [session, api_out], api_name="new_conversation")
         api(api_state, [session], [session, api_out], api_name="state")
+        if dashboard is not None:
+            # Every plot's series and every table, as the Dashboard tab shows them (`dashboard_data`'s dict).
+            api(dashboard.data, None, api_out, api_name="dashboard")
+
+            def api_compare(version_a: str, version_b: str):
+                return dashboard.compare((version_a or "").strip(), (version_b or "").strip())
+
+            api(api_compare, [api_slot, api_value], api_out, api_name="compare")
     demo.queue(default_concurrency_limit=4)
     return demo
 
