@@ -103,3 +103,28 @@ def test_overlong_message_is_cut_for_the_model_with_a_note(tiny_loaded):
     assert prompt.messages[0] == {"role": "system", "content": "be brief"}
     assert len(prompt.messages[-1]["content"]) < MAX_MESSAGE_CHARS
     assert any("first 8,000" in n for n in prompt.notes) and any("shortened" in n for n in prompt.notes)
+
+
+def test_a_draw_follows_each_rows_distribution_never_picks_a_masked_token_and_depends_only_on_its_seed():
+    from playground.serving.generation import _draw
+
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.3, 0.2], [0.1, 0.0, 0.0, 0.0, 0.9]])
+    draws = 20_000
+    g = [torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)]
+    counts = torch.zeros(2, 5)
+    for _ in range(draws):
+        tokens = _draw(probs, g)
+        counts[0, tokens[0]] += 1
+        counts[1, tokens[1]] += 1
+    assert counts[0, 0] == counts[0, 2] == counts[1, 1] == counts[1, 2] == counts[1, 3] == 0
+    # Each share within 4 standard errors of its probability (a wrong mapping is off by far more).
+    for row in range(2):
+        for token in range(5):
+            p = float(probs[row, token])
+            if p:
+                assert abs(float(counts[row, token]) / draws - p) < 4 * math.sqrt(p * (1 - p) / draws)
+    # A row's token depends on its generator alone, not on which rows it shares the step with.
+    alone = [int(_draw(probs[1:], [torch.Generator().manual_seed(s)])[0]) for s in range(50)]
+    shared = [int(_draw(probs, [torch.Generator().manual_seed(99), torch.Generator().manual_seed(s)])[1])
+              for s in range(50)]
+    assert alone == shared and len(set(alone)) == 2

@@ -19,7 +19,6 @@ import threading
 import time
 import weakref
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -159,32 +158,23 @@ def engine_for(model):
         return engine
 
 
-_sampler: ThreadPoolExecutor | None = None
-
-
 @torch.inference_mode()
-def _draw_rows(probs: torch.Tensor, generators: list[torch.Generator], start: int) -> list[torch.Tensor]:
-    return [torch.multinomial(probs[i], 1, generator=generators[i])[0] for i in range(start, len(generators))]
-
-
 def _draw(probs: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
-    """One token per row: `torch.multinomial(probs[i], 1, generator=generators[i])`.
+    """One token per row by inverse transform sampling: u ~ U[0, 1) from the row's own generator, and the
+    token where the row's cumulative probability first exceeds u times the row's total.
 
-    On a CPU a draw costs ~1 ms (it takes one exponential per vocabulary entry from the row's
-    generator, serially), so the rows after the first are drawn on a helper thread meanwhile; each
-    generator is still used by one thread at a time, so a seed gives the same token.
+    `torch.multinomial` draws one exponential per vocabulary entry from the generator, serially: ~1.7 ms
+    a row on this CPU, 30 ms a step for eight people's pairs, as long as the decode step itself. One
+    uniform per row and a float64 cumulative sum over all rows at once cost ~0.3 ms for 16 rows. A token
+    of probability zero (outside top-p) is never drawn: its cumulative sum equals the one before it, and
+    the search takes the first entry strictly above the target. Each row uses only its own generator,
+    one number a step, so a seed gives the same reply whichever rows shared the step.
     """
-    global _sampler
-    rows = len(generators)
-    if probs.device.type != "cpu" or rows < 2:
-        return torch.stack(_draw_rows(probs, generators, 0))
-    if _sampler is None:
-        with _engines_lock:
-            if _sampler is None:
-                _sampler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sample")
-    later = _sampler.submit(_draw_rows, probs, generators, 1)
-    first = torch.multinomial(probs[0], 1, generator=generators[0])[0]
-    return torch.stack([first, *later.result()])
+    u = torch.stack([torch.rand((), generator=g, device=probs.device, dtype=torch.float64) for g in generators])
+    cdf = probs.to(torch.float64).cumsum(dim=-1)
+    target = (u * cdf[:, -1])[:, None]
+    tokens = torch.searchsorted(cdf, target, right=True)[:, 0]
+    return tokens.clamp_(max=probs.shape[-1] - 1)
 
 
 @torch.inference_mode()
