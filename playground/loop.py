@@ -1,10 +1,12 @@
 """The live loop inside the app: scheduled rounds in a subprocess, then a hot-swap of the new version.
 
 Every `train_every` minutes APScheduler calls `check()`, and each saved judgment moves that check to
-now (`nudge()`): when at least `min_new_pairs` new training pairs exist and no round is running, it records a round and starts `python -m trainers.run` as a
-subprocess. A watcher thread waits for it; when the round succeeded, the new adapter is verified,
-merged into a copy of the base weights and made live (`PolicyHolder.set_live`), which new requests
-pick up while generations already streaming finish on the version they started with. Rollback is the
+now (`nudge()`): when at least `min_new_pairs` new training pairs exist and no round is running, it
+records a round and starts `python -m trainers.run` as a subprocess. A watcher thread waits for it;
+when the round succeeded, the new adapter is verified, made resident in the base model's engine (or
+merged into a copy where the engine cannot apply it: `adapters.version_snapshot`) and made live
+(`PolicyHolder.set_live`), which new requests pick up while generations already streaming finish on
+the version they started with. `on_live` (the evaluator) hears of each version that goes live. Rollback is the
 same swap to an older version, recorded as such. A round killed mid-way leaves the live version
 serving and is marked failed; its half-written folder is never loaded.
 """
@@ -20,16 +22,14 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from playground.serving.adapters import AdapterError, check_files, load_version
-from playground.serving.engine import AdapterUnsupported, read_adapter
-from playground.serving.generation import engine_for
-from playground.serving.policy import BASE_VERSION, PolicyHolder, PolicySnapshot
+from playground.serving.adapters import AdapterError, version_snapshot
+from playground.serving.policy import BASE_VERSION, PolicyHolder
 from store import Store, StoreError
 from trainers.data import count_new_pairs
 from trainers.dpo import DPOConfig
@@ -41,7 +41,6 @@ log = logging.getLogger(__name__)
 TRAINER_NICENESS = 10
 STATUS_CACHE_S = 1.0
 RUNS_SHOWN = 20  # rounds in the admin panel's table
-PROBE_TOKENS = 8  # a new adapter's logits are checked finite on a prompt this long before it goes live
 SHUTDOWN_WAIT_S = 10.0  # for a terminated trainer's watcher to record the round's end
 INTERRUPTED = "interrupted: the app stopped while the round was running"
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,8 +62,10 @@ class LoopSettings:
 
 
 class TrainingLoop:
-    def __init__(self, settings: LoopSettings, store: Store, policy: PolicyHolder):
+    def __init__(self, settings: LoopSettings, store: Store, policy: PolicyHolder,
+                 on_live: Callable[[str], None] | None = None):
         self.settings = settings
+        self._on_live = on_live  # told each version that goes live (promote, rollback, the restore at start)
         self.store = store
         self.policy = policy
         self.paused = not settings.enabled
@@ -97,6 +98,7 @@ class TrainingLoop:
         if live and live != BASE_VERSION:
             try:
                 self._swap(live, action=None)
+                self._notify_live(live)
             except (AdapterError, StoreError) as exc:
                 self._event("refused", f"{live} could not be restored ({exc}); serving v0")
                 self.store.record_live(self.policy.model_id, BASE_VERSION, "rollback", f"restore failed: {exc}")
@@ -213,7 +215,16 @@ class TrainingLoop:
         """Make a version live (verified first); returns the seconds the swap itself took."""
         swap_s = self._swap(version, action=action, note=note)
         self._event(action, f"{version} is live")
+        self._notify_live(version)
         return swap_s
+
+    def _notify_live(self, version: str) -> None:
+        if self._on_live is None:
+            return
+        try:
+            self._on_live(version)
+        except Exception:  # the version is live whatever the listener (the evaluator) makes of it
+            log.exception("the on_live hook failed for %s", version)
 
     def rollback(self, version: str) -> float:
         return self.promote(version, action="rollback", note=f"rolled back from {self.policy.snapshot().version}")
@@ -227,14 +238,10 @@ class TrainingLoop:
                 row = self.store.version(self.policy.model_id, version)
                 if row is None:
                     raise AdapterError(f"no version {version} for {self.policy.model_id}")
-                # Load and verify before the swap: the live version keeps serving all the while.
-                folder = Path(row["adapter_dir"])
-                manifest = check_files(folder, self.policy.model_id)
-                snapshot = self._resident_snapshot(version, folder, manifest)
-                if snapshot is None:  # served as a merged copy, with its own engine built now
-                    _, model = load_version(self.policy.base.model, folder, self.policy.model_id)
-                    engine_for(model)
-                    snapshot = PolicySnapshot(version, model, self.policy.base.tokenizer, self.policy.model_id)
+                # Load and verify before the swap: the live version keeps serving all the while. Served as
+                # its adapter on the base engine where it can be (a rollback to a resident version is only
+                # a switch), else as a merged copy with its own engine built now.
+                snapshot = version_snapshot(self.policy, version, Path(row["adapter_dir"]))
             self.last_load_s = time.perf_counter() - loading
             started = time.perf_counter()
             self.policy.set_live(snapshot)
@@ -242,44 +249,6 @@ class TrainingLoop:
             if action is not None:
                 self.store.record_live(self.policy.model_id, version, action, note)
             return self.last_swap_s
-
-    def _resident_snapshot(self, version: str, folder: Path, manifest: dict) -> PolicySnapshot | None:
-        """A verified version served as its adapter, resident in the base model's engine and applied per
-        row: the version costs the size of its adapter, and no copy of the weights is made, not even to
-        verify it (the adapter's logits are probed on the engine). None where the engine cannot serve it
-        (no engine for this model, or an adapter config it does not apply): then it is served merged.
-        Raises AdapterError for an adapter that does not fit this model or gives non-finite logits."""
-        base = self.policy.base
-        engine = engine_for(base.model) if self.policy.per_row_adapters else None
-        if engine is None:
-            return None
-        # Named by its weights' hash too: the engine outlives a database (tests, a store started afresh),
-        # where another 'v1' may be another adapter.
-        name = f"{version}:{manifest['files']['adapter_model.safetensors'][:16]}"
-        try:
-            lora = read_adapter(folder)
-            if not all(bool(torch.isfinite(t).all()) for t in lora[0].values()):
-                raise AdapterError(f"{folder.name} has non-finite weights")
-            if name not in engine.adapters:  # a rollback to a resident version is only a switch
-                engine.add_adapter(name, *lora)
-                self._probe_finite(engine, name)
-        except AdapterUnsupported as exc:
-            log.info("%s is served merged: %s", version, exc)
-            return None
-        except AdapterError:
-            raise
-        except (ValueError, OSError, RuntimeError) as exc:
-            raise AdapterError(f"{folder.name} does not load onto this base model: {exc}") from exc
-        return PolicySnapshot(version, base.model, base.tokenizer, self.policy.model_id, adapter=name, lora=lora)
-
-    @staticmethod
-    @torch.inference_mode()
-    def _probe_finite(engine, name: str) -> None:
-        probe = [1 + i % (engine.vocab_size - 1) for i in range(PROBE_TOKENS)]
-        _, logits = engine.prefill(probe, 1, len(probe) + 1, adapter=name)
-        if not bool(torch.isfinite(logits).all()):
-            engine.remove_adapter(name)
-            raise AdapterError(f"{name} produces non-finite logits")
 
     # -- what the UI shows ------------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 import os
 import shutil
 import uuid
@@ -23,6 +24,8 @@ import torch
 MANIFEST = "manifest.json"
 REQUIRED_FILES = ("adapter_config.json", "adapter_model.safetensors")
 TMP_PREFIX = ".tmp-"
+
+log = logging.getLogger(__name__)
 
 
 class AdapterError(RuntimeError):
@@ -132,3 +135,69 @@ def load_version(base_model, folder: Path, base_model_id: str):
     """Verify a published version and return (manifest, merged model); raises AdapterError."""
     manifest = check_files(folder, base_model_id)
     return manifest, merged_model(base_model, folder)
+
+
+# -- a published version as something to decode --------------------------------------------------
+
+# A new adapter's logits are checked finite on a prompt this long before anything decodes it.
+PROBE_TOKENS = 8
+
+
+def resident_snapshot(policy, version: str, folder: Path, manifest: dict):
+    """A verified version as its adapter, resident in the base model's engine and applied per row: the
+    version costs the size of its adapter, and no copy of the weights is made, not even to verify it (the
+    adapter's logits are probed on the engine). None where the engine cannot serve it (no engine for this
+    model, `policy.per_row_adapters` off, or an adapter config it does not apply): serve it merged then.
+    Raises AdapterError for an adapter that does not fit this model or gives non-finite logits.
+
+    The name in the engine carries the weights' hash: the engine outlives a database (tests, a store
+    started afresh), where another 'v1' may be another adapter. A version already resident is reused."""
+    from playground.serving.engine import AdapterUnsupported, read_adapter
+    from playground.serving.generation import engine_for
+    from playground.serving.policy import PolicySnapshot
+
+    base = policy.base
+    engine = engine_for(base.model) if policy.per_row_adapters else None
+    if engine is None:
+        return None
+    name = f"{version}:{manifest['files']['adapter_model.safetensors'][:16]}"
+    try:
+        lora = read_adapter(folder)
+        if not all(bool(torch.isfinite(t).all()) for t in lora[0].values()):
+            raise AdapterError(f"{Path(folder).name} has non-finite weights")
+        if name not in engine.adapters:
+            engine.add_adapter(name, *lora)
+            _probe_engine_finite(engine, name)
+    except AdapterUnsupported as exc:
+        log.info("%s is served merged: %s", version, exc)
+        return None
+    except AdapterError:
+        raise
+    except (ValueError, OSError, RuntimeError) as exc:
+        raise AdapterError(f"{Path(folder).name} does not load onto this base model: {exc}") from exc
+    return PolicySnapshot(version, base.model, base.tokenizer, policy.model_id, adapter=name, lora=lora)
+
+
+def version_snapshot(policy, version: str, folder: Path):
+    """A published version, verified, as `TrainingLoop` serves it: resident in the base engine where it
+    can be, else a merged copy of the weights (with its engine built). Raises AdapterError."""
+    from playground.serving.generation import engine_for
+    from playground.serving.policy import PolicySnapshot
+
+    folder = Path(folder)
+    manifest = check_files(folder, policy.model_id)
+    snapshot = resident_snapshot(policy, version, folder, manifest)
+    if snapshot is None:
+        model = merged_model(policy.base.model, folder)
+        engine_for(model)
+        snapshot = PolicySnapshot(version, model, policy.base.tokenizer, policy.model_id)
+    return snapshot
+
+
+@torch.inference_mode()
+def _probe_engine_finite(engine, name: str) -> None:
+    probe = [1 + i % (engine.vocab_size - 1) for i in range(PROBE_TOKENS)]
+    _, logits = engine.prefill(probe, 1, len(probe) + 1, adapter=name)
+    if not bool(torch.isfinite(logits).all()):
+        engine.remove_adapter(name)
+        raise AdapterError(f"{name} produces non-finite logits")

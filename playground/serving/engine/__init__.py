@@ -50,6 +50,12 @@ low-rank update `B (A x)` to every matrix it targets (native: in the matmuls' ep
     state, logits = engine.prefill(prompt_ids, rows=2, max_total_len=n, adapter="v3")
     logits = engine.decode_many([state_v3, state_base], tokens)   # each state keeps its prefill's adapter
 
+The logits at every position of a given sequence (teacher forcing, no cache kept; what a KL between
+two versions along one reply needs), rows from `start` on, with prefill's math:
+
+    logits = engine.score(prompt_ids + reply_ids, adapter="v3", start=len(prompt_ids) - 1)  # [len(reply) + 1, V]
+    per_reply = engine.score_branches(prompt_ids, [reply_a, reply_b], adapter="v3")  # the prompt once, for both
+
 `supports(model)` says whether the engine reproduces a model exactly; callers fall back to the HF
 forward when it is False. An `Engine`'s weights are read-only once built, so threads may decode
 different states with it at the same time (each `DecodeState` belongs to one caller; a decode_many call
@@ -770,19 +776,87 @@ class Engine:
         to run with, None for the base model; the state remembers it for decode_many.
         """
         (lora,) = self._resolve_adapters([adapter])
+        ids = self._check_ids(prompt_ids, "prompt")
         n = len(prompt_ids)
-        if n == 0:
-            raise ValueError("empty prompt")
         if max_total_len < n:
             raise ValueError(f"max_total_len {max_total_len} is shorter than the prompt ({n})")
         state = self.new_state(rows, max_total_len)
+        h = self._forward(ids, lora, state)
+        state.length = n
+        state.adapter = adapter
+        return state, self._head(h[-1:]).expand(rows, -1).contiguous()
+
+    @torch.inference_mode()
+    def score(self, ids: list[int], adapter: str | None = None, start: int = 0) -> torch.Tensor:
+        """The logits at every position of `ids` from `start` on (teacher forcing): float32
+        [len(ids) - start, V], row i predicting token start + i + 1. The math of `prefill` (which is this
+        at the last position only), with no cache kept; adapter as there.
+
+        For comparing distributions along a given sequence (the KL of a version to another on a reply
+        sampled from one of them): `start` = the prompt's length - 1 gives the rows that predict the reply.
+        """
+        (lora,) = self._resolve_adapters([adapter])
+        tokens = self._check_ids(ids, "sequence")
+        if len(ids) > self.max_positions:
+            raise ValueError(f"{len(ids)} tokens; the model has {self.max_positions} positions")
+        if not 0 <= start < len(ids):
+            raise ValueError(f"start {start} is outside the sequence (0..{len(ids) - 1})")
+        return self._head(self._forward(tokens, lora)[start:])
+
+    @torch.inference_mode()
+    def score_branches(self, prefix: list[int], branches: list[list[int]],
+                       adapter: str | None = None) -> list[torch.Tensor]:
+        """`score(prefix + branch, adapter, start=len(prefix) - 1)` for every branch, in one forward: float32
+        [len(branch) + 1, V] each. The prefix is computed once and each branch attends to the prefix and to
+        its own tokens only (its positions start after the prefix), as if alone.
+
+        For several continuations of one prompt (a probe's samples): the prompt is not recomputed per
+        continuation, and the matmuls get more rows at once, which a CPU runs faster per row.
+        """
+        (lora,) = self._resolve_adapters([adapter])
+        tokens = self._check_ids(list(prefix) + [t for b in branches for t in b], "sequence")
+        n_prefix = len(prefix)
+        if n_prefix == 0:
+            raise ValueError("empty prefix")
+        longest = n_prefix + max((len(b) for b in branches), default=0)
+        if longest > self.max_positions:
+            raise ValueError(f"{longest} tokens; the model has {self.max_positions} positions")
+        n = len(tokens)
+        positions = torch.arange(n, device=self.device)
+        # Which row may attend to which: the prefix causally, then each branch to the prefix and to itself.
+        mask = torch.ones(n, n, dtype=torch.bool, device=self.device).tril()
+        offset = n_prefix
+        for branch in branches:
+            end = offset + len(branch)
+            positions[offset:end] = torch.arange(n_prefix, n_prefix + len(branch), device=self.device)
+            mask[offset:end, n_prefix:offset] = False
+            offset = end
+        h = self._forward(tokens, lora, positions=positions, mask=mask)
+        logits = self._head(h[n_prefix - 1:])  # the prefix's last row, then every branch row
+        out, offset = [], 1
+        for branch in branches:
+            out.append(torch.cat([logits[:1], logits[offset:offset + len(branch)]]))
+            offset += len(branch)
+        return out
+
+    def _check_ids(self, ids: list[int], what: str) -> torch.Tensor:
+        if len(ids) == 0:
+            raise ValueError(f"empty {what}")
+        tokens = torch.tensor(ids, dtype=torch.long, device=self.device)
+        if int(tokens.min()) < 0 or int(tokens.max()) >= self.vocab_size:
+            raise ValueError(f"a {what} token id is outside the vocabulary")
+        return tokens
+
+    def _forward(self, ids: torch.Tensor, lora: LoraAdapter | None, state: DecodeState | None = None,
+                 positions: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The decoder over ids [n] at positions 0..n-1: the last hidden states [n, hidden], before the
+        final norm. With a state, each layer's keys and values go into its cache (every row alike).
+        positions and mask (bool [n, n], True: may attend) replace the causal layout (score_branches)."""
+        n = len(ids)
         heads, kv_heads, hd = self.heads, self.kv_heads, self.head_dim
         q_size, kv_size = heads * hd, kv_heads * hd
-        ids = torch.tensor(prompt_ids, dtype=torch.long, device=self.device)
-        if int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size:
-            raise ValueError("a prompt token id is outside the vocabulary")
         h = self._embed_rows(ids)  # [n, hidden]
-        rope = self.rope[:n, None, :]
+        rope = self.rope[:n, None, :] if positions is None else self.rope[positions][:, None, :]
         groups = [(lora, slice(None))]
         nqkv, hidden, inter = q_size + 2 * kv_size, self.hidden, self.intermediate
         for i, L in enumerate(self.layers):
@@ -794,10 +868,11 @@ class Engine:
             q = qk[:, :heads].transpose(0, 1)  # [heads, n, hd]
             k = qk[:, heads:].transpose(0, 1)  # [kv_heads, n, hd]
             v = qkv[:, q_size + kv_size:].reshape(n, kv_heads, hd).transpose(0, 1)
-            state.keys[i, :, :, :n] = k
-            state.values[i, :, :, :n] = v
-            a = F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, scale=1.0,
-                                               enable_gqa=heads != kv_heads)  # the scale is in the q weights
+            if state is not None:
+                state.keys[i, :, :, :n] = k
+                state.values[i, :, :, :n] = v
+            a = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, is_causal=mask is None,
+                                               scale=1.0, enable_gqa=heads != kv_heads)  # the scale is in the q weights
             a = a[0].transpose(0, 1).reshape(n, q_size)
             y = self._matmul(a, L.o, hidden, L.b_o)
             h = h + (y if lora is None else self._add_lora(y, a, groups, i, 1))
@@ -809,14 +884,14 @@ class Engine:
             m = F.silu(g) * u
             y = self._matmul(m, L.down, hidden, L.b_down)
             h = h + (y if lora is None else self._add_lora(y, m, groups, i, 3))
-        state.length = n
-        state.adapter = adapter
-        x = _rms_norm(h[-1:], self.norm_final, self.eps)
+        return h
+
+    def _head(self, h: torch.Tensor) -> torch.Tensor:
+        """The final norm and the LM head over hidden states [rows, hidden]: float32 logits [rows, V]."""
+        x = _rms_norm(h, self.norm_final, self.eps)
         if self.packed:
-            logits = self._native_gemv(self.lm_head, x, self.vocab_size)
-        else:
-            logits = F.linear(x, self.lm_head)
-        return state, logits.float().expand(rows, -1).contiguous()
+            return self._matmul(x, self.lm_head, self.vocab_size, None)
+        return F.linear(x, self.lm_head).float()
 
     @torch.inference_mode()
     def decode(self, state: DecodeState, tokens: torch.Tensor) -> torch.Tensor:
