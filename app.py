@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from playground.chat import DEFAULT_ARENA_RATE
+from playground.evaluation.defaults import DEFAULT_PROBES, DEFAULT_SAMPLES_PER_PROMPT, MAX_SAMPLES_PER_PROMPT
 from playground.serving.decode_loop import DEFAULT_MAX_BATCH_ROWS
 from playground.serving.limits import DEFAULT_MAX_CONTEXT_TOKENS
 from playground.serving.models import BUNDLED, DEFAULT_CACHE_DIR, DEVICES
@@ -22,6 +23,8 @@ from trainers.defaults import DEFAULT_ADAPTERS_DIR, DEFAULT_TRAIN_EVERY_MIN, SCH
 
 if TYPE_CHECKING:
     from playground.chat import ChatService
+    from playground.dashboard import Dashboard
+    from playground.evaluation.evaluator import Evaluator
     from playground.loop import TrainingLoop
     from playground.serving.decode_loop import DecodeLoop
     from playground.serving.policy import PolicyHolder
@@ -67,6 +70,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "one, sides random, versions shown after the vote (default: %(default)s)")
     parser.add_argument("--train-on-arena", action="store_true",
                         help="let rounds train on arena votes too (by default they only rate versions)")
+    parser.add_argument("--probes", default=str(DEFAULT_PROBES),
+                        help="the probe file each new version is evaluated on in the background "
+                             "(default: the shipped playground/evaluation/probes.txt)")
+    parser.add_argument("--eval-samples", type=int, default=DEFAULT_SAMPLES_PER_PROMPT,
+                        help="replies sampled per probe by each evaluation (default: %(default)s)")
+    parser.add_argument("--no-eval", action="store_true", help="no background evaluation of versions")
     parser.add_argument("--threads", type=int, default=0,
                         help="CPU threads for torch; 0 keeps torch's choice (default: %(default)s)")
     args = parser.parse_args(argv)
@@ -80,6 +89,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--max-batch-rows {args.max_batch_rows} cannot hold one pair (at least 2)")
     if not 0.0 <= args.arena_rate <= 1.0:
         parser.error(f"--arena-rate {args.arena_rate} must be between 0 and 1")
+    if not 1 <= args.eval_samples <= MAX_SAMPLES_PER_PROMPT:
+        parser.error(f"--eval-samples {args.eval_samples} must be between 1 and {MAX_SAMPLES_PER_PROMPT}")
     if args.max_context_tokens < 64:
         parser.error(f"--max-context-tokens {args.max_context_tokens} is too small (at least 64)")
     return args
@@ -94,8 +105,12 @@ class Services:
     loop: "TrainingLoop"
     chat: "ChatService"
     decode_loop: "DecodeLoop"
+    evaluator: "Evaluator | None" = None  # None with --no-eval
+    dashboard: "Dashboard | None" = None
 
     def close(self) -> None:
+        if self.evaluator is not None:
+            self.evaluator.close()
         self.loop.shutdown()
         self.decode_loop.close()
         self.store.close()
@@ -107,8 +122,11 @@ def build_services(args: argparse.Namespace, loaded=None, busy_timeout_ms: int |
     import torch
 
     from playground.chat import ChatService
+    from playground.dashboard import Dashboard
+    from playground.evaluation.evaluator import EvalSettings, Evaluator
     from playground.loop import LoopSettings, TrainingLoop
     from playground.serving.decode_loop import DecodeLoop
+    from playground.serving.embeddings import SharedEmbedder, model_folder
     from playground.serving.models import load_model
     from playground.serving.policy import PolicyHolder
     from store import Store
@@ -124,21 +142,34 @@ def build_services(args: argparse.Namespace, loaded=None, busy_timeout_ms: int |
         policy = PolicyHolder(loaded, per_row_adapters=True)
         # The trainer subprocess trains on the CPU unless the app serves from a GPU.
         train_device = "cuda" if loaded.device.type == "cuda" else "cpu"
+        # Each version that goes live is evaluated in the background (a bad probe file stops the start here).
+        # One sentence-embedding model (loaded on first use) for the evaluator and the dashboard's prompt drift.
+        embedder = SharedEmbedder()
+        if not args.no_eval:
+            model_folder()  # a missing embedding model is said at start, not at the first evaluation
+        evaluator = None if args.no_eval else Evaluator(
+            store, policy, EvalSettings(probes_path=args.probes, samples_per_prompt=args.eval_samples),
+            embedder=embedder)
+        dashboard = Dashboard(store, loaded.model_id, embed=lambda texts: embedder.encode(texts).numpy(),
+                              probes=None if evaluator is None else evaluator.probes)
         loop = TrainingLoop(LoopSettings(db=str(args.db), adapters_dir=args.adapters_dir, model=args.model,
                                          model_cache=args.model_cache, device=train_device,
                                          train_every_min=args.train_every, min_new_pairs=args.min_new_pairs,
                                          enabled=not args.no_train, include_arena=args.train_on_arena),
-                             store, policy)
+                             store, policy, on_live=None if evaluator is None else evaluator.schedule)
         # One decode loop for every session's pairs; each saved judgment nudges the schedule (the vote
         # that reaches --min-new-pairs starts the round).
         decode_loop = DecodeLoop(max_batch_rows=args.max_batch_rows)
         chat = ChatService(policy, store, max_context_tokens=args.max_context_tokens, on_feedback=loop.nudge,
                            decode_loop=decode_loop, arena_rate=args.arena_rate)
+        if evaluator is not None:
+            evaluator.start()  # v0 and the live version, if this probe set has not evaluated them
         loop.start()
     except BaseException:
         store.close()
         raise
-    return Services(store=store, policy=policy, loop=loop, chat=chat, decode_loop=decode_loop)
+    return Services(store=store, policy=policy, loop=loop, chat=chat, decode_loop=decode_loop, evaluator=evaluator,
+                    dashboard=dashboard)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,18 +177,21 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from playground.evaluation import ProbeFileError
+    from playground.serving.embeddings import EmbedderUnavailable
     from playground.serving.models import ModelLoadError
     from store import StoreError
 
     try:
         services = build_services(args)
-    except (ModelLoadError, StoreError) as exc:
+    except (ModelLoadError, StoreError, ProbeFileError, EmbedderUnavailable) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     from playground.web.ui import build_ui, launch
 
     try:
-        launch(build_ui(services.chat, services.loop), args.host, args.port, show_error=True)
+        launch(build_ui(services.chat, services.loop, dashboard=services.dashboard), args.host, args.port,
+               show_error=True)
     finally:
         services.close()
     return 0

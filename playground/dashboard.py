@@ -225,7 +225,13 @@ def _prompt_drift(store: Store, model_id: str, embed, cache: dict | None, notes:
     cache = {} if cache is None else cache
     missing = [p for p in prompts if p["id"] not in cache]
     if missing:
-        for p, e in zip(missing, embed([p["user_message"] for p in missing])):
+        try:
+            vectors = embed([p["user_message"] for p in missing])
+        except Exception as exc:  # the rest of the dashboard stands without this plot
+            log.exception("embedding the prompts failed")
+            notes["prompt_drift"] = f"The prompts could not be embedded ({exc}), so prompt drift is not measured."
+            return []
+        for p, e in zip(missing, vectors):
             cache[p["id"]] = np.asarray(e, dtype=np.float32)
     rows = metrics.windowed_drift(np.stack([cache[p["id"]] for p in prompts]), windows)
     bounds = np.array_split(np.arange(len(prompts)), windows)

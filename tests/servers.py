@@ -27,8 +27,12 @@ def app_args(loaded, db_path, loop_settings: dict | None = None, extra: tuple[st
     if settings:
         raise TypeError(f"unknown loop settings {sorted(settings)}")
     # No blind arena pairs unless a test asks (extra's --arena-rate comes later and wins): a test that
-    # checks which version wrote a reply must not meet a random arena turn.
-    return argv + ["--arena-rate", "0"] + list(extra)
+    # checks which version wrote a reply must not meet a random arena turn. No background evaluation
+    # unless a test gives its own (small) probe file: 64 probes on every test server would only load the CPU.
+    argv += ["--arena-rate", "0"]
+    if "--probes" not in extra:
+        argv.append("--no-eval")
+    return argv + list(extra)
 
 
 @contextlib.contextmanager
@@ -38,7 +42,7 @@ def running_app(loaded, db_path, busy_timeout_ms: int = 200, loop_settings: dict
     app.py flags."""
     services = build_services(parse_args(app_args(loaded, db_path, loop_settings, extra_args)), loaded=loaded,
                               busy_timeout_ms=busy_timeout_ms)
-    demo = build_ui(services.chat, services.loop)
+    demo = build_ui(services.chat, services.loop, dashboard=services.dashboard)
     port = free_port()
     try:
         launch(demo, "127.0.0.1", port, prevent_thread_lock=True, quiet=True)

@@ -136,3 +136,37 @@ def test_a_vote_on_an_arena_pair_before_it_is_written_is_refused(live_v1):
         pass
     assert pair_summary(session)["arena"] is None
 
+
+
+def test_through_the_api_an_unjudged_arena_pair_names_no_version(tiny_loaded, tmp_path):
+    """The real app with v1 live and every turn an arena turn: /send and /state say nothing of the versions
+    until /vote, which reveals them; /dashboard then counts the battle."""
+    from gradio_client import Client
+
+    from tests.servers import running_app
+
+    store, _, _ = loop_with_version(tiny_loaded, tmp_path, "v1", seed=11)
+    store.record_live(tiny_loaded.model_id, "v1", "promote")
+    store.close()
+    fast = {"max_new_tokens": 8, "temperature": 1.0, "top_p": 1.0}
+    settings = {"adapters_dir": str(tmp_path / "adapters"), "model_cache": str(tmp_path / "c"), "enabled": False}
+    with running_app(tiny_loaded, tmp_path / "v.db", loop_settings=settings,
+                     extra_args=("--arena-rate", "1")) as (url, service, loop):
+        assert loop.policy.snapshot().version == "v1"
+        client = Client(url, verbose=False)
+        for i in range(4):
+            sent = client.predict(f"arena turn {i}", api_name="/send", **fast)
+            state = client.predict(api_name="/state")
+            for summary in (sent, state):
+                assert summary["arena"] is None
+                assert {r["policy_version"] for r in summary["replies"].values()} == {None}
+            voted = client.predict("a", api_name="/vote")
+            assert voted["arena"] is True
+            versions = (voted["replies"]["a"]["policy_version"], voted["replies"]["b"]["policy_version"])
+            assert sorted(versions) == ["v0", "v1"]
+        data = client.predict(api_name="/dashboard")
+        assert data["arena"]["n_battles"] == 4
+        (v1_row,) = data["arena"]["win_vs_v0"]
+        assert v1_row["version"] == "v1" and v1_row["n"] == 4
+        # Every vote was for slot A: v1's wins are the turns where it sat on the left.
+        assert v1_row["wins"] == sum(1 for v in service.store.votes(tiny_loaded.model_id) if v["a_version"] == "v1")

@@ -191,3 +191,60 @@ def test_admin_autopilot_trains_a_version_that_goes_live_in_the_page(tiny_loaded
         users = {c["user"] for c in service.store.conversations()}
         assert users and all(u.startswith("sim-concise-") for u in users)
         page.close()
+
+
+def demo_store(db_path, model_id):
+    """A store three versions into a demo: evaluations of v0..v3 that drift further each time, arena votes
+    that favour the newer versions, ordinary votes and a round with its staleness."""
+    import numpy as np
+
+    from store import Store
+    from tests.test_dashboard import add_evaluation, turn, with_versions
+
+    store = Store(db_path)
+    store.ensure_base_version(model_id)
+    # Live stays v0: the app restores the live version at start, and these versions have no adapter files.
+    with_versions(store, "v1", "v2", "v3", model=model_id)
+    store.record_live(model_id, "v0", "rollback")
+    rng = np.random.default_rng(0)
+    centre = np.zeros(16)
+    for k, version in enumerate(["v0", "v1", "v2", "v3"]):
+        centre[k] = 1.0
+        vectors = [centre + 0.3 * rng.standard_normal(16) for _ in range(16)]
+        texts = [" ".join(["word"] * (5 + 3 * k) + [f"w{i % (8 - k)}"]) for i in range(16)]
+        add_evaluation(store, version, vectors, [0.0] * 16 if k == 0 else list(rng.gamma(2.0, k, 16)),
+                       parent=None if k == 0 else f"v{k - 1}", texts=texts, model=model_id)
+    c = store.start_conversation("s", "ann", model_id, "")
+    idx = 0
+    for k, version in enumerate(["v1", "v2", "v3"], start=1):
+        for i in range(12):
+            newer_wins = i < 6 + k
+            turn(store, c, idx, ("short", version), ("a longer reply", "v0"), "a" if newer_wins else "b",
+                 user=["ann", "bob", "cy"][i % 3], model=model_id)
+            idx += 1
+    for i in range(10):
+        turn(store, c, idx, ("one two three", "v3"), ("one", "v3"), "a" if i % 3 else "b", user="dee", model=model_id)
+        idx += 1
+    run = store.create_run("dpo", {}, model_id, "v2", "schedule")
+    store.finish_run(run, "succeeded", version="v3", metrics={"staleness": {
+        "n": 40, "share_older": 0.45, "mean_lag": 0.6, "off_policy_gap": 2.1, "n_gap": 30, "by_version": {}}})
+    store.close()
+
+
+def test_the_dashboard_tab_draws_the_demo_store(tiny_loaded, tmp_path, artifacts_dir, browser):
+    """The Dashboard tab on a store three versions in: the headline in words, the plots drawn, the
+    leaderboard filled; a screenshot to look at."""
+    db = tmp_path / "demo.db"
+    demo_store(db, tiny_loaded.model_id)
+    with running_app(tiny_loaded, db) as (url, service):
+        page = browser.new_page(viewport={"width": 1400, "height": 1200})
+        page.goto(url)
+        page.get_by_role("tab", name="Dashboard").click()
+        page.wait_for_function("!document.querySelector('#dashboard-headline').innerText.includes('Loading')",
+                               timeout=60_000)
+        for key in ("kl", "win_rate", "frontier", "length", "diversity", "staleness"):
+            page.wait_for_selector(f"#dashboard-{key} img", timeout=30_000)
+        assert "v0 (the base model) is live" in page.locator("#dashboard-headline").inner_text()
+        assert "v3" in page.locator("#dashboard-table-leaderboard").inner_text()
+        page.screenshot(path=os.path.join(artifacts_dir, "dashboard.png"), full_page=True)
+        page.close()

@@ -15,15 +15,15 @@ from store import Store
 MODEL = "tiny-model"
 
 
-def reply(slot, text, version, n_tokens=None):
-    return {"slot": slot, "text": text, "policy_version": version, "model_id": MODEL, "seed": 1,
+def reply(slot, text, version, n_tokens=None, model=MODEL):
+    return {"slot": slot, "text": text, "policy_version": version, "model_id": model, "seed": 1,
             "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 16, "finish_reason": "stop",
             "n_tokens": n_tokens if n_tokens is not None else len(text.split()), "logprob_sum": -3.0}
 
 
-def turn(store, conversation, idx, a, b, choice, user="ann"):
+def turn(store, conversation, idx, a, b, choice, user="ann", model=MODEL):
     turn_id, _ = store.record_turn(conversation, idx, [{"role": "user", "content": f"q{idx}"}], f"q{idx}",
-                                   [reply("a", *a), reply("b", *b)], prompt_tokens=4)
+                                   [reply("a", *a, model=model), reply("b", *b, model=model)], prompt_tokens=4)
     if choice:
         store.record_choice(turn_id, 0, choice, user, "s")
     return turn_id
@@ -37,10 +37,10 @@ def store(tmp_path):
     s.close()
 
 
-def with_versions(store, *names):
+def with_versions(store, *names, model=MODEL):
     for i, name in enumerate(names):
-        store.record_version(name, MODEL, "v0" if i == 0 else names[i - 1], f"/nowhere/{name}", {})
-    store.record_live(MODEL, names[-1], "promote")
+        store.record_version(name, model, "v0" if i == 0 else names[i - 1], f"/nowhere/{name}", {})
+    store.record_live(model, names[-1], "promote")
 
 
 def test_a_fresh_store_says_in_words_why_each_plot_is_empty(store):
@@ -90,8 +90,9 @@ def test_arena_votes_length_bias_identical_pairs_and_annotators(store):
     json.dumps(data)
 
 
-def add_evaluation(store, version, embeddings, kl, parent=None, texts=None, finish="stop", status="succeeded"):
-    eid = store.start_evaluation(MODEL, version, parent, "probes-hash", len(embeddings), 2, {})
+def add_evaluation(store, version, embeddings, kl, parent=None, texts=None, finish="stop", status="succeeded",
+                   model=MODEL):
+    eid = store.start_evaluation(model, version, parent, "probes-hash", len(embeddings), 2, {})
     samples = []
     for i, e in enumerate(embeddings):
         samples.append({"probe_idx": i // 2, "sample": i % 2, "text": (texts or [f"reply {i}"] * len(embeddings))[i],

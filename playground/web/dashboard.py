@@ -131,7 +131,7 @@ def build_dashboard(get_data: Callable[[], dict],
                                              elem_id=f"dashboard-{key}-note")
     tables = {}
     for name, title in tables_mod.TABLE_TITLES.items():
-        tables[name] = gr.Dataframe(label=title, interactive=False, wrap=True, elem_id=f"dashboard-{name}")
+        tables[name] = gr.Dataframe(label=title, interactive=False, wrap=True, elem_id=f"dashboard-table-{name}")
 
     with gr.Accordion("Compare two versions' replies", open=False):
         with gr.Row():
