@@ -212,8 +212,10 @@ def demo_store(db_path, model_id):
         centre[k] = 1.0
         vectors = [centre + 0.3 * rng.standard_normal(16) for _ in range(16)]
         texts = [" ".join(["word"] * (5 + 3 * k) + [f"w{i % (8 - k)}"]) for i in range(16)]
+        lengths = [int(n) for n in rng.normal(40 + 25 * k, 8, 16)]
         add_evaluation(store, version, vectors, [0.0] * 16 if k == 0 else list(rng.gamma(2.0, k, 16)),
-                       parent=None if k == 0 else f"v{k - 1}", texts=texts, model=model_id)
+                       parent=None if k == 0 else f"v{k - 1}", texts=texts, model=model_id, n_tokens=lengths,
+                       finish="length" if k == 3 else "stop")
     c = store.start_conversation("s", "ann", model_id, "")
     idx = 0
     for k, version in enumerate(["v1", "v2", "v3"], start=1):

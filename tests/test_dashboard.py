@@ -91,12 +91,13 @@ def test_arena_votes_length_bias_identical_pairs_and_annotators(store):
 
 
 def add_evaluation(store, version, embeddings, kl, parent=None, texts=None, finish="stop", status="succeeded",
-                   model=MODEL):
+                   model=MODEL, n_tokens=None):
     eid = store.start_evaluation(model, version, parent, "probes-hash", len(embeddings), 2, {})
     samples = []
     for i, e in enumerate(embeddings):
         samples.append({"probe_idx": i // 2, "sample": i % 2, "text": (texts or [f"reply {i}"] * len(embeddings))[i],
-                        "n_tokens": 10 + i, "finish_reason": finish, "token_ids": [1, 2], "logprob_sum": -1.0,
+                        "n_tokens": 10 + i if n_tokens is None else n_tokens[i], "finish_reason": finish,
+                        "token_ids": [1, 2], "logprob_sum": -1.0,
                         "kl_v0": kl[i], "kl_prev": None if parent is None else kl[i] / 2,
                         "embedding": np.asarray(e, dtype=np.float32).tobytes()})
     store.add_eval_samples(eid, samples)
@@ -183,3 +184,50 @@ def test_the_service_recomputes_only_when_the_store_changed(store):
     turn(store, c, 0, ("x y", "v0"), ("y", "v0"), "a")
     second = dashboard.data()
     assert second is not first and second["length_bias"]["n"] == 1
+
+
+PLOT_SECTIONS = ("versions", "evaluations", "map", "prompt_drift", "length_bias", "identical_pairs", "staleness",
+                 "arena", "frontier", "curves", "annotators", "notes")
+
+
+def test_a_round_that_moves_the_policy_shows_on_the_dashboard(tiny_loaded, tmp_path):
+    """Through the real app: votes, a round, v1 live; the background evaluation measures v0 and v1 on a
+    small probe file; /dashboard then has v1's KL to v0 above zero and every section's series."""
+    from gradio_client import Client
+
+    from tests.servers import running_app
+    from tests.test_loop import loop_settings, vote_in_new_conversations, wait_for
+
+    probes = tmp_path / "probes.txt"
+    probes.write_text("\n".join(f"Probe question number {i}?" for i in range(8)) + "\n")
+    settings = loop_settings(tmp_path, min_new_pairs=6, enabled=False)
+    with running_app(tiny_loaded, tmp_path / "e2e.db", loop_settings=settings,
+                     extra_args=("--probes", str(probes), "--eval-samples", "2")) as (url, service, loop):
+        client = Client(url, verbose=False)
+        loop.set_next_config({"epochs": 20, "learning_rate": 5e-3})
+        vote_in_new_conversations(client, 8)
+        client.predict(api_name="/train_now")
+        wait_for(lambda: client.predict(api_name="/training_status")["live"] == "v1", what="v1 to go live")
+        model_id = service.policy.model_id
+
+        def evaluated():
+            rows = {e["version"]: e["status"] for e in service.store.evaluations(model_id)}
+            return rows.get("v0") == rows.get("v1") == "succeeded"
+
+        wait_for(evaluated, what="v0's and v1's evaluations")
+        data = client.predict(api_name="/dashboard")
+        assert set(PLOT_SECTIONS) <= set(data)
+        ev = {e["version"]: e for e in data["evaluations"]}
+        assert ev["v0"]["kl_v0"]["mean"] == 0.0
+        assert ev["v1"]["kl_v0"]["mean"] > 0 and ev["v1"]["kl_v0"]["n"] == 8 * 2
+        assert ev["v1"]["kl_v0"]["lo"] <= ev["v1"]["kl_v0"]["mean"] <= ev["v1"]["kl_v0"]["hi"]
+        assert ev["v1"]["length"]["n"] == 16 and ev["v1"]["distinct_1"] > 0
+        assert ev["v1"]["semantic_drift"] is not None
+        assert {p["version"] for p in data["map"]} == {"v0", "v1"}
+        assert data["curves"]["run_id"] is not None and data["curves"]["series"]
+        (stale,) = data["staleness"]
+        assert stale["version"] == "v1" and stale["n"] >= 6 and stale["share_older"] == 0.0
+        assert [v["name"] for v in data["versions"]] == ["v0", "v1"] and data["live"] == "v1"
+        compared = client.predict("v0", "v1", api_name="/compare")
+        assert len(compared) == 8 and compared[0]["prompt"] == "Probe question number 0?"
+

@@ -197,11 +197,14 @@ def build_dashboard(get_data: Callable[[], dict],
     outputs += [*tables.values(), compare_a, compare_b, *downloads.values()]
 
     quiet = dict(api_visibility="private", show_progress="hidden")
-    refresh_button.click(refresh, inputs, outputs, api_visibility="private")
-    make_report.click(report, [state], downloads["report"], api_visibility="private")
-    timer.tick(refresh, inputs, outputs, **quiet)
+    # Private events still take an API name (the function's by default): these are named apart, so the
+    # page's public endpoints (/dashboard, /compare) keep theirs.
+    refresh_button.click(refresh, inputs, outputs, api_visibility="private", api_name="dashboard_view_refresh")
+    make_report.click(report, [state], downloads["report"], api_visibility="private",
+                      api_name="dashboard_view_report")
+    timer.tick(refresh, inputs, outputs, api_name="dashboard_view_tick", **quiet)
     for dropdown in (compare_a, compare_b):
-        dropdown.change(compare, [compare_a, compare_b], compare_table, **quiet)
+        dropdown.change(compare, [compare_a, compare_b], compare_table, api_name="dashboard_view_compare", **quiet)
     if tab is None:
         Context.root_block.load(refresh, inputs, outputs, **quiet)
     else:
