@@ -11,7 +11,8 @@ trainer's config (v1 on v0, v2 on v1; served as the app serves them, resident in
   the replies embedded, the result stored. v2 is the general case (every round after the first has a
   parent other than v0, so both references are scored); eval_seconds_parent_v0 is the same for v1, whose
   parent is v0 (one reference). Goal: eval_seconds <= 120 (eval_seconds_goal). The evaluation's own
-  timings (sampling, scoring, embedding) are in eval_phases_s.
+  timings (sampling, scoring, embedding) are in eval_phases_s; rss_before_eval_mb and
+  peak_rss_after_eval_mb bracket its memory (the process's resident size before it, its peak after).
 - chat_throughput_during_eval_vs_idle: `--chat-users` people chatting through the app's DecodeLoop (each
   streams a pair at the chat's default sampling, `--chat-max-new-tokens` per reply, one request after the
   other), tokens per second over a `--window-s` window while an evaluation runs beside it in the
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -117,6 +119,21 @@ def chat_window(decode_loop, loaded, window_s: float, users: int, max_new_tokens
             "seconds": round(elapsed, 2)}
 
 
+def _rss_mb() -> float:
+    """This process's resident memory now (Linux /proc; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
@@ -153,7 +170,10 @@ def main(argv=None) -> int:
             metrics = json.loads(row["metrics_json"])
             return metrics["seconds"]["total"], metrics
 
+        rss_before_mb = _rss_mb()
         eval_s, metrics = timed("v2")
+        # ru_maxrss: the process's peak so far (the model, the embedder, and this evaluation at its largest).
+        out.update(rss_before_eval_mb=round(rss_before_mb), peak_rss_after_eval_mb=round(_peak_rss_mb()))
         out.update(eval_seconds=round(eval_s, 1), eval_seconds_goal=EVAL_SECONDS_GOAL,
                    eval_phases_s=metrics["seconds"], eval_counts=metrics["counts"],
                    eval_sampling_tokens_per_s=metrics["tokens_per_s"])

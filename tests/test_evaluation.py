@@ -19,8 +19,10 @@ import torch
 from playground.evaluation import evaluator as evaluator_mod
 from playground.evaluation.evaluator import INTERRUPTED, EvalSettings, Evaluator, sample_seed
 from playground.evaluation.sampling import Job, sample_probes
+from playground.evaluation.scoring import OwnDistribution, Workspace
 from playground.evaluation.targets import Target, resolve
 from playground.loop import LoopSettings, TrainingLoop
+from playground.metrics.kl import sequence_kl
 from playground.serving.adapters import publish
 from playground.serving.embeddings import EMBEDDING_DIM
 from playground.serving.generation import stop_token_ids
@@ -175,6 +177,50 @@ def test_the_sampled_logits_are_the_versions_own_distributions(world, tiny_loade
     by_key = {(r.probe_idx, r.sample): r.reply.token_ids for r in engine_replies}
     assert {(r.probe_idx, r.sample): r.reply.token_ids for r in hf_replies} == by_key
     assert all(r.logits is None for r in hf_replies)
+
+
+def test_the_stored_kls_are_the_three_pass_float64_kls(world, probe_file, embedder):
+    """The KLs from the sampled logits (no pass of the version itself) and scoring.py's float32 passes
+    equal the definition: each reply teacher-forced under the version, v0 and the parent, float64 KL."""
+    store, policy, _ = world
+    evaluator = make_evaluator(world, probe_file, embedder, max_new_tokens=12)
+    prompts = evaluator._prompt_ids()
+    base = Target.of(policy.base)
+    for version, parent in (("v2", "v1"), ("v1", "v0")):
+        target, previous = Target.of(resolve(policy, store, version)), Target.of(resolve(policy, store, parent))
+        rows = samples_of(store, evaluator.evaluate(version))
+        assert len(rows) == len(PROBES) * SAMPLES
+        for s in rows:
+            prompt, tokens = prompts[s["probe_idx"]], s["token_ids"]
+            mine = target.reply_logits(prompt, tokens)
+            assert mine.shape[0] == len(tokens) == s["n_tokens"]
+            kl_v0 = sequence_kl(mine, base.reply_logits(prompt, tokens))
+            kl_prev = sequence_kl(mine, previous.reply_logits(prompt, tokens))
+            assert s["kl_v0"] == pytest.approx(kl_v0, rel=1e-4)
+            assert s["kl_prev"] == pytest.approx(kl_prev, rel=1e-4)
+            assert kl_v0 > 0.01 and kl_prev > 0.01
+
+
+@pytest.mark.parametrize("vocab", [64, 1000, 49152])
+def test_the_fast_kl_is_the_float64_kl(vocab):
+    """scoring.py against `metrics.kl.sequence_kl` on logits of a real model's scale (~10 +- 4)."""
+    gen = torch.Generator().manual_seed(vocab)
+    a = torch.randn(24, vocab, generator=gen) * 4 + 10
+    workspace = Workspace()
+    own = OwnDistribution(a, workspace)
+    for scale in (3.0, 1.0, 0.1):
+        b = a + torch.randn(a.shape, generator=gen) * scale
+        assert own.kl_to(b) == pytest.approx(sequence_kl(a, b), rel=1e-5)
+    assert own.kl_to(a) == 0.0
+    # The same distribution shifted (v3, a LoRA with B = 0, against v0) and one a hair away: ~1e-8 a
+    # token of float32 rounding, where a float32 log_softmax would leave ~1e-6 (its ~30-nat normalizer).
+    for close in (a + 7.5, a + torch.randn(a.shape, generator=gen) * 1e-5):
+        assert abs(own.kl_to(close) - sequence_kl(a, close)) < 1e-6
+    masked = a.clone()
+    masked[:, :3] = float("-inf")  # p = 0 there: the float64 definition handles it
+    assert OwnDistribution(masked, workspace).kl_to(b) == pytest.approx(sequence_kl(masked, b), rel=1e-9)
+    with pytest.raises(ValueError, match="shapes differ"):
+        own.kl_to(b[:-1])
 
 
 def test_models_the_engine_does_not_run_are_evaluated_through_the_hf_forward(world, probe_file, embedder,

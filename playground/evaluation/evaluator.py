@@ -11,8 +11,9 @@ is reproducible and every version answers from the same seeds. For each reply th
 
 - kl_v0 and kl_prev: the exact KL of this version to v0 and to its parent at every position of the
   reply, summed (`playground.metrics.kl.sequence_kl` over both versions' logits on the same tokens:
-  this version's are the ones the tokens were drawn from, the other's from `Engine.score`); for v0
-  kl_v0 = 0 and kl_prev is null;
+  this version's are the ones the tokens were drawn from, kept from the sampling, the other's from
+  `Engine.score_branches`; computed in float32 passes with float64 sums, scoring.py); for v0
+  kl_v0 = 0 and kl_prev is null, and a parent that is v0 is scored once;
 - logprob_sum (temperature 1, no top-p, the end-of-turn token included) and its 384-d sentence
   embedding (`serving.embeddings`, float32 bytes).
 
@@ -52,8 +53,8 @@ from playground.evaluation.defaults import (
 )
 from playground.evaluation.probes import load_probes, probe_set_hash
 from playground.evaluation.sampling import Job, ProbeReply, sample_probes
+from playground.evaluation.scoring import OwnDistribution, Workspace
 from playground.evaluation.targets import Target, resolve
-from playground.metrics.kl import sequence_kl
 from playground.serving.embeddings import load_embedder, model_folder
 from playground.serving.generation import SamplingSettings, stop_token_ids
 from playground.serving.limits import DEFAULT_MAX_CONTEXT_TOKENS
@@ -257,6 +258,7 @@ class Evaluator:
         replies: list[tuple[ProbeReply, float, float | None]] = []
         waiting: dict[int, list[ProbeReply]] = {}  # a probe's finished samples, scored once all are in
         scoring_s = 0.0
+        workspace = Workspace()  # the KLs' scratch buffer, reused by every reply
 
         def on_reply(reply: ProbeReply) -> None:
             nonlocal scoring_s
@@ -266,7 +268,7 @@ class Evaluator:
                 return
             del waiting[reply.probe_idx]
             scored = time.perf_counter()
-            kls = self._kls(target, base, previous, prompts[reply.probe_idx], group)
+            kls = self._kls(target, base, previous, prompts[reply.probe_idx], group, workspace)
             scoring_s += time.perf_counter() - scored
             for r, (kl_v0, kl_prev) in zip(group, kls):
                 r.logits = None  # [T, V]: let it go now
@@ -315,20 +317,22 @@ class Evaluator:
 
     @staticmethod
     def _kls(target: Target, base: Target, previous: Target | None, prompt: list[int],
-             group: list[ProbeReply]) -> list[tuple[float, float | None]]:
+             group: list[ProbeReply], workspace: Workspace) -> list[tuple[float, float | None]]:
         """(KL to v0, KL to the parent) of each of a probe's replies, summed over its tokens; (0, None) for v0.
-        The version's own logits are those its tokens were drawn from; the references score all the
-        probe's replies in one forward each."""
+        The version's own logits are those its tokens were drawn from (never scored again); the
+        references score all the probe's replies in one forward each, and a parent that is v0 is not
+        scored twice. The KLs are `playground.metrics.kl.sequence_kl`'s, computed as scoring.py does."""
         if previous is None:
             return [(0.0, None)] * len(group)
         tokens = [r.reply.token_ids for r in group]
         mine = [r.logits for r in group]
         if any(m is None for m in mine):  # the HF path keeps none
             mine = target.branch_logits(prompt, tokens)
-        kl_v0 = [sequence_kl(p, q) for p, q in zip(mine, base.branch_logits(prompt, tokens))]
+        own = [OwnDistribution(m, workspace) for m in mine]
+        kl_v0 = [p.kl_to(q) for p, q in zip(own, base.branch_logits(prompt, tokens))]
         if previous is base:
             return [(kl, kl) for kl in kl_v0]
-        kl_prev = [sequence_kl(p, q) for p, q in zip(mine, previous.branch_logits(prompt, tokens))]
+        kl_prev = [p.kl_to(q) for p, q in zip(own, previous.branch_logits(prompt, tokens))]
         return list(zip(kl_v0, kl_prev))
 
     def _pair_margins(self, version: str, target: Target, base: Target) -> tuple[list[dict], dict]:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -54,8 +54,15 @@ class _Row:
     reply: SampledReply
     generator: torch.Generator
     state: object
+    # [max_new, V] float32: row t holds the logits token t is drawn from, written as each step returns
+    # (one copy per token, no list of rows to concatenate at the end); `logits` views the next one.
+    history: torch.Tensor
     logits: torch.Tensor  # [1, V]: the distribution of the next token
-    history: list[torch.Tensor] = field(default_factory=list)
+
+    def keep(self, logits: torch.Tensor) -> None:
+        n = self.reply.n_tokens
+        self.history[n].copy_(logits)
+        self.logits = self.history[n:n + 1]
 
 
 def sample_probes(target: Target, jobs: list[Job], settings: SamplingSettings, stop_ids: set[int], batch_rows: int,
@@ -89,7 +96,6 @@ def _sample_engine(target: Target, jobs: list[Job], settings: SamplingSettings, 
         tokens, picked = sample_rows(torch.cat([r.logits for r in active]), settings, [r.generator for r in active])
         feed = []
         for i, row in enumerate(active):
-            row.history.append(row.logits)
             last = row.reply.n_tokens + 1 == max_new
             row.reply.add(int(tokens[i]), picked[i], time.perf_counter() - started, stop_ids, last=last)
             if row.reply.done:
@@ -100,7 +106,7 @@ def _sample_engine(target: Target, jobs: list[Job], settings: SamplingSettings, 
         if active:
             logits = engine.decode_many([r.state for r in active], tokens[feed], adapters=[adapter] * len(active))
             for i, row in enumerate(active):
-                row.logits = logits[i:i + 1].clone()  # its own copy: the step's tensor goes with the step
+                row.keep(logits[i])
 
 
 def _start_rows(engine, adapter: str | None, job: Job, max_new: int) -> list[_Row]:
@@ -116,15 +122,17 @@ def _start_rows(engine, adapter: str | None, job: Job, max_new: int) -> list[_Ro
             state.values[:, :, :, :n] = first.values[:, :, :, :n]
             state.length, state.adapter = n, adapter
         generator = torch.Generator(device=engine.device).manual_seed(int(seed))
-        rows.append(_Row(job, sample, SampledReply(slot=str(sample), seed=int(seed)), generator, state, logits))
+        history = torch.empty(max_new, logits.shape[-1], dtype=torch.float32, device=logits.device)
+        row = _Row(job, sample, SampledReply(slot=str(sample), seed=int(seed)), generator, state, history, logits)
+        row.keep(logits[0])
+        rows.append(row)
     return rows
 
 
 def _finished(row: _Row, tokenizer) -> ProbeReply:
     row.reply.text = tokenizer.decode(row.reply.text_ids, skip_special_tokens=True)
-    reply = ProbeReply(row.job.probe_idx, row.sample, row.reply, torch.cat(row.history))
-    row.history.clear()
-    row.state = None
+    reply = ProbeReply(row.job.probe_idx, row.sample, row.reply, row.history[:row.reply.n_tokens])
+    row.history = row.logits = row.state = None
     return reply
 
 
