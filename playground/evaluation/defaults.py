@@ -6,8 +6,11 @@ from pathlib import Path
 # The shipped probe set (app.py --probes).
 DEFAULT_PROBES = Path(__file__).resolve().parent / "probes.txt"
 # Replies sampled per probe (app.py --eval-samples): more than one, so mode collapse shows (self-similarity
-# and distinct-n across a probe's samples).
-DEFAULT_SAMPLES_PER_PROMPT = 4
+# and distinct-n across a probe's samples). Two: the evaluation is compute-bound (each reply is scored
+# under v0 and the parent, ~137 GFLOP/s on 2 cores), and four samples took 159 s for a version whose
+# parent is v0 (bench/eval_cost.py, loaded machine), past the two minutes a version should take; 64 probes
+# x 2 samples still give 128 replies for every interval and 64 pairs for the self-similarity.
+DEFAULT_SAMPLES_PER_PROMPT = 2
 # The seeds of one probe's samples are numbered below this.
 MAX_SAMPLES_PER_PROMPT = 64
 # Each reply's length limit: long enough for a reply's shape, short enough for a version to take about
