@@ -2,7 +2,7 @@
 
 Each benchmark runs as its own process (so one's memory and threads do not colour another's) and
 prints JSON; this collects the last JSON line of each and prints a Markdown table, then the raw JSON.
-The long ones (`python -m bench.loop`, `bench/dpo_vs_trl.py` with TRL) are run by hand: see
+The long ones (`python -m bench.loop`, `bench/dpo_vs_trl.py` with TRL, `bench/eval_cost.py`) are run by hand: see
 docs/BENCHMARKS.md for their commands and latest results.
 """
 
@@ -20,6 +20,8 @@ QUICK = [
      ["pair_tokens_per_s", "limit_tokens_per_s", "ratio", "ttft_s", "hf_generate_pair_tokens_per_s"]),
     ("vote_to_live", [sys.executable, "bench/vote_to_live.py", "--pairs", "16", "--max-new-tokens", "32"],
      ["vote_to_live_s", "round_s", "load_s", "swap_pause_s", "failed_requests", "requests_during"]),
+    ("people", [sys.executable, "bench/people.py"],
+     ["one_person_tokens_per_s", "people_tokens_per_s", "e2e_4_people_vs_1", "failed_requests"]),
 ]
 
 
