@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from playground.serving.decode_loop import DecodeFailed, DecodeLoop, DecodeLoopBusy
 from playground.serving.generation import SampledReply, SamplingSettings, sample_pair
 from playground.serving.limits import DEFAULT_MAX_CONTEXT_TOKENS, MAX_STORED_MESSAGE_CHARS
-from playground.serving.policy import PolicyHolder, PolicySnapshot
+from playground.serving.policy import PolicyHolder, PolicySnapshot, version_order
 from playground.serving.prompting import build_prompt
 from store import CHOICES, RATINGS, SLOTS, FeedbackError, Store, StoreError
 
@@ -190,7 +190,7 @@ class ChatService:
             return None
         if live.adapter is None or live.model is not self.policy.base.model:
             return None  # a version served as a merged copy decodes on its own engine, apart from v0's
-        candidates = [v for v in self.policy.resident() if v != live.version and _older(v, live.version)]
+        candidates = [v for v in self.policy.resident() if version_order(v) < version_order(live.version)]
         if not candidates:
             return None
         counts = self.store.arena_vote_counts(self.policy.model_id, live.version)
@@ -208,9 +208,9 @@ class ChatService:
                     pair.replies = replies
                     yield pair
             else:
-                resident = self.policy.resident()
                 rows = None
                 if pair.arena:
+                    resident = self.policy.resident()
                     rows = [(resident[v].adapter, resident[v].lora) for v in pair.versions]
                 for update in self.decode_loop.stream(snapshot.model, snapshot.tokenizer, session.prompt_ids,
                                                       pair.settings, seeds, adapter=snapshot.adapter,
@@ -400,10 +400,3 @@ def pair_summary(session: ChatSession) -> dict:
             for i, r in enumerate(pair.replies)
         },
     }
-
-
-def _older(version: str, than: str) -> bool:
-    """Whether `version` came before `than` ("v2" before "v10"); names that are not vN compare as text."""
-    def number(name: str):
-        return (0, int(name[1:]), "") if name[1:].isdigit() else (1, 0, name)
-    return number(version) < number(than)

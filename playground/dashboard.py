@@ -44,11 +44,11 @@ from collections.abc import Callable
 import numpy as np
 
 from playground import metrics
+from playground.serving.policy import BASE_VERSION, version_order
 from store import Store
 
 log = logging.getLogger(__name__)
 
-BASE_VERSION = "v0"
 # Probe replies per version drawn on the 2-D map: the first sample of each probe (more would hide the
 # shape of each version's cloud under the others').
 MAP_SAMPLES_PER_PROBE = 1
@@ -64,10 +64,6 @@ FRONTIER_MIN_POINTS = 4
 
 def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-
-def _version_key(name: str) -> tuple:
-    return (0, int(name[1:]), "") if name[1:].isdigit() else (1, 0, name)
 
 
 def _embedding(blob) -> np.ndarray | None:
@@ -110,7 +106,7 @@ def dashboard_data(store: Store, model_id: str, embed: Callable[[list[str]], np.
 
 def _versions(store: Store, model_id: str) -> list[dict]:
     live = store.live_version(model_id) or BASE_VERSION
-    rows = sorted(store.policy_versions(model_id), key=lambda v: _version_key(v["name"]))
+    rows = sorted(store.policy_versions(model_id), key=lambda v: version_order(v["name"]))
     return [{"name": v["name"], "parent": v["parent"], "created_at": v["created_at"], "live": v["name"] == live}
             for v in rows]
 
@@ -119,10 +115,8 @@ def _versions(store: Store, model_id: str) -> list[dict]:
 
 def _evaluations(store: Store, model_id: str, names: list[str], notes: dict) -> tuple[list[dict], dict]:
     """Per version the newest evaluation's summary, and {version: its samples} for the succeeded ones."""
-    latest = {}
-    for row in store.evaluations(model_id):
-        if row["version"] in names and (row["version"] not in latest or row["id"] > latest[row["version"]]["id"]):
-            latest[row["version"]] = row
+    # The store gives each version's newest attempt.
+    latest = {row["version"]: row for row in store.evaluations(model_id) if row["version"] in names}
     samples = {v: store.eval_samples(row["id"]) for v, row in latest.items() if row["status"] == "succeeded"}
     base_embeddings = _stack(samples.get(BASE_VERSION, []))
     out = []
@@ -187,7 +181,7 @@ def _held_out(pairs: list[dict]) -> list[dict]:
     for p in pairs:
         by_source[p["source_version"]].append(p["margin"])
     out = []
-    for source in sorted(by_source, key=_version_key):
+    for source in sorted(by_source, key=version_order):
         margins = by_source[source]
         right = sum(1.0 if m > 0 else 0.5 if m == 0 else 0.0 for m in margins)  # a zero margin is a coin flip
         lo, hi = metrics.wilson(right, len(margins))
@@ -198,7 +192,7 @@ def _held_out(pairs: list[dict]) -> list[dict]:
 
 def _map(samples: dict[str, list[dict]], notes: dict) -> list[dict]:
     points = []
-    for version in sorted(samples, key=_version_key):
+    for version in sorted(samples, key=version_order):
         for r in samples[version]:
             if r["sample"] < MAP_SAMPLES_PER_PROBE and r.get("embedding") is not None:
                 points.append((version, r["probe_idx"], _embedding(r["embedding"])))
@@ -302,7 +296,7 @@ def _arena(votes: list[dict], names: list[str], notes: dict) -> dict:
     if battles:
         plain = metrics.bootstrap_bradley_terry(battles, n_boot=ARENA_BOOTSTRAP, anchor=BASE_VERSION)
         controlled = metrics.style_controlled_bradley_terry(battles, n_boot=ARENA_BOOTSTRAP, anchor=BASE_VERSION)
-        for name in sorted(plain, key=_version_key):
+        for name in sorted(plain, key=version_order):
             lc = controlled.get(name, {})
             leaderboard.append({"version": name, **plain[name], "rating_lc": lc.get("rating"),
                                 "lo_lc": lc.get("lo"), "hi_lc": lc.get("hi")})
@@ -391,10 +385,9 @@ def compare(store: Store, model_id: str, version_a: str, version_b: str, probes:
             ) -> list[dict]:
     replies = {}
     for version in (version_a, version_b):
-        done = [e for e in store.evaluations(model_id) if e["version"] == version and e["status"] == "succeeded"]
-        if not done:
+        newest = store.latest_succeeded_evaluation(model_id, version)
+        if newest is None:
             return []
-        newest = max(done, key=lambda e: e["id"])
         replies[version] = {r["probe_idx"]: r["text"] for r in store.eval_samples(newest["id"]) if r["sample"] == 0}
     out = []
     for idx in sorted(set(replies[version_a]) & set(replies[version_b])):

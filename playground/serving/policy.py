@@ -15,6 +15,12 @@ from playground.serving.models import LoadedModel
 BASE_VERSION = "v0"
 
 
+def version_order(name: str) -> tuple:
+    """A sort key putting versions in the order they were made: "v2" before "v10"; names that are not
+    vN after those, by name."""
+    return (0, int(name[1:]), "") if name[1:].isdigit() else (1, 0, name)
+
+
 @dataclass(frozen=True)
 class PolicySnapshot:
     version: str
