@@ -243,27 +243,17 @@ def versions_measures(model, tokenizer, engine, prompt_ids, settings, steps: int
 def time_concurrent(model, tokenizer, prompt_ids, settings, pairs: int, max_batch_rows: int) -> float:
     """Aggregate tokens/s of `pairs` pairs sent at once through one DecodeLoop (the app's decode loop),
     from the moment they are sent to the last token of the last pair, prefill included."""
-    import threading
-
+    from bench.fixtures import run_together
     from playground.serving.decode_loop import DecodeLoop
 
     loop = DecodeLoop(max_batch_rows=max_batch_rows)
     counts = [0] * pairs
-    barrier = threading.Barrier(pairs + 1)
 
     def run(i):
-        barrier.wait()
         for update in loop.stream(model, tokenizer, prompt_ids, settings, (SEEDS[0] + i, SEEDS[1] + i), stop_ids=set()):
             counts[i] = sum(r.n_tokens for r in update.replies)
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(pairs)]
-    for t in threads:
-        t.start()
-    barrier.wait()
-    started = time.perf_counter()
-    for t in threads:
-        t.join()
-    elapsed = time.perf_counter() - started
+    elapsed = run_together(run, pairs)
     loop.close()
     assert counts == [2 * settings.max_new_tokens] * pairs, counts
     return sum(counts) / elapsed

@@ -8,6 +8,9 @@ from __future__ import annotations
 import contextlib
 import random
 import socket
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -72,3 +75,22 @@ def free_port() -> int:
     with contextlib.closing(socket.socket()) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def run_together(work: Callable[[int], None], n: int) -> float:
+    """Run work(0) .. work(n - 1) on n threads released at the same moment; returns the seconds from the
+    release to the end of the last (thread start-up is not counted)."""
+    barrier = threading.Barrier(n + 1)
+
+    def worker(i: int) -> None:
+        barrier.wait()
+        work(i)
+
+    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(n)]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    started = time.perf_counter()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - started

@@ -24,13 +24,12 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.fixtures import run_together  # noqa: E402
 from bench.vote_to_live import PROMPTS, wait_http  # noqa: E402
 
 PEOPLE_GOAL = 2.5
@@ -44,10 +43,8 @@ def chat_rate(url: str, people: int, messages: int, settings: dict) -> dict:
     for i, c in enumerate(clients):  # warm-up, not timed: the first request of a session pays its setup
         c.predict(f"hello {i}", api_name="/send", **settings)
     tokens, failures = [0] * people, [0] * people
-    barrier = threading.Barrier(people + 1)
 
     def person(k: int) -> None:
-        barrier.wait()
         for m in range(messages):
             try:
                 out = clients[k].predict(f"{PROMPTS[(k * messages + m) % len(PROMPTS)]} ({k}.{m})", api_name="/send",
@@ -56,14 +53,7 @@ def chat_rate(url: str, people: int, messages: int, settings: dict) -> dict:
             except Exception:  # noqa: BLE001 - a failed request is counted, never hidden
                 failures[k] += 1
 
-    threads = [threading.Thread(target=person, args=(k,), daemon=True) for k in range(people)]
-    for t in threads:
-        t.start()
-    barrier.wait()
-    started = time.perf_counter()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - started
+    wall = run_together(person, people)
     return {"tokens": sum(tokens), "wall_s": round(wall, 2), "tokens_per_s": round(sum(tokens) / wall, 1),
             "failed": sum(failures)}
 
