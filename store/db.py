@@ -23,6 +23,7 @@ from store import migrations
 from store.pairs import index_rows, judged_groups
 from store.evaluations import EvaluationQueries
 from store.insights import InsightQueries
+from store.rewards import RewardQueries
 from store.training import TrainingQueries
 
 # Where the app, `python -m trainers.run` and `python -m store` keep their SQLite file unless told otherwise.
@@ -51,6 +52,9 @@ REPLY_FIELDS = (
     "latency_s",
     "ttft_s",
     "token_ids_json",
+    "best_of",  # best-of-n: the best of how many samples (1 or null: a plain sample)
+    "reward_model",
+    "reward_score",
 )
 
 
@@ -77,7 +81,7 @@ def _explain(exc: sqlite3.Error) -> str:
     return f"database error: {exc}"
 
 
-class Store(TrainingQueries, EvaluationQueries, InsightQueries):
+class Store(TrainingQueries, EvaluationQueries, InsightQueries, RewardQueries):
     def __init__(self, path: str | Path, busy_timeout_ms: int = BUSY_TIMEOUT_MS):
         # A "file:...?mode=ro" URI opens read-only (the read-only test and read-only mounts use it).
         is_uri = str(path).startswith("file:")
@@ -295,8 +299,8 @@ class Store(TrainingQueries, EvaluationQueries, InsightQueries):
         """Record v0 (the base model) for this model id once; returns its name."""
         with self._write("the base policy version") as db:
             db.execute(
-                "insert or ignore into policy_versions (name, model_id, parent, created_at)"
-                " values ('v0', ?, null, ?)",
+                "insert or ignore into policy_versions (name, model_id, parent, algo, created_at)"
+                " values ('v0', ?, null, 'base', ?)",
                 [model_id, now()],
             )
         return "v0"
@@ -344,7 +348,7 @@ class Store(TrainingQueries, EvaluationQueries, InsightQueries):
         counts = {
             table: self._rows(f"select count(*) as n from [{table}]")[0]["n"]
             for table in ("conversations", "turns", "replies", "feedback", "training_pairs", "policy_versions",
-                          "training_runs", "metrics", "live_events", "evaluations", "eval_samples")
+                          "training_runs", "metrics", "live_events", "evaluations", "eval_samples", "reward_models")
         }
         by_kind = self._rows(
             "select kind, value, count(*) as n from feedback where replaced_by is null group by kind, value"

@@ -253,6 +253,70 @@ def m006_evaluations_and_arena(db: Database) -> None:
     db.execute("update training_pairs set arena = 1 where policy_version like '%|%'")
 
 
+@migrations()
+def m007_reward_models(db: Database) -> None:
+    # The classic path's artefacts. A reward model is fitted to the comparisons and published as
+    # reward_models/rN/ (atomic and hash-verified like adapters); its row keeps what decides whether it may
+    # be used (held-out accuracy with its interval: one at chance is recorded, never used unasked) and the
+    # score statistics PPO normalises with. A round records which reward model it used, and each version
+    # which algorithm made it. Over-optimisation points (bench.overopt: best-of-n and PPO against a proxy,
+    # scored by a gold function) are stored so the dashboard can draw them.
+    db["reward_models"].create(
+        {
+            "id": int,
+            "name": str,  # r1, r2, ... per model id
+            "model_id": str,
+            "folder": str,
+            "run_id": int,  # the round that trained it (a reward round, or a PPO round's first phase)
+            "n_pairs": int,
+            "held_out_n": int,
+            "held_out_accuracy": float,
+            "held_out_ci_low": float,
+            "held_out_ci_high": float,
+            "reward_mean": float,
+            "reward_std": float,
+            "usable": int,  # 1 when the held-out accuracy interval lies above chance
+            "max_feedback_id": int,  # the newest judgment among the pairs it was fitted to
+            "manifest_json": str,
+            "created_at": str,
+        },
+        pk="id",
+    )
+    db["reward_models"].create_index(["model_id", "name"], unique=True)
+    db["training_runs"].add_column("reward_model", str)
+    db["policy_versions"].add_column("algo", str)
+    # A best-of-n reply: the best of how many samples, by which reward model, and its score.
+    db["replies"].add_column("best_of", int)
+    db["replies"].add_column("reward_model", str)
+    db["replies"].add_column("reward_score", float)
+    db.execute("update policy_versions set algo = case when name = 'v0' then 'base'"
+               " else coalesce(json_extract(manifest_json, '$.algo'), 'dpo') end")
+    db["overopt_points"].create(
+        {
+            "id": int,
+            "bench_id": str,  # one bench.overopt run
+            "model_id": str,
+            "gold": str,
+            "reward_model": str,
+            "method": str,  # 'best_of_n' or 'ppo'
+            "x": float,  # n for best-of-n, the round for PPO
+            "kl": float,
+            "kl_low": float,
+            "kl_high": float,
+            "proxy": float,
+            "proxy_low": float,
+            "proxy_high": float,
+            "gold_score": float,
+            "gold_low": float,
+            "gold_high": float,
+            "n_prompts": int,
+            "created_at": str,
+        },
+        pk="id",
+    )
+    db["overopt_points"].create_index(["bench_id"])
+
+
 def apply(db: Database, stop_before: str | None = None) -> None:
     migrations.apply(db, stop_before=stop_before)
 

@@ -102,6 +102,11 @@ class TrainingQueries:
                 "parent_version": parent_version, "trigger": trigger, "started_at": self._now(),
             }).last_pk)
 
+    def set_run_reward_model(self, run_id: int, reward_model: str) -> None:
+        """The reward model a PPO round uses, recorded as soon as it is chosen (or trained)."""
+        with self._write("the round's reward model") as db:
+            db.execute("update training_runs set reward_model = ? where id = ?", [reward_model, run_id])
+
     def set_run_pid(self, run_id: int, pid: int) -> None:
         with self._write("the round's process id") as db:
             db.execute("update training_runs set pid = ? where id = ?", [pid, run_id])
@@ -119,16 +124,17 @@ class TrainingQueries:
 
     def finish_run(self, run_id: int, status: str, reason: str | None = None, version: str | None = None,
                    n_pairs: int | None = None, metrics: dict | None = None,
-                   max_feedback_id: int | None = None) -> None:
+                   max_feedback_id: int | None = None, reward_model: str | None = None) -> None:
         if status not in RUN_STATUSES:
             raise ValueError(f"unknown run status {status!r}")
         with self._write("the round's result") as db:
             db.execute(
                 "update training_runs set status = ?, reason = ?, version = coalesce(?, version),"
                 " n_pairs = coalesce(?, n_pairs), metrics_json = coalesce(?, metrics_json),"
-                " max_feedback_id = coalesce(?, max_feedback_id), finished_at = ? where id = ?",
+                " max_feedback_id = coalesce(?, max_feedback_id), reward_model = coalesce(?, reward_model),"
+                " finished_at = ? where id = ?",
                 [status, reason, version, n_pairs, json.dumps(metrics) if metrics is not None else None,
-                 max_feedback_id, self._now(), run_id],
+                 max_feedback_id, reward_model, self._now(), run_id],
             )
 
     def fail_interrupted_runs(self, reason: str) -> list[int]:
@@ -169,10 +175,11 @@ class TrainingQueries:
         return f"v{max(numbers, default=0) + 1}"
 
     def record_version(self, name: str, model_id: str, parent: str, adapter_dir: str, manifest: dict) -> None:
+        """Record a published version; the algorithm that made it is the manifest's `algo`."""
         with self._write("the new version") as db:
             db["policy_versions"].insert({
                 "name": name, "model_id": model_id, "parent": parent, "adapter_dir": adapter_dir,
-                "manifest_json": json.dumps(manifest), "created_at": self._now(),
+                "manifest_json": json.dumps(manifest), "algo": manifest.get("algo", "dpo"), "created_at": self._now(),
             })
 
     def version(self, model_id: str, name: str) -> dict[str, Any] | None:
