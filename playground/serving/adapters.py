@@ -16,7 +16,7 @@ import logging
 import os
 import shutil
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -41,8 +41,10 @@ def sha256(path: Path) -> str:
 
 
 def publish(adapters_dir: Path, name: str, write: Callable[[Path], None], manifest: dict,
-            verify: Callable[[Path], None] | None = None) -> Path:
-    """Write an adapter with `write(tmp)`, add the manifest, verify, then rename to adapters_dir/name."""
+            verify: Callable[[Path], None] | None = None, required: Sequence[str] = REQUIRED_FILES) -> Path:
+    """Write an adapter with `write(tmp)`, add the manifest, verify, then rename to adapters_dir/name.
+
+    required: the files the folder must hold (a reward model adds its score head and statistics)."""
     adapters_dir = Path(adapters_dir)
     adapters_dir.mkdir(parents=True, exist_ok=True)
     final = adapters_dir / name
@@ -54,7 +56,7 @@ def publish(adapters_dir: Path, name: str, write: Callable[[Path], None], manife
         write(tmp)
         manifest = dict(manifest, name=name, files={p.name: sha256(p) for p in sorted(tmp.iterdir())})
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
-        check_files(tmp)
+        check_files(tmp, required=required)
         if verify is not None:
             verify(tmp)
         os.replace(tmp, final)
@@ -73,8 +75,9 @@ def clean_temporary(adapters_dir: Path) -> list[str]:
     return removed
 
 
-def check_files(folder: Path, base_model_id: str | None = None) -> dict:
-    """The manifest parses, names this base model, and every file matches its hash. Returns it."""
+def check_files(folder: Path, base_model_id: str | None = None, required: Sequence[str] = REQUIRED_FILES) -> dict:
+    """The manifest parses, names this base model, lists every `required` file, and every file matches its
+    hash. Returns it."""
     folder = Path(folder)
     if not folder.is_dir():
         raise AdapterError(f"{folder} is not a folder")
@@ -88,9 +91,9 @@ def check_files(folder: Path, base_model_id: str | None = None) -> dict:
         raise AdapterError(
             f"{folder.name} was trained on {manifest.get('base_model_id')!r}, not on the served {base_model_id!r}"
         )
-    for required in REQUIRED_FILES:
-        if required not in manifest.get("files", {}):
-            raise AdapterError(f"{folder.name} lacks {required}")
+    for needed in required:
+        if needed not in manifest.get("files", {}):
+            raise AdapterError(f"{folder.name} lacks {needed}")
     for name, digest in manifest.get("files", {}).items():
         path = folder / name
         if not path.is_file():
