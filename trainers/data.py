@@ -171,3 +171,48 @@ def build_round(store, tokenizer, model_id: str, max_length: int, replay_ratio: 
     return RoundData(train=train_new + train_replay, held_out=tokenized(held_out), new_pairs=len(train_new),
                      replayed=len(train_replay), max_feedback_id=newest, skipped=skipped,
                      sampling=reply_sampling(new_rows + replay_rows))
+
+
+def build_reward_data(store, tokenizer, model_id: str, max_length: int, include_simulated: bool = True,
+                      include_arena: bool = False) -> RoundData:
+    """Every pair so far, for a reward model: it is fitted afresh each time (one epoch over all the
+    comparisons, as InstructGPT's is), not warm-started on the new ones, so each reward model stands on
+    every vote. The same rules, split and tokenisation as a DPO round's; `new_pairs` counts them all and
+    `max_feedback_id` is the newest judgment among them."""
+    options = dict(include_simulated=include_simulated, max_length=max_length, include_arena=include_arena)
+    rows = store.training_pairs(model_id, held_out=False, new=None, **options)
+    held_rows = store.training_pairs(model_id, held_out=True, new=None, **options)
+    skipped: dict[str, int] = {}
+
+    def tokenized(specs):
+        out = []
+        for spec in specs:
+            try:
+                pair = tokenize(tokenizer, spec)
+            except BoundaryError:
+                skipped["boundary"] = skipped.get("boundary", 0) + 1
+                continue
+            if pair.length > max_length:
+                skipped["too_long"] = skipped.get("too_long", 0) + 1
+                continue
+            out.append(pair)
+        return out
+
+    train = tokenized(stored_specs(rows))
+    newest = max([max(r["feedback_ids"]) for r in rows + held_rows], default=0)
+    return RoundData(train=train, held_out=tokenized(stored_specs(held_rows)), new_pairs=len(train), replayed=0,
+                     max_feedback_id=newest, skipped=skipped, sampling=reply_sampling(rows))
+
+
+def rollout_prompts(store, tokenizer, model_id: str, n: int, max_prompt_tokens: int, seed: int = 0,
+                    held_out: bool = False, include_simulated: bool = True) -> list[tuple[list[int], list[dict]]]:
+    """Up to `n` stored contexts (`Store.rollout_contexts`: across conversations, the held-out side only
+    for evaluation) as (token ids rendered with the chat template up to the assistant's turn, the
+    messages). Contexts longer than `max_prompt_tokens` are left out."""
+    prompts = []
+    for row in store.rollout_contexts(model_id, n, seed=seed, held_out=held_out,
+                                      include_simulated=include_simulated):
+        ids = render(tokenizer, row["context"])
+        if len(ids) <= max_prompt_tokens:
+            prompts.append((ids, row["context"]))
+    return prompts

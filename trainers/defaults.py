@@ -15,3 +15,9 @@ SCHEDULE_MIN_NEW_PAIRS = 16
 MANUAL_MIN_NEW_PAIRS = 1
 # Older pairs replayed per new pair: keeps earlier lessons without drowning the new votes.
 DEFAULT_REPLAY_RATIO = 1.0
+# Where reward models rN/ are published.
+DEFAULT_REWARD_MODELS_DIR = "reward_models"
+# The schedule's algorithm (app.py --algo): 'dpo' learns from the pairs directly; 'ppo' fits a reward model
+# to them and optimises the policy against it (README, "Two ways to learn from votes").
+SCHEDULE_ALGOS = ("dpo", "ppo")
+DEFAULT_ALGO = "dpo"

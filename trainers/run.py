@@ -1,6 +1,9 @@
-"""One training round from stored feedback to a published adapter version.
+"""One training round from stored feedback to a published adapter version (or reward model).
 
     python -m trainers.run --algo dpo --db data/playground.db --adapters-dir adapters
+    python -m trainers.run --algo reward   # fit a reward model rN to every pair so far: reward_models/rN/
+    python -m trainers.run --algo ppo      # PPO against the latest reward model (a new one first when
+                                           # enough new pairs arrived), publishing adapters/vN/ as DPO does
 
 The scheduler in the app starts this as a subprocess (so serving never stalls and the served model is
 never the one being trained); a person can run it by hand too. It records the round in
@@ -22,9 +25,10 @@ from collections import Counter
 from pathlib import Path
 
 from store import DEFAULT_DB
-from trainers.defaults import DEFAULT_ADAPTERS_DIR, DEFAULT_REPLAY_RATIO, MANUAL_MIN_NEW_PAIRS
+from trainers.defaults import (DEFAULT_ADAPTERS_DIR, DEFAULT_REPLAY_RATIO, DEFAULT_REWARD_MODELS_DIR,
+                               MANUAL_MIN_NEW_PAIRS)
 
-ALGOS = ("dpo",)
+ALGOS = ("dpo", "reward", "ppo")
 
 log = logging.getLogger("trainers.run")
 
@@ -51,32 +55,62 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="train only on votes from people, not on the autopilot's simulated annotators")
     p.add_argument("--include-arena", action="store_true",
                    help="train on arena votes (two versions shown blind) too; by default they are left out")
-    p.add_argument("--config", default="{}", help="JSON object of DPO settings overriding the defaults")
+    p.add_argument("--config", default="{}",
+                   help="JSON object of the algorithm's settings (DPOConfig, RewardConfig or PPOConfig) overriding"
+                        " the defaults")
+    p.add_argument("--reward-models-dir", default=DEFAULT_REWARD_MODELS_DIR,
+                   help="where reward models rN/ are published (default: %(default)s)")
+    p.add_argument("--reward-config", default="{}",
+                   help="JSON object of RewardConfig settings for the reward model a PPO round trains first")
+    p.add_argument("--reward-model", default=None,
+                   help="PPO against this reward model (rN), even one whose held-out accuracy is at chance: the"
+                        " admin's explicit choice (default: the latest, a new one first when --min-new-pairs new"
+                        " pairs arrived since it)")
     p.add_argument("--run-id", type=int, default=None, help="a round the scheduler already recorded")
     p.add_argument("--trigger", default="manual", help="what started the round, recorded on it")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     return p.parse_args(argv)
 
 
+def parse_config(cls, text: str, flag: str = "--config", extra: dict | None = None):
+    """A config dataclass from a JSON object of overrides; SystemExit naming what is wrong."""
+    try:
+        overrides = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SystemExit(f"{flag} is not JSON: {exc}")
+    if not isinstance(overrides, dict):
+        raise SystemExit(f"{flag} must be a JSON object")
+    overrides.update(extra or {})
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise SystemExit(f"unknown {cls.__name__} settings {unknown}; known: {sorted(known)}")
+    try:
+        return cls(**overrides)
+    except (TypeError, ValueError) as exc:
+        raise SystemExit(f"{flag}: {exc}")
+
+
 def dpo_config(args: argparse.Namespace):
     from trainers.dpo import DPOConfig
 
-    try:
-        overrides = json.loads(args.config)
-    except json.JSONDecodeError as exc:
-        raise SystemExit(f"--config is not JSON: {exc}")
-    if not isinstance(overrides, dict):
-        raise SystemExit("--config must be a JSON object")
-    if args.ref is not None:
-        overrides["ref"] = args.ref
-    known = {f.name for f in dataclasses.fields(DPOConfig)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise SystemExit(f"unknown DPO settings {unknown}; known: {sorted(known)}")
-    return DPOConfig(**overrides)
+    return parse_config(DPOConfig, args.config, extra={"ref": args.ref} if args.ref is not None else None)
 
 
 def run_round(args: argparse.Namespace) -> tuple[int, dict]:
+    """The round `args.algo` names; (exit status, summary)."""
+    if args.algo == "reward":
+        from trainers.reward_round import run_reward_round
+
+        return run_reward_round(args)
+    if args.algo == "ppo":
+        from trainers.ppo_round import run_ppo_round
+
+        return run_ppo_round(args)
+    return run_dpo_round(args)
+
+
+def run_dpo_round(args: argparse.Namespace) -> tuple[int, dict]:
     from playground.serving.adapters import AdapterError, check_files, clean_temporary, load_version, publish
     from playground.serving.models import load_model
     from store import Store
@@ -207,7 +241,7 @@ def round_staleness(data, start_logps: dict[int, tuple[float, float]], trained_f
                       "by_version": dict(sorted(by_version.items()))}
 
 
-def _progress_bar(disabled: bool):
+def _progress_bar(disabled: bool, desc: str = "dpo", accuracy_key: str = "rewards/accuracies"):
     from tqdm.auto import tqdm
 
     bar = None
@@ -217,8 +251,8 @@ def _progress_bar(disabled: bool):
         if disabled:
             return
         if bar is None:
-            bar = tqdm(total=m["total_steps"], desc="dpo", file=sys.stderr)
-        bar.set_postfix(loss=f"{m.get('loss', float('nan')):.4f}", acc=f"{m.get('rewards/accuracies', 0):.2f}")
+            bar = tqdm(total=m["total_steps"], desc=desc, file=sys.stderr)
+        bar.set_postfix(loss=f"{m.get('loss', float('nan')):.4f}", acc=f"{m.get(accuracy_key, 0):.2f}")
         bar.update(m["step"] - bar.n)
         if m["step"] >= m["total_steps"]:
             bar.close()
