@@ -19,9 +19,13 @@ from playground.serving.decode_loop import DEFAULT_MAX_BATCH_ROWS
 from playground.serving.limits import DEFAULT_MAX_CONTEXT_TOKENS
 from playground.serving.models import BUNDLED, DEFAULT_CACHE_DIR, DEVICES
 from store import DEFAULT_DB
-from trainers.defaults import DEFAULT_ADAPTERS_DIR, DEFAULT_TRAIN_EVERY_MIN, SCHEDULE_MIN_NEW_PAIRS
+from playground.best_of_n import MAX_BEST_OF_N
+from trainers.defaults import (DEFAULT_ADAPTERS_DIR, DEFAULT_ALGO, DEFAULT_REWARD_MODELS_DIR, DEFAULT_TRAIN_EVERY_MIN,
+                               SCHEDULE_ALGOS, SCHEDULE_MIN_NEW_PAIRS)
 
 if TYPE_CHECKING:
+    from playground.best_of_n import BestOfN
+    from playground.best_of_n import BestOfN
     from playground.chat import ChatService
     from playground.dashboard import Dashboard
     from playground.evaluation.evaluator import Evaluator
@@ -76,6 +80,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval-samples", type=int, default=DEFAULT_SAMPLES_PER_PROMPT,
                         help="replies sampled per probe by each evaluation (default: %(default)s)")
     parser.add_argument("--no-eval", action="store_true", help="no background evaluation of versions")
+    parser.add_argument("--algo", default=DEFAULT_ALGO, choices=SCHEDULE_ALGOS,
+                        help="how scheduled rounds learn from the votes: 'dpo' directly, 'ppo' through a reward model"
+                             " fitted to them first (README, 'Two ways to learn from votes'; default: %(default)s)")
+    parser.add_argument("--reward-models-dir", default=DEFAULT_REWARD_MODELS_DIR,
+                        help="where reward models rN/ are published (default: %(default)s)")
+    parser.add_argument("--best-of-n", type=int, default=1,
+                        help=f"each reply is the best of N samples by the latest usable reward model (1: off; at most"
+                             f" {MAX_BEST_OF_N}; default: %(default)s)")
     parser.add_argument("--threads", type=int, default=0,
                         help="CPU threads for torch; 0 keeps torch's choice (default: %(default)s)")
     args = parser.parse_args(argv)
@@ -91,6 +103,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--arena-rate {args.arena_rate} must be between 0 and 1")
     if not 1 <= args.eval_samples <= MAX_SAMPLES_PER_PROMPT:
         parser.error(f"--eval-samples {args.eval_samples} must be between 1 and {MAX_SAMPLES_PER_PROMPT}")
+    if not 1 <= args.best_of_n <= MAX_BEST_OF_N:
+        parser.error(f"--best-of-n {args.best_of_n} must be between 1 (off) and {MAX_BEST_OF_N}")
+    if args.best_of_n * 2 > args.max_batch_rows:
+        parser.error(f"--best-of-n {args.best_of_n} needs {args.best_of_n * 2} rows per pair; --max-batch-rows is "
+                     f"{args.max_batch_rows}")
     if args.max_context_tokens < 64:
         parser.error(f"--max-context-tokens {args.max_context_tokens} is too small (at least 64)")
     return args
@@ -106,6 +123,7 @@ class Services:
     chat: "ChatService"
     decode_loop: "DecodeLoop"
     evaluator: "Evaluator | None" = None  # None with --no-eval
+    best_of_n: "BestOfN | None" = None
     dashboard: "Dashboard | None" = None
 
     def close(self) -> None:
@@ -121,6 +139,7 @@ def build_services(args: argparse.Namespace, loaded=None, busy_timeout_ms: int |
     service to the training loop and start the loop's schedule. Nothing else wires these pieces."""
     import torch
 
+    from playground.best_of_n import BestOfN
     from playground.chat import ChatService
     from playground.dashboard import Dashboard
     from playground.evaluation.evaluator import EvalSettings, Evaluator
@@ -155,13 +174,18 @@ def build_services(args: argparse.Namespace, loaded=None, busy_timeout_ms: int |
         loop = TrainingLoop(LoopSettings(db=str(args.db), adapters_dir=args.adapters_dir, model=args.model,
                                          model_cache=args.model_cache, device=train_device,
                                          train_every_min=args.train_every, min_new_pairs=args.min_new_pairs,
-                                         enabled=not args.no_train, include_arena=args.train_on_arena),
+                                         enabled=not args.no_train, include_arena=args.train_on_arena,
+                                         algo=args.algo, reward_models_dir=args.reward_models_dir),
                              store, policy, on_live=None if evaluator is None else evaluator.schedule)
         # One decode loop for every session's pairs; each saved judgment nudges the schedule (the vote
         # that reaches --min-new-pairs starts the round).
         decode_loop = DecodeLoop(max_batch_rows=args.max_batch_rows)
+        best_of_n = BestOfN(store, policy, n=args.best_of_n)
+        if best_of_n.active and best_of_n.status()["reason"]:
+            logging.getLogger("app").warning("--best-of-n %d: %s; plain pairs until there is one", args.best_of_n,
+                                             best_of_n.status()["reason"])
         chat = ChatService(policy, store, max_context_tokens=args.max_context_tokens, on_feedback=loop.nudge,
-                           decode_loop=decode_loop, arena_rate=args.arena_rate)
+                           decode_loop=decode_loop, arena_rate=args.arena_rate, best_of_n=best_of_n)
         if evaluator is not None:
             evaluator.start()  # v0 and the live version, if this probe set has not evaluated them
         loop.start()
@@ -169,7 +193,7 @@ def build_services(args: argparse.Namespace, loaded=None, busy_timeout_ms: int |
         store.close()
         raise
     return Services(store=store, policy=policy, loop=loop, chat=chat, decode_loop=decode_loop, evaluator=evaluator,
-                    dashboard=dashboard)
+                    dashboard=dashboard, best_of_n=best_of_n)
 
 
 def main(argv: list[str] | None = None) -> int:

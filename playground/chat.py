@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+from playground.best_of_n import BestOfN, BestOfNUnavailable
 from playground.serving.decode_loop import DecodeFailed, DecodeLoop, DecodeLoopBusy
 from playground.serving.generation import SampledReply, SamplingSettings, sample_pair
 from playground.serving.limits import DEFAULT_MAX_CONTEXT_TOKENS, MAX_STORED_MESSAGE_CHARS
@@ -29,6 +30,7 @@ DEFAULT_USER = "anonymous"
 MAX_USER_CHARS = 100
 SEED_BITS = 31
 UNSAVED_NOTE = "These replies are not saved yet"
+BEST_OF_N_NOTE = "Best-of-n"
 # The share of turns whose pair is a blind arena pair (the live version against an earlier one) unless
 # `--arena-rate` says otherwise: enough votes to rate versions, few enough that most votes train.
 DEFAULT_ARENA_RATE = 0.15
@@ -57,6 +59,11 @@ class Pair:
     ratings: dict[str, str] = field(default_factory=dict)
     edit: str | None = None
     ahead: int | None = None  # requests waiting before this pair's decoding starts (None: decoding)
+    # Best-of-n: each slot's reply is the highest-scored of `best_of` samples by `reward_model` (1: plain).
+    best_of: int = 1
+    reward_model: str | None = None
+    reward_scores: tuple[float, ...] = ()  # the kept replies' scores, per slot
+    candidate_scores: tuple[float, ...] = ()  # every candidate's score, rows a, b, a, b, ... (not stored)
 
     def __post_init__(self):
         if not self.versions:
@@ -112,7 +119,7 @@ class ChatSession:
 class ChatService:
     def __init__(self, policy: PolicyHolder, store: Store, max_context_tokens: int = DEFAULT_MAX_CONTEXT_TOKENS,
                  on_feedback: Callable[[], None] | None = None, decode_loop: DecodeLoop | None = None,
-                 arena_rate: float = 0.0, rng: random.Random | None = None):
+                 arena_rate: float = 0.0, rng: random.Random | None = None, best_of_n: BestOfN | None = None):
         if not 0.0 <= arena_rate <= 1.0:
             raise ValueError(f"arena_rate {arena_rate} must be between 0 and 1")
         self.policy = policy
@@ -122,6 +129,8 @@ class ChatService:
         # Every session's pairs decode in this one loop (continuous batching); None: each on its own thread.
         self.decode_loop = decode_loop
         self.store = store
+        # Best-of-n by a reward model (None or n = 1: each reply is one sample).
+        self.best_of_n = best_of_n
         self.max_context_tokens = max_context_tokens
         # Called after each saved judgment (the loop's nudge: the vote that reaches the threshold starts
         # the round now, not at the next scheduled check). It must be quick and must not raise.
@@ -198,14 +207,17 @@ class ChatService:
 
     def _stream(self, session: ChatSession, snapshot: PolicySnapshot, previous: Pair | None) -> Iterator[Pair]:
         pair = session.pair
-        seeds = (secrets.randbits(SEED_BITS), secrets.randbits(SEED_BITS))
+        scorer = self._best_of_n_scorer(session, pair)
+        # Best-of-n: n candidates per slot, rows a, b, a, b, ...; the first of each streams meanwhile.
+        seeds = tuple(secrets.randbits(SEED_BITS) for _ in range(len(SLOTS) * pair.best_of))
         try:
             if self.decode_loop is None:
                 if snapshot.adapter is not None:
                     raise RuntimeError("a version served as an adapter needs the shared decode loop")
                 for replies in sample_pair(snapshot.model, snapshot.tokenizer, session.prompt_ids, pair.settings,
                                            seeds):
-                    pair.replies = replies
+                    candidates = replies
+                    pair.replies = replies[: len(SLOTS)]
                     yield pair
             else:
                 rows = None
@@ -215,8 +227,14 @@ class ChatService:
                 for update in self.decode_loop.stream(snapshot.model, snapshot.tokenizer, session.prompt_ids,
                                                       pair.settings, seeds, adapter=snapshot.adapter,
                                                       lora=snapshot.lora, row_adapters=rows):
-                    pair.replies, pair.ahead = update.replies, update.ahead
+                    candidates = update.replies
+                    pair.replies, pair.ahead = update.replies[: len(SLOTS)], update.ahead
                     yield pair
+            if scorer is not None:
+                kept, scores = self.best_of_n.rank(scorer, snapshot.tokenizer, session.context, candidates)
+                pair.replies = [candidates[i] for i in kept]
+                pair.reward_scores = tuple(scores[i] for i in kept)
+                pair.candidate_scores = tuple(scores)
         except BaseException as exc:
             # A failed or abandoned generation leaves no pair behind: a regenerate falls back to the
             # pair it replaced, a new turn to the conversation before it.
@@ -231,6 +249,23 @@ class ChatService:
         pair.generating = False
         self._save_pair(session, pair)
         yield pair
+
+    def _best_of_n_scorer(self, session: ChatSession, pair: Pair):
+        """The reward model this pair's candidates are ranked by, with `pair.best_of` set; None for a plain
+        pair (best-of-n off, an arena pair, or no usable reward model: then a note says so)."""
+        session.notes = [n for n in session.notes if not n.startswith(BEST_OF_N_NOTE)]
+        if self.best_of_n is None or not self.best_of_n.active or pair.arena:
+            return None
+        try:
+            scorer = self.best_of_n.scorer()
+        except BestOfNUnavailable as exc:
+            session.notes.append(f"{BEST_OF_N_NOTE} is on, but {exc}: these are plain samples.")
+            return None
+        n = self.best_of_n.n
+        if self.decode_loop is not None:  # all 2n rows must fit in one batch
+            n = max(1, min(n, self.decode_loop.max_batch_rows // len(SLOTS)))
+        pair.best_of, pair.reward_model = n, scorer.name
+        return scorer if n > 1 else None
 
     def _save_pair(self, session: ChatSession, pair: Pair) -> None:
         """Store a finished pair; on a database error keep it on screen, unsaved, with a note."""
@@ -364,6 +399,9 @@ def _reply_row(reply: SampledReply, pair: Pair, model_id: str) -> dict:
         "latency_s": reply.latency_s,
         "ttft_s": reply.ttft_s,
         "token_ids_json": json.dumps(reply.token_ids),
+        "best_of": pair.best_of,
+        "reward_model": pair.reward_model,
+        "reward_score": pair.reward_scores[SLOTS.index(reply.slot)] if pair.reward_scores else None,
     }
 
 
@@ -396,6 +434,9 @@ def pair_summary(session: ChatSession) -> dict:
                 "n_tokens": r.n_tokens,
                 "finish_reason": r.finish_reason,
                 "seed": r.seed,
+                "best_of": pair.best_of,
+                "reward_model": pair.reward_model,
+                "reward_score": pair.reward_scores[i] if pair.reward_scores else None,
             }
             for i, r in enumerate(pair.replies)
         },

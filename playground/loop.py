@@ -33,7 +33,8 @@ from playground.serving.policy import BASE_VERSION, PolicyHolder
 from store import Store, StoreError
 from trainers.data import count_new_pairs
 from trainers.dpo import DPOConfig
-from trainers.defaults import DEFAULT_TRAIN_EVERY_MIN, MANUAL_MIN_NEW_PAIRS, SCHEDULE_MIN_NEW_PAIRS
+from trainers.defaults import (DEFAULT_ALGO, DEFAULT_REWARD_MODELS_DIR, DEFAULT_TRAIN_EVERY_MIN, MANUAL_MIN_NEW_PAIRS,
+                               SCHEDULE_ALGOS, SCHEDULE_MIN_NEW_PAIRS)
 from trainers.procenv import training_env
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,23 @@ class LoopSettings:
     enabled: bool = True
     include_simulated: bool = True  # train on the autopilot's simulated votes too (a demo's whole point)
     include_arena: bool = False  # train on arena votes (two versions shown blind) too: the admin's call
-    next_config: dict = field(default_factory=dict)  # DPO settings for the next round: set_next_config()
+    next_config: dict = field(default_factory=dict)  # the algorithm's settings for the next round: set_next_config()
+    algo: str = DEFAULT_ALGO  # 'dpo' or 'ppo' (a reward model, then PPO against it): set_algo()
+    reward_models_dir: str = DEFAULT_REWARD_MODELS_DIR
+    # A PPO round's reward model: None for the latest (a new one when enough new pairs arrived), or a name
+    # the admin chose, used even when its held-out accuracy is at chance.
+    reward_model: str | None = None
+
+
+def config_class(algo: str):
+    """The settings dataclass of a schedulable algorithm."""
+    if algo == "dpo":
+        return DPOConfig
+    if algo == "ppo":
+        from trainers.ppo import PPOConfig
+
+        return PPOConfig
+    raise ValueError(f"algorithm {algo!r} is not one of {SCHEDULE_ALGOS}")
 
 
 class TrainingLoop:
@@ -155,15 +172,19 @@ class TrainingLoop:
                 return f"{new} new pair(s); a round needs {min_new_pairs}"
             parent = self.policy.snapshot().version
             config = self.next_config()
-            run_id = self.store.create_run("dpo", config, self.policy.model_id, parent, trigger)
+            algo = self.settings.algo
+            run_id = self.store.create_run(algo, config, self.policy.model_id, parent, trigger)
             command = [
-                sys.executable, "-m", "trainers.run", "--algo", "dpo", "--db", self.settings.db,
+                sys.executable, "-m", "trainers.run", "--algo", algo, "--db", self.settings.db,
                 "--adapters-dir", self.settings.adapters_dir, "--model", self.settings.model,
                 "--model-cache", self.settings.model_cache, "--device", self.settings.device,
                 "--run-id", str(run_id), "--trigger", trigger, "--min-new-pairs", str(min_new_pairs),
                 "--config", json.dumps(config), "--no-progress",
             ] + ([] if self.settings.include_simulated else ["--exclude-simulated"])
             command += ["--include-arena"] if self.settings.include_arena else []
+            if algo == "ppo":
+                command += ["--reward-models-dir", self.settings.reward_models_dir]
+                command += ["--reward-model", self.settings.reward_model] if self.settings.reward_model else []
             # Niced: on a small machine the chat's decoding keeps priority over the round.
             self._round_active.set()
             try:
@@ -289,22 +310,46 @@ class TrainingLoop:
         with self._config_lock:
             return dict(self.settings.next_config)
 
-    def set_next_config(self, config: dict) -> dict:
-        """Validate DPO settings and use them from the next round on; raises ValueError naming what is wrong.
-        Returns the settings as they will be used."""
+    def set_next_config(self, config: dict, algo: str | None = None) -> dict:
+        """Validate the settings of `algo` (default: the schedule's) and use them, and that algorithm, from
+        the next round on; raises ValueError naming what is wrong. Returns the settings as they will be used."""
+        algo = algo or self.settings.algo
+        cls = config_class(algo)
         config = dict(config)
-        known = {f.name for f in dataclasses.fields(DPOConfig)}
+        known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(config) - known)
         if unknown:
-            raise ValueError(f"unknown DPO settings {unknown}")
+            raise ValueError(f"unknown {algo.upper()} settings {unknown}")
         try:
-            DPOConfig(**config)
+            cls(**config)
         except TypeError as exc:
             raise ValueError(str(exc)) from exc
         with self._config_lock:
+            if algo != self.settings.algo:
+                self._event("settings", f"the next rounds train with {algo.upper()}")
+            self.settings.algo = algo
             self.settings.next_config = config
         self._invalidate_status()
         return dict(config)
+
+    def set_algo(self, algo: str, reward_model: str | None = None) -> None:
+        """The algorithm of the next rounds, with its default settings; for PPO optionally a reward model
+        chosen by name (used even at chance: the admin's explicit choice)."""
+        config_class(algo)  # raises for an unknown algorithm
+        if reward_model and self.store.reward_model(self.policy.model_id, reward_model) is None:
+            raise ValueError(f"there is no reward model {reward_model}")
+        with self._config_lock:
+            changed = algo != self.settings.algo
+            self.settings.algo = algo
+            if changed:
+                self.settings.next_config = {}
+            self.settings.reward_model = reward_model or None
+        self._event("settings", f"the next rounds train with {algo.upper()}"
+                    + (f" against {reward_model}" if algo == "ppo" and reward_model else ""))
+
+    def reward_models(self) -> list[dict]:
+        """Every reward model of the served model, oldest first."""
+        return self.store.reward_models(self.policy.model_id)
 
     def _compute_status(self) -> dict:
         running = self.store.running_run()
@@ -321,6 +366,8 @@ class TrainingLoop:
             "min_new_pairs": self.settings.min_new_pairs,
             "paused": self.paused,
             "enabled": self.settings.enabled,
+            "algo": self.settings.algo,
+            "reward_model": self.settings.reward_model,
             "events": self.events[-5:],
             "last_swap_s": self.last_swap_s,
             "last_load_s": self.last_load_s,
@@ -328,7 +375,8 @@ class TrainingLoop:
 
     def new_pairs(self) -> int:
         """New pairs the next round would train on: the trainer's own definition, at the next round's length limit."""
-        max_length = self.next_config().get("max_length", DPOConfig.max_length)
+        max_length = self.next_config().get("max_length", DPOConfig.max_length) if self.settings.algo == "dpo" \
+            else DPOConfig.max_length
         return count_new_pairs(self.store, self.policy.model_id, self.settings.include_simulated, max_length,
                                include_arena=self.settings.include_arena)
 

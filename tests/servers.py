@@ -17,7 +17,7 @@ def app_args(loaded, db_path, loop_settings: dict | None = None, extra: tuple[st
     settings = dict(loop_settings or {})
     argv = ["--model", loaded.model_id, "--db", str(db_path)]
     flags = {"adapters_dir": "--adapters-dir", "model_cache": "--model-cache", "train_every_min": "--train-every",
-             "min_new_pairs": "--min-new-pairs"}
+             "min_new_pairs": "--min-new-pairs", "algo": "--algo", "reward_models_dir": "--reward-models-dir"}
     for key, flag in flags.items():
         if key in settings:
             argv += [flag, str(settings.pop(key))]

@@ -35,6 +35,7 @@ from playground.serving.generation import (
     SampledReply,
     SamplingSettings,
     engine_for,
+    row_slots,
     sample_pair,
     sample_rows,
     stop_token_ids,
@@ -203,6 +204,8 @@ class DecodeLoop:
         with self._cv:
             if self._closed:
                 raise DecodeLoopBusy("the app is shutting down")
+            if request.rows > self.max_batch_rows:  # it would wait for room that never comes
+                raise DecodeLoopBusy(f"{request.rows} rows do not fit in a batch of at most {self.max_batch_rows}")
             queued_rows = sum(r.rows for r in self._waiting) + request.rows
             if len(self._waiting) >= self.max_waiting and not self._has_room(queued_rows):
                 raise DecodeLoopBusy(f"{len(self._waiting)} requests are waiting already; try again in a moment")
@@ -377,4 +380,4 @@ def _runs(items: list) -> list[tuple[object, int]]:
 
 
 def _fresh_replies(seeds) -> list[SampledReply]:
-    return [SampledReply(slot=s, seed=int(seed)) for s, seed in zip(SLOTS, seeds)]
+    return [SampledReply(slot=s, seed=int(seed)) for s, seed in zip(row_slots(len(seeds)), seeds)]

@@ -194,6 +194,12 @@ def sample_rows(logits: torch.Tensor, settings: SamplingSettings,
     return next_tokens, logprobs.gather(-1, next_tokens[:, None])[:, 0].tolist()
 
 
+def row_slots(rows: int) -> list[str]:
+    """The slot of each row of a request: a, b for a pair; a, b, a, b, ... for best-of-n's candidates
+    (row i is candidate i // 2 of slot SLOTS[i % 2])."""
+    return [SLOTS[i % len(SLOTS)] for i in range(rows)]
+
+
 @torch.inference_mode()
 def sample_pair(
     model,
@@ -204,16 +210,17 @@ def sample_pair(
     stop_ids: set[int] | None = None,
     use_engine: bool | None = None,
 ) -> Iterator[list[SampledReply]]:
-    """Yield the two replies after every decode step; the last yield has both finished.
+    """Yield the two replies after every decode step; the last yield has both finished. More seeds than
+    two give more rows (best-of-n's candidates), their slots alternating a, b, a, b (`row_slots`).
 
     use_engine: None uses the decode engine where it supports the model, False the HF forward.
     """
     device = next(model.parameters()).device
     stop_ids = stop_token_ids(tokenizer, model) if stop_ids is None else stop_ids
-    replies = [SampledReply(slot=s, seed=int(seed)) for s, seed in zip(SLOTS, seeds)]
+    replies = [SampledReply(slot=s, seed=int(seed)) for s, seed in zip(row_slots(len(seeds)), seeds)]
     generators = [torch.Generator(device=device).manual_seed(int(seed)) for seed in seeds]
     started = time.perf_counter()
-    rows = len(SLOTS)
+    rows = len(seeds)
     max_new = int(settings.max_new_tokens)
 
     engine = engine_for(model) if use_engine is not False else None

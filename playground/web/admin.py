@@ -18,14 +18,20 @@ from playground.loop import TrainingLoop
 from playground.sim.prompt_file import PromptFileError
 from playground.sim.autopilot import Autopilot
 from trainers.dpo import DPOConfig
+from trainers.ppo import PPOConfig
 
 STATUS_REFRESH_S = 2.0
-# Two plots, each of metrics on one scale: the loss side, and the log-probs (a falling chosen log-prob
-# while the margin grows is likelihood displacement).
-CURVES = ("loss", "rewards/margins", "rewards/accuracies", "grad_norm")
-LOGP_CURVES = ("logps/chosen", "logps/rejected")
-RUN_COLUMNS = ["id", "status", "version", "parent_version", "n_pairs", "held_out_acc", "trigger", "started_at",
-               "reason"]
+# Two plots. A DPO round: the loss side, and the log-probs (a falling chosen log-prob while the margin
+# grows is likelihood displacement). A PPO round: its reward model's fit (rm/...) and the score and KL
+# PPO trades, then what says whether the updates are healthy (entropy, clipping, old-new KL, critic).
+CURVES = ("loss", "rewards/margins", "rewards/accuracies", "grad_norm", "rm/loss", "rm/accuracy", "rm/margin",
+          "score/mean", "kl")
+LOGP_CURVES = ("logps/chosen", "logps/rejected", "entropy", "clip_fraction", "approx_kl", "value_loss",
+               "truncated_share")
+REWARD_COLUMNS = ["name", "n_pairs", "held_out", "usable", "mean", "std", "run_id", "created_at"]
+LATEST_REWARD_MODEL = "latest (a new one when enough new pairs)"
+RUN_COLUMNS = ["id", "algo", "status", "version", "reward_model", "parent_version", "n_pairs", "held_out_acc",
+               "trigger", "started_at", "reason"]
 
 
 @dataclass
@@ -62,15 +68,38 @@ def progress_fraction(status: dict) -> float:
 
 
 def held_out_accuracy(run: dict) -> str | None:
-    """'0.45 -> 0.70': the round's held-out implicit-reward accuracy before and after it trained."""
+    """'0.45 -> 0.70': the round's held-out implicit-reward accuracy before and after it trained; for a
+    reward-model or PPO round, its reward model's held-out accuracy."""
     try:
         metrics = json.loads(run.get("metrics_json") or "{}")
+        if "reward_model" in metrics:
+            rm = metrics["reward_model"]
+            return f"{rm['name']} {reward_accuracy(rm['held_out_accuracy'], rm['held_out_ci'], rm['held_out_n'])}"
         before, after = metrics["held_out_before"], metrics["held_out_after"]
     except (ValueError, KeyError, TypeError):
         return None
     if not after.get("n"):
         return "no held-out pairs yet"
     return f"{before['accuracy']:.2f} -> {after['accuracy']:.2f} (n={after['n']})"
+
+
+def reward_accuracy(accuracy, ci, n) -> str:
+    if not n or accuracy is None:
+        return "no held-out pairs"
+    return f"{accuracy:.2f} [{ci[0]:.2f}, {ci[1]:.2f}] (n={n})"
+
+
+def reward_models_frame(loop: TrainingLoop) -> pd.DataFrame:
+    rows = [{"name": r["name"], "n_pairs": r["n_pairs"],
+             "held_out": reward_accuracy(r["held_out_accuracy"], (r["held_out_ci_low"], r["held_out_ci_high"]),
+                                         r["held_out_n"]),
+             "usable": "yes" if r["usable"] else "no: at chance", "mean": r["reward_mean"], "std": r["reward_std"],
+             "run_id": r["run_id"], "created_at": r["created_at"]} for r in reversed(loop.reward_models())]
+    return pd.DataFrame(rows, columns=REWARD_COLUMNS)
+
+
+def reward_model_choices(loop: TrainingLoop) -> list[str]:
+    return [LATEST_REWARD_MODEL] + [r["name"] for r in reversed(loop.reward_models())]
 
 
 def runs_frame(loop: TrainingLoop) -> pd.DataFrame:
@@ -116,6 +145,25 @@ def build_admin(loop: TrainingLoop, service=None):
             epochs = gr.Number(value=defaults.epochs, label="epochs", precision=0)
             loss_type = gr.Radio(["sigmoid", "ipo"], value="sigmoid", label="loss")
             ref = gr.Radio(["base", "previous"], value="base", label="reference policy")
+        with gr.Row():
+            algo = gr.Radio(["dpo", "ppo"], value=loop.settings.algo, label="algorithm (next rounds)",
+                            elem_id="algo",
+                            info="dpo: learns from the votes directly, fast. ppo: fits a reward model to them, then"
+                                 " optimises against it (slower; shows a proxy being over-optimised)")
+            reward_pick = gr.Dropdown(choices=reward_model_choices(loop), value=loop.settings.reward_model
+                                      or LATEST_REWARD_MODEL, label="PPO's reward model", elem_id="reward-pick",
+                                      info="naming one uses it even when its held-out accuracy is at chance")
+            ppo_defaults = PPOConfig()
+            kl_coef = gr.Number(value=ppo_defaults.kl_coef, label="PPO KL coefficient",
+                                info="higher keeps the policy nearer v0; lower chases the reward model harder")
+            ppo_lr = gr.Number(value=ppo_defaults.learning_rate, label="PPO learning rate")
+            ppo_iterations = gr.Number(value=ppo_defaults.iterations, precision=0, label="PPO iterations")
+        with gr.Row():
+            best_of = gr.Number(value=service.best_of_n.n if service is not None and service.best_of_n else 1,
+                                precision=0, label="best-of-n in the chat (1: off)", elem_id="best-of-n",
+                                info="each reply is the best of n samples by the reward model: no training, KL"
+                                     " log n - (n-1)/n")
+            apply_best_of = gr.Button("Set best-of-n", elem_id="apply-best-of-n")
         arena = gr.Checkbox(value=loop.settings.include_arena, elem_id="train-on-arena",
                             label="Train on blind arena votes too (by default they only rate the versions)")
         apply = gr.Button("Use these settings for the next round", elem_id="apply-settings")
@@ -139,12 +187,16 @@ def build_admin(loop: TrainingLoop, service=None):
                 autopilot_status = gr.Markdown(value=autopilot.status, elem_id="autopilot-status", every=2.0)
         # Filled when the panel opens (and refreshed while it is open), not on every page load.
         runs = gr.Dataframe(headers=RUN_COLUMNS, label="Rounds", interactive=False, elem_id="runs")
+        reward_models = gr.Dataframe(headers=REWARD_COLUMNS, label="Reward models", interactive=False,
+                                     elem_id="reward-models")
         run_pick = gr.Textbox(label="Round id for the curves (blank: the latest)", elem_id="run-pick")
         with gr.Row():
             curves = gr.LinePlot(x="step", y="value", color="metric",
-                                 label="Loss, margin, accuracy, grad norm", elem_id="curves")
+                                 label="Loss, margin, accuracy (PPO: reward model fit, score, KL)",
+                                 elem_id="curves")
             logp_curves = gr.LinePlot(x="step", y="value",
-                                      color="metric", label="Log-probs of chosen and rejected replies",
+                                      color="metric",
+                                      label="Log-probs of chosen and rejected (PPO: entropy, clipping, critic)",
                                       elem_id="logp-curves")
 
     def note(message: str) -> str:
@@ -155,19 +207,43 @@ def build_admin(loop: TrainingLoop, service=None):
     resume.click(lambda: (loop.set_paused(False), note("Schedule running."))[1], None, admin_note,
                  api_name="resume")
 
-    def apply_settings(beta_value, lr, n_epochs, loss_value, ref_value):
-        config = {"beta": float(beta_value), "loss": loss_value, "ref": ref_value}
-        if lr not in (None, ""):
-            config["learning_rate"] = float(lr)
-        if n_epochs not in (None, ""):
-            config["epochs"] = int(n_epochs)
+    def apply_settings(algo_value, beta_value, lr, n_epochs, loss_value, ref_value, rm_value, kl_value, ppo_lr_value,
+                       iterations_value):
         try:
-            config = loop.set_next_config(config)
-        except ValueError as exc:
+            if algo_value == "ppo":
+                config = {}
+                for key, value, kind in (("kl_coef", kl_value, float), ("learning_rate", ppo_lr_value, float),
+                                         ("iterations", iterations_value, int)):
+                    if value not in (None, ""):
+                        config[key] = kind(value)
+                loop.set_algo("ppo", None if rm_value in (None, "", LATEST_REWARD_MODEL) else rm_value)
+            else:
+                config = {"beta": float(beta_value), "loss": loss_value, "ref": ref_value}
+                if lr not in (None, ""):
+                    config["learning_rate"] = float(lr)
+                if n_epochs not in (None, ""):
+                    config["epochs"] = int(n_epochs)
+                loop.set_algo("dpo")
+            config = loop.set_next_config(config, algo_value)
+        except (ValueError, TypeError) as exc:
             raise gr.Error(f"Not applied: {exc}") from exc
-        return note(f"The next round uses {config}.")
+        against = f" against {loop.settings.reward_model}" if algo_value == "ppo" and loop.settings.reward_model else ""
+        return note(f"The next round trains with {algo_value.upper()}{against}, settings {config}.")
 
-    apply.click(apply_settings, [beta, learning_rate, epochs, loss_type, ref], admin_note, api_visibility="private")
+    apply.click(apply_settings, [algo, beta, learning_rate, epochs, loss_type, ref, reward_pick, kl_coef, ppo_lr,
+                                 ppo_iterations], admin_note, api_visibility="private")
+
+    def set_best_of(n_value):
+        if service is None or service.best_of_n is None:
+            raise gr.Error("Best-of-n is not available in this app.")
+        try:
+            message = service.best_of_n.configure(int(n_value or 1))
+        except (ValueError, TypeError) as exc:
+            raise gr.Error(f"Not applied: {exc}") from exc
+        reason = service.best_of_n.status()["reason"] if service.best_of_n.active else None
+        return note(message + (f" For now {reason}: plain samples until there is one." if reason else ""))
+
+    apply_best_of.click(set_best_of, [best_of], admin_note, api_visibility="private")
 
     def set_arena(include: bool):
         loop.set_include_arena(bool(include))
@@ -205,4 +281,4 @@ def build_admin(loop: TrainingLoop, service=None):
     with panel:  # inside the tab: the page's tabs hold only tabs
         gr.api(training_status, api_name="training_status")
     return {"panel": panel, "runs": runs, "curves": curves, "logp_curves": logp_curves, "version": version,
-            "run_pick": run_pick}
+            "run_pick": run_pick, "reward_models": reward_models, "reward_pick": reward_pick}

@@ -117,6 +117,8 @@ def badge(pair: Pair | None, reply: SampledReply | None) -> str:
     rating = pair.ratings.get(reply.slot)
     version = pair.versions[SLOTS.index(reply.slot)] if pair.revealed else "version hidden until you vote"
     parts = [f"`{version}`", f"{reply.n_tokens} tokens", FINISH_LABELS.get(reply.finish_reason, "")]
+    if pair.best_of > 1:
+        parts.insert(1, f"best of {pair.best_of} by {pair.reward_model}")
     if rating:
         parts.append("👍 rated up" if rating == "up" else "👎 rated down")
     if pair.choice == reply.slot:
@@ -318,6 +320,7 @@ def build_ui(service: ChatService, loop: TrainingLoop | None = None, title: str 
         if loop is not None:
             from playground.web.admin import STATUS_REFRESH_S, TabView, curves_frame, runs_frame
             from playground.web.admin import LOGP_CURVES, progress_fraction, status_line, version_choices
+            from playground.web.admin import reward_model_choices, reward_models_frame
 
             timer = gr.Timer(STATUS_REFRESH_S)
 
@@ -332,17 +335,19 @@ def build_ui(service: ChatService, loop: TrainingLoop | None = None, title: str 
                 line = [view_state, status_line(current),
                         gr.Slider(value=fraction, visible=current["running"] is not None)]
                 # The rounds table, the curves and the version list only while the admin panel is open.
-                return line + (admin_view(view_state) if view_state.admin_open else [gr.skip()] * 4)
+                return line + (admin_view(view_state) if view_state.admin_open else [gr.skip()] * len(admin_outputs))
 
             def admin_view(view_state: TabView) -> list:
                 return [runs_frame(loop), curves_frame(loop, view_state.curves_run),
-                        curves_frame(loop, view_state.curves_run, LOGP_CURVES), gr.Dropdown(choices=version_choices(loop))]
+                        curves_frame(loop, view_state.curves_run, LOGP_CURVES), gr.Dropdown(choices=version_choices(loop)),
+                        reward_models_frame(loop), gr.Dropdown(choices=reward_model_choices(loop))]
 
             def on_panel(view_state: TabView, is_open: bool):
                 view_state.admin_open = is_open
-                return [view_state] + (admin_view(view_state) if is_open else [gr.skip()] * 4)
+                return [view_state] + (admin_view(view_state) if is_open else [gr.skip()] * len(admin_outputs))
 
-            admin_outputs = [admin["runs"], admin["curves"], admin["logp_curves"], admin["version"]]
+            admin_outputs = [admin["runs"], admin["curves"], admin["logp_curves"], admin["version"],
+                             admin["reward_models"], admin["reward_pick"]]
             tick_outputs = [tab, loop_status, round_progress, *admin_outputs]
             timer.tick(on_tick, [tab], tick_outputs, api_visibility="private", show_progress="hidden")
             demo.load(on_tick, [tab], tick_outputs, api_visibility="private")
