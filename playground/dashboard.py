@@ -8,7 +8,7 @@ sentence in `notes` saying why (no versions yet, one version only, an evaluation
 The dict (JSON-serialisable; lists are ordered by version, oldest first):
 
     model_id: str, generated_at: str (ISO time), live: str (the live version)
-    versions: [{name, parent, created_at, live: bool}]
+    versions: [{name, parent, created_at, live: bool, algo ('base'|'dpo'|'ppo')}]
     evaluations: [{version, status ('running'|'succeeded'|'failed'|'missing'), error, attempt,
                    n_probes, n_samples, finished_at,
                    kl_v0: {mean, lo, hi, n}, kl_prev: {mean, lo, hi, n} | None,
@@ -28,6 +28,8 @@ The dict (JSON-serialisable; lists are ordered by version, oldest first):
     curves: {run_id, series: [{step, name, value}]}
     annotators: [{user, simulated, votes, left_share, tie_share, both_bad_share,
                   agreement, n_agreement, majority_agreement, n_majority}]
+    overopt: [{bench_id, gold, reward_model, created_at, points: [{method, x, kl, proxy, proxy_low,
+               proxy_high, gold_score, gold_low, gold_high, n_prompts}]}]   bench.overopt runs, newest last
     notes: {plot_key: sentence}              why a plot is empty or what a number means
 """
 
@@ -96,6 +98,7 @@ def dashboard_data(store: Store, model_id: str, embed: Callable[[list[str]], np.
         "frontier": _frontier(evaluations, arena, notes),
         "curves": _curves(store, notes),
         "annotators": _annotators(votes, notes),
+        "overopt": _overopt(store, model_id, notes),
         "notes": notes,
     }
     if len(names) <= 1:
@@ -107,8 +110,27 @@ def dashboard_data(store: Store, model_id: str, embed: Callable[[list[str]], np.
 def _versions(store: Store, model_id: str) -> list[dict]:
     live = store.live_version(model_id) or BASE_VERSION
     rows = sorted(store.policy_versions(model_id), key=lambda v: version_order(v["name"]))
-    return [{"name": v["name"], "parent": v["parent"], "created_at": v["created_at"], "live": v["name"] == live}
-            for v in rows]
+    return [{"name": v["name"], "parent": v["parent"], "created_at": v["created_at"], "live": v["name"] == live,
+             "algo": v.get("algo") or ("base" if v["name"] == BASE_VERSION else "dpo")} for v in rows]
+
+
+# Over-optimisation runs drawn: the newest few (each is one gold function's best-of-n and PPO curves).
+OVEROPT_RUNS_SHOWN = 4
+
+
+def _overopt(store: Store, model_id: str, notes: dict) -> list[dict]:
+    """The stored `bench.overopt` points of this model, one entry per run, newest last."""
+    runs: dict[str, dict] = {}
+    for p in store.overopt_points(model_id):
+        run = runs.setdefault(p["bench_id"], {"bench_id": p["bench_id"], "gold": p["gold"],
+                                              "reward_model": p["reward_model"], "created_at": p["created_at"],
+                                              "points": []})
+        run["points"].append({k: p[k] for k in ("method", "x", "kl", "kl_low", "kl_high", "proxy", "proxy_low",
+                                                "proxy_high", "gold_score", "gold_low", "gold_high", "n_prompts")})
+    if not runs:
+        notes.setdefault("overopt", "No over-optimisation run is stored for this model yet: `python -m bench.overopt "
+                                    "--gold concise` adds one to this database (its --db).")
+    return list(runs.values())[-OVEROPT_RUNS_SHOWN:]
 
 
 # -- the background evaluation's numbers ------------------------------------------------------------

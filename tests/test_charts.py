@@ -91,8 +91,22 @@ def realistic_data() -> dict:
             {"user": "sim-concise-1", "simulated": True, "votes": 200, "left_share": 0.49, "tie_share": 0.02,
              "both_bad_share": 0.0, "agreement": 0.74, "n_agreement": 90, "majority_agreement": 0.77, "n_majority": 85},
         ],
+        "overopt": [{"bench_id": "b1", "gold": "concise", "reward_model": "r1", "created_at": "2025-05-04T12:00:00",
+                     "points": OVEROPT_POINTS}],
         "notes": {"frontier": "The fit is a quadratic in sqrt(KL), as in Gao et al.'s over-optimisation curves."},
     }
+
+
+# Best-of-n for n = 1, 2, 4, 8 (KL log n - (n-1)/n) and two PPO rounds: the proxy rises, gold peaks and falls.
+OVEROPT_POINTS = [
+    {"method": "best_of_n", "x": n, "kl": kl, "kl_low": None, "kl_high": None, "proxy": p, "proxy_low": p - 0.1,
+     "proxy_high": p + 0.1, "gold_score": g, "gold_low": g - 0.05, "gold_high": g + 0.05, "n_prompts": 24}
+    for n, kl, p, g in [(1, 0.0, 0.0, 0.5), (2, 0.193, 0.4, 0.6), (4, 0.636, 0.8, 0.62), (8, 1.204, 1.1, 0.55)]
+] + [
+    {"method": "ppo", "x": r, "kl": kl, "kl_low": kl * 0.8, "kl_high": kl * 1.2, "proxy": p, "proxy_low": p - 0.2,
+     "proxy_high": p + 0.2, "gold_score": g, "gold_low": g - 0.1, "gold_high": g + 0.1, "n_prompts": 24}
+    for r, kl, p, g in [(0, 0.0, 0.0, 0.5), (1, 2.0, 0.9, 0.7), (2, 6.0, 1.6, 0.4)]
+]
 
 
 def no_versions() -> dict:
@@ -116,6 +130,7 @@ def only_v0() -> dict:
     data["arena"] = {"win_vs_v0": [], "leaderboard": data["arena"]["leaderboard"][:1]}
     data["frontier"] = {"points": data["frontier"]["points"][:1], "fit": None}
     data["curves"] = {"run_id": None, "series": []}
+    data["overopt"] = []
     data["notes"] = {}
     return data
 
@@ -278,6 +293,20 @@ def test_curves_one_line_per_metric(data):
     assert [ax.get_title() for ax in fig.axes] == ["loss", "rewards/margins", "rewards/accuracies", "logps/chosen",
                                                    "logps/rejected"]
     assert all(len(ax.lines[0].get_xdata()) == 20 for ax in fig.axes)
+
+
+def test_overopt_gold_and_proxy_per_method_as_changes_from_the_start(data):
+    fig = charts.plot_overopt(data)
+    best, ppo = fig.axes[:2]
+    assert best.get_title() == "best-of-n" and ppo.get_title() == "PPO rounds"
+    gold, proxy = errorbars(best)[:2]
+    xs, ys = gold.lines[0].get_data()
+    # x is sqrt(KL); y the change from n = 1: gold 0.5 -> 0.6, 0.62, 0.55; proxy 0 -> 0.4, 0.8, 1.1.
+    assert list(xs) == pytest.approx([0.0, 0.193 ** 0.5, 0.636 ** 0.5, 1.204 ** 0.5])
+    assert list(ys) == pytest.approx([0.0, 0.1, 0.12, 0.05])
+    assert list(proxy.lines[0].get_data()[1]) == pytest.approx([0.0, 0.4, 0.8, 1.1])
+    assert [points(c) for c in errorbars(ppo)] == [3, 3]
+    assert "concise: gold" in [t.get_text() for t in best.get_legend().get_texts()]
 
 
 def test_the_same_version_has_the_same_colour_in_every_plot(data):

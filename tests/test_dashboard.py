@@ -231,3 +231,20 @@ def test_a_round_that_moves_the_policy_shows_on_the_dashboard(tiny_loaded, tmp_p
         compared = client.predict("v0", "v1", api_name="/compare")
         assert len(compared) == 8 and compared[0]["prompt"] == "Probe question number 0?"
 
+
+
+def test_overopt_runs_and_the_algorithm_of_each_version_reach_the_dashboard(store):
+    with_versions(store, "v1")
+    store.record_version("v2", MODEL, "v1", "adapters/v2", {"algo": "ppo", "reward_model": "r1"})
+    point = {"bench_id": "run-a", "model_id": MODEL, "gold": "concise", "reward_model": "r1", "method": "best_of_n",
+             "x": 4.0, "kl": 0.636, "kl_low": None, "kl_high": None, "proxy": 1.0, "proxy_low": 0.8, "proxy_high": 1.2,
+             "gold_score": 0.3, "gold_low": 0.2, "gold_high": 0.4, "n_prompts": 24}
+    marker = store.change_marker()
+    store.add_overopt_points([point, dict(point, x=1.0, kl=0.0), dict(point, bench_id="run-b", gold="keyword"),
+                              dict(point, model_id="another/model")])
+    assert store.change_marker() != marker  # the dashboard recomputes
+    data = dashboard_data(store, MODEL)
+    assert [(r["bench_id"], r["gold"], len(r["points"])) for r in data["overopt"]] == [("run-a", "concise", 2),
+                                                                                    ("run-b", "keyword", 1)]
+    assert {v["name"]: v["algo"] for v in data["versions"]} == {"v0": "base", "v1": "dpo", "v2": "ppo"}
+    json.dumps(data)  # still plain JSON

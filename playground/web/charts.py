@@ -64,6 +64,9 @@ CAPTIONS: dict[str, str] = {
                 "not different from chance, whatever its height.",
     "curves": "The latest round's training curves, one panel per metric; a falling loss with falling chosen "
               "log-probs is likelihood displacement, a rising grad norm is the round going unstable.",
+    "overopt": "Over-optimising a reward model (bench.overopt): the reward model's score (dashed) and the true "
+               "preference's (solid) against sqrt(KL to v0), each as its change from the start (95% bars); a "
+               "solid line that peaks and falls while the dashed one keeps rising is the proxy being gamed.",
 }
 
 
@@ -523,6 +526,46 @@ def plot_curves(data: dict) -> Figure | None:
     return fig
 
 
+OVEROPT_METHODS = (("best_of_n", "best-of-n"), ("ppo", "PPO rounds"))
+
+
+def plot_overopt(data: dict) -> Figure | None:
+    runs = [r for r in data.get("overopt") or [] if r.get("points")]
+    if not runs:
+        return None
+    fig, axes = _figure(WIDE, ncols=2)
+    colors = matplotlib.colormaps["tab10"]
+    drawn = False
+    for ax, (method, title) in zip(axes, OVEROPT_METHODS):
+        for k, run in enumerate(runs):
+            points = sorted((p for p in run["points"] if p["method"] == method and p["kl"] is not None),
+                            key=lambda p: p["kl"])
+            if not points:
+                continue
+            x = [math.sqrt(max(0.0, p["kl"])) for p in points]
+            color = to_hex(colors(k % 10))
+            for key, style, label in (("gold_score", "-o", f"{run['gold']}: gold"),
+                                      ("proxy", "--s", f"{run['gold']}: {run['reward_model'] or 'proxy'}")):
+                base = points[0][key]
+                y = [_nan(p[key]) - _nan(base) for p in points]
+                lo, hi = ("gold_low", "gold_high") if key == "gold_score" else ("proxy_low", "proxy_high")
+                err = [[max(0.0, _nan(p[key]) - _nan(p[lo])) for p in points],
+                       [max(0.0, _nan(p[hi]) - _nan(p[key])) for p in points]]
+                ax.errorbar(x, y, yerr=err, fmt=style, color=color, markersize=3, linewidth=1.2, capsize=2,
+                            label=label)
+                drawn = True
+        ax.axhline(0, **CHANCE)
+        ax.set_title(title, fontsize=LABEL_PT)
+        ax.set_xlabel("sqrt(KL to v0)", fontsize=NOTE_PT)
+        ax.tick_params(labelsize=TICK_PT)
+        ax.grid(alpha=0.3)
+    if not drawn:
+        return None
+    _ylabel(axes[0], "change from start")
+    _legend(axes[0])
+    return fig
+
+
 CHARTS: dict[str, Callable[[dict], Figure | None]] = {
     "kl": plot_kl,
     "win_rate": plot_win_rate,
@@ -536,13 +579,14 @@ CHARTS: dict[str, Callable[[dict], Figure | None]] = {
     "staleness": plot_staleness,
     "held_out": plot_held_out,
     "curves": plot_curves,
+    "overopt": plot_overopt,
 }
 PLOTS = tuple(CHARTS)
 TITLES = {"kl": "Distance from v0 (KL)", "win_rate": "Win rate against v0", "frontier": "Over-optimisation frontier",
           "leaderboard": "Leaderboard", "length": "Reply length", "diversity": "Diversity",
           "semantic": "Semantic drift", "map": "Map of probe replies", "prompt_drift": "Drift of people's prompts",
           "staleness": "Staleness of training data", "held_out": "Held-out accuracy",
-          "curves": "Training curves (latest round)"}
+          "curves": "Training curves (latest round)", "overopt": "Reward over-optimisation (bench.overopt)"}
 
 
 def figures(data: dict) -> dict[str, Figure | None]:
@@ -567,6 +611,9 @@ def empty_sentence(data: dict, key: str) -> str:
     for name in (key, *NOTE_FALLBACKS.get(key, ())):
         if notes.get(name):
             return notes[name]
+    if key == "overopt":
+        return ("No over-optimisation run is stored for this model yet: `python -m bench.overopt --gold concise` "
+                "adds one to the app's database.")
     names = version_names(data)
     base = base_version(data)
     if not names:

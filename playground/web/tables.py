@@ -38,7 +38,7 @@ LEADERBOARD_COLUMNS = ["version", "rating", "95% interval", "n", "rating (length
                        "95% interval (length-controlled)"]
 ANNOTATOR_COLUMNS = ["user", "simulated", "votes", "left share", "tie share", "both-bad share", "agreement",
                      "n (agreement)", "majority agreement", "n (majority)"]
-VERSION_COLUMNS = ["version", "live", "parent", "evaluation", "KL to v0 (95% CI)", "win rate vs v0 (95% CI, n)",
+VERSION_COLUMNS = ["version", "live", "parent", "made by", "evaluation", "KL to v0 (95% CI)", "win rate vs v0 (95% CI, n)",
                    "mean length (tokens)", "distinct-2", "semantic drift", "held-out accuracy (n)"]
 
 
@@ -89,6 +89,7 @@ def versions_table(data: dict) -> pd.DataFrame:
     arena = _arena_rows(data)
     live = data.get("live")
     parents = {v["name"]: v.get("parent") for v in data.get("versions") or []}
+    algos = {v["name"]: v.get("algo") for v in data.get("versions") or []}
     out = []
     for name in version_names(data):
         ev = evaluations.get(name) or {}
@@ -98,7 +99,7 @@ def versions_table(data: dict) -> pd.DataFrame:
         length = (ev.get("length") or {}) if done else {}
         held = pooled_held_out(ev.get("held_out")) if done else None
         out.append([
-            name, name == live, parents.get(name), evaluation_status(ev), _with_interval(kl, ".2f"),
+            name, name == live, parents.get(name), algos.get(name) or "", evaluation_status(ev), _with_interval(kl, ".2f"),
             f"{win['rate']:.0%} ({_interval(win.get('lo'), win.get('hi'), '.0%')}, n={win['n']})" if win else "",
             _round(length.get("mean")),
             _round(ev.get("distinct_2")) if done else None,
