@@ -193,6 +193,55 @@ def test_admin_autopilot_trains_a_version_that_goes_live_in_the_page(tiny_loaded
         page.close()
 
 
+def test_admin_picks_ppo_a_round_goes_live_and_best_of_n_badges_the_replies(tiny_loaded, tiny_model_dir, tmp_path,
+                                                                           artifacts_dir, browser):
+    """The classic path in the page: pick PPO in the admin panel, Train now, watch the round's curves and
+    the reward-model table, chat with the PPO version, turn best-of-n on and see its badge."""
+    import json
+
+    from tests.test_classic_path import PPO, REWARD, marked_store
+    from tests.test_loop import loop_settings
+    from trainers.run import parse_args, run_round
+
+    marked_store(tmp_path / "ppo.db", tiny_loaded.model_id, 120).close()
+    _, summary = run_round(parse_args([
+        "--algo", "reward", "--db", str(tmp_path / "ppo.db"), "--reward-models-dir", str(tmp_path / "reward_models"),
+        "--model", str(tiny_model_dir), "--config", json.dumps(REWARD), "--no-progress"]))
+    assert summary["reward_model"] == "r1" and summary["status"] == "succeeded", summary
+    settings = loop_settings(tmp_path, min_new_pairs=1000, reward_models_dir=str(tmp_path / "reward_models"))
+    with running_app(tiny_loaded, tmp_path / "ppo.db", loop_settings=settings) as (url, service, loop):
+        page = browser.new_page(viewport={"width": 1280, "height": 1900})
+        page.goto(url)
+        page.get_by_role("tab", name="Training loop (admin)").click()
+        page.locator("#algo").get_by_label("ppo").check()
+        page.locator("#apply-settings").click()
+        page.wait_for_function("document.querySelector('#admin-note').innerText.includes('trains with PPO')")
+        assert loop.settings.algo == "ppo"
+        loop.set_next_config(PPO)  # the tiny model's settings (the panel sets a few of them)
+        page.locator("#train-now").click()
+        page.wait_for_function("document.querySelector('#loop-status').innerText.includes('Live policy v1')",
+                               timeout=180_000)
+        for plot, metric in (("#ppo-curves", "score/mean"), ("#ppo-health", "clip_fraction")):
+            page.wait_for_function(f"document.querySelector('{plot}').textContent.includes('{metric}')",
+                                   timeout=20_000)
+        page.wait_for_function("document.querySelector('#reward-models').innerText.includes('r1')")
+        page.wait_for_function("document.querySelector('#runs').innerText.includes('ppo')")
+        page.locator("#best-of-n input").fill("2")
+        page.locator("#apply-best-of-n").click()
+        page.wait_for_function("document.querySelector('#admin-note').innerText.includes('best of 2')")
+        page.screenshot(path=os.path.join(artifacts_dir, "admin_ppo.png"), full_page=True)
+
+        page.get_by_role("tab", name="Chat").click()
+        page.locator("#message textarea").fill("hello after ppo")
+        page.locator("#send").click()
+        wait_for_pair(page)
+        badge = page.locator("#badge-a").inner_text()
+        assert "v1" in badge and "best of 2 by r1" in badge, badge
+        page.screenshot(path=os.path.join(artifacts_dir, "chat_best_of_n.png"), full_page=True)
+        assert service.store.version(service.policy.model_id, "v1")["algo"] == "ppo"
+        page.close()
+
+
 def demo_store(db_path, model_id):
     """A store three versions into a demo: evaluations of v0..v3 that drift further each time, arena votes
     that favour the newer versions, ordinary votes and a round with its staleness."""

@@ -72,7 +72,7 @@ def test_a_reward_round_then_a_ppo_round_publish_a_reward_model_and_a_version(ti
     assert row["usable"] == 1 and row["held_out_ci_low"] > 0.5, row  # the marker is learnable
     assert row["reward_std"] > 0 and (tmp_path / "reward_models" / "r1" / "score_head.safetensors").is_file()
     names = {m["name"] for m in store.metrics_for_run(summary["run_id"])}
-    assert {"loss", "accuracy", "margin"} <= names
+    assert {"rm/loss", "rm/accuracy", "rm/margin"} <= names
     # A reward round consumes no pairs: the DPO schedule still sees every one as new.
     assert store.count_new_pairs(model_id) == 120 - held_out
 

@@ -88,7 +88,7 @@ def run_reward_round(args: argparse.Namespace) -> tuple[int, dict]:
     config = reward_config(args, flag="--config")
     rnd = open_round(args, "reward", config_dict(config))
     try:
-        row = fit_reward_model(rnd, args, config)
+        row = fit_reward_model(rnd, args, config, prefix="rm/")
         summary = reward_summary(row)
         rnd.store.set_run_reward_model(rnd.run_id, row["name"])
         why = None if row["usable"] else f"{chance_reason(row)}: PPO will not use it unless named"

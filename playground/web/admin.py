@@ -21,13 +21,21 @@ from trainers.dpo import DPOConfig
 from trainers.ppo import PPOConfig
 
 STATUS_REFRESH_S = 2.0
-# Two plots. A DPO round: the loss side, and the log-probs (a falling chosen log-prob while the margin
-# grows is likelihood displacement). A PPO round: its reward model's fit (rm/...) and the score and KL
-# PPO trades, then what says whether the updates are healthy (entropy, clipping, old-new KL, critic).
-CURVES = ("loss", "rewards/margins", "rewards/accuracies", "grad_norm", "rm/loss", "rm/accuracy", "rm/margin",
-          "score/mean", "kl")
-LOGP_CURVES = ("logps/chosen", "logps/rejected", "entropy", "clip_fraction", "approx_kl", "value_loss",
-               "truncated_share")
+# The round's curves, one plot per job, each drawn only for the rounds that log all of its metrics: a plot
+# takes its colour domain (the metric names) from the first frame it draws and keeps it, so a plot whose
+# names changed from round to round would draw the new ones without colour or legend until a reload.
+# DPO: the loss side, and the log-probs (a falling chosen log-prob while the margin grows is likelihood
+# displacement). A reward model (alone, or a PPO round's first phase): its fit. PPO: the score and the KL
+# it trades, then whether the updates are healthy (entropy, clipping, old-new KL, critic, cut replies).
+CURVE_PLOTS: dict[str, tuple[tuple[str, ...], tuple[str, ...], str]] = {
+    "curves": (("dpo",), ("loss", "rewards/margins", "rewards/accuracies", "grad_norm"),
+               "DPO: loss, margin, accuracy, grad norm"),
+    "logp_curves": (("dpo",), ("logps/chosen", "logps/rejected"), "DPO: log-probs of chosen and rejected replies"),
+    "rm_curves": (("reward", "ppo"), ("rm/loss", "rm/accuracy", "rm/margin"), "Reward model: loss, accuracy, margin"),
+    "ppo_curves": (("ppo",), ("score/mean", "kl", "loss"), "PPO: reward-model score, KL to v0, loss"),
+    "ppo_health": (("ppo",), ("entropy", "clip_fraction", "approx_kl", "value_loss", "truncated_share"),
+                   "PPO: entropy, clip fraction, old-new KL, value loss, share cut at the limit"),
+}
 REWARD_COLUMNS = ["name", "n_pairs", "held_out", "usable", "mean", "std", "run_id", "created_at"]
 LATEST_REWARD_MODEL = "latest (a new one when enough new pairs)"
 RUN_COLUMNS = ["id", "algo", "status", "version", "reward_model", "parent_version", "n_pairs", "held_out_acc",
@@ -108,13 +116,16 @@ def runs_frame(loop: TrainingLoop) -> pd.DataFrame:
                         columns=RUN_COLUMNS)
 
 
-def curves_frame(loop: TrainingLoop, run_id, names: tuple[str, ...] = CURVES) -> pd.DataFrame | None:
-    # None, not an empty frame, when there is nothing to plot: the plot takes its color domain (the metric
-    # names) from the first value it draws and later values only replace its rows, so an empty
+def curves_frame(loop: TrainingLoop, run_id, plot: str = "curves") -> pd.DataFrame | None:
+    """The round's curves for one of CURVE_PLOTS; None unless the round logged every metric of the plot."""
+    # None, not an empty or partial frame, when there is nothing to plot: the plot takes its color domain
+    # (the metric names) from the first value it draws and later values only replace its rows, so an empty
     # first frame leaves every line without a color (no lines, no legend) for good.
-    _, rows = loop.curves(None if run_id in (None, "") else int(run_id))
+    algos, names, _ = CURVE_PLOTS[plot]
+    run_id, rows = loop.curves(None if run_id in (None, "") else int(run_id))
+    run = loop.store.run(run_id) if run_id is not None else None
     rows = [r for r in rows if r["name"] in names]
-    if not rows:
+    if run is None or run["algo"] not in algos or {r["name"] for r in rows} != set(names):
         return None
     return _curve_types(pd.DataFrame([{"step": r["step"], "value": r["value"], "metric": r["name"]} for r in rows],
                                      columns=["step", "value", "metric"]))
@@ -190,14 +201,12 @@ def build_admin(loop: TrainingLoop, service=None):
         reward_models = gr.Dataframe(headers=REWARD_COLUMNS, label="Reward models", interactive=False,
                                      elem_id="reward-models")
         run_pick = gr.Textbox(label="Round id for the curves (blank: the latest)", elem_id="run-pick")
-        with gr.Row():
-            curves = gr.LinePlot(x="step", y="value", color="metric",
-                                 label="Loss, margin, accuracy (PPO: reward model fit, score, KL)",
-                                 elem_id="curves")
-            logp_curves = gr.LinePlot(x="step", y="value",
-                                      color="metric",
-                                      label="Log-probs of chosen and rejected (PPO: entropy, clipping, critic)",
-                                      elem_id="logp-curves")
+        plots = {}
+        for row in (("curves", "logp_curves"), ("rm_curves",), ("ppo_curves", "ppo_health")):
+            with gr.Row():
+                for key in row:
+                    plots[key] = gr.LinePlot(x="step", y="value", color="metric", label=CURVE_PLOTS[key][2],
+                                             elem_id=key.replace("_", "-"))
 
     def note(message: str) -> str:
         return f"**{message}**"
@@ -280,5 +289,5 @@ def build_admin(loop: TrainingLoop, service=None):
 
     with panel:  # inside the tab: the page's tabs hold only tabs
         gr.api(training_status, api_name="training_status")
-    return {"panel": panel, "runs": runs, "curves": curves, "logp_curves": logp_curves, "version": version,
+    return {"panel": panel, "runs": runs, "plots": plots, "version": version,
             "run_pick": run_pick, "reward_models": reward_models, "reward_pick": reward_pick}

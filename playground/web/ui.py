@@ -319,7 +319,7 @@ def build_ui(service: ChatService, loop: TrainingLoop | None = None, title: str 
         # -- the training loop: status every few seconds, a toast when a new version goes live -----
         if loop is not None:
             from playground.web.admin import STATUS_REFRESH_S, TabView, curves_frame, runs_frame
-            from playground.web.admin import LOGP_CURVES, progress_fraction, status_line, version_choices
+            from playground.web.admin import progress_fraction, status_line, version_choices
             from playground.web.admin import reward_model_choices, reward_models_frame
 
             timer = gr.Timer(STATUS_REFRESH_S)
@@ -338,15 +338,17 @@ def build_ui(service: ChatService, loop: TrainingLoop | None = None, title: str 
                 return line + (admin_view(view_state) if view_state.admin_open else [gr.skip()] * len(admin_outputs))
 
             def admin_view(view_state: TabView) -> list:
-                return [runs_frame(loop), curves_frame(loop, view_state.curves_run),
-                        curves_frame(loop, view_state.curves_run, LOGP_CURVES), gr.Dropdown(choices=version_choices(loop)),
+                return [runs_frame(loop), *curve_frames(view_state), gr.Dropdown(choices=version_choices(loop)),
                         reward_models_frame(loop), gr.Dropdown(choices=reward_model_choices(loop))]
+
+            def curve_frames(view_state: TabView) -> list:
+                return [curves_frame(loop, view_state.curves_run, key) for key in admin["plots"]]
 
             def on_panel(view_state: TabView, is_open: bool):
                 view_state.admin_open = is_open
                 return [view_state] + (admin_view(view_state) if is_open else [gr.skip()] * len(admin_outputs))
 
-            admin_outputs = [admin["runs"], admin["curves"], admin["logp_curves"], admin["version"],
+            admin_outputs = [admin["runs"], *admin["plots"].values(), admin["version"],
                              admin["reward_models"], admin["reward_pick"]]
             tick_outputs = [tab, loop_status, round_progress, *admin_outputs]
             timer.tick(on_tick, [tab], tick_outputs, api_visibility="private", show_progress="hidden")
@@ -362,11 +364,10 @@ def build_ui(service: ChatService, loop: TrainingLoop | None = None, title: str 
                 if text and not text.isdigit():
                     raise gr.Error(f"{text!r} is not a round id.")
                 view_state.curves_run = int(text) if text else None
-                return (view_state, curves_frame(loop, view_state.curves_run),
-                        curves_frame(loop, view_state.curves_run, LOGP_CURVES))
+                return (view_state, *curve_frames(view_state))
 
             admin["run_pick"].submit(pick_run, [tab, admin["run_pick"]],
-                                     [tab, admin["curves"], admin["logp_curves"]], api_visibility="private")
+                                     [tab, *admin["plots"].values()], api_visibility="private")
 
         # -- the public API: the same actions, plain values in, the pair as JSON out ---------------
         with gr.Group(visible=False):
