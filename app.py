@@ -25,7 +25,6 @@ from trainers.defaults import (DEFAULT_ADAPTERS_DIR, DEFAULT_ALGO, DEFAULT_REWAR
 
 if TYPE_CHECKING:
     from playground.best_of_n import BestOfN
-    from playground.best_of_n import BestOfN
     from playground.chat import ChatService
     from playground.dashboard import Dashboard
     from playground.evaluation.evaluator import Evaluator

@@ -3,8 +3,8 @@ scores highest.
 
 No training: the cheapest way to optimise a proxy, and the first curve of Gao et al. (2022): the kept
 reply's KL to the policy is log n - (n - 1)/n. `--best-of-n N` (and the admin panel) turns it on; the
-reward model is the one the admin named, else the latest whose held-out accuracy clears chance. With no
-such reward model the chat serves plain pairs and says why. The reward model is loaded in the app's
+reward model is the one named (`configure(n, "r2")`), else the latest whose held-out accuracy clears
+chance. With no such reward model, or one that fails to load, the chat serves plain pairs and says why. The reward model is loaded in the app's
 process on first use (a copy of the base weights with its LoRA and score head) and again only when the
 reward model to use changes.
 
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from playground.serving.generation import SLOTS
 from playground.serving.policy import PolicyHolder
-from store import Store
+from store import Store, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,7 @@ class BestOfN:
         self.n = 1
         self.reward_model = None  # a name the admin chose, else None for the latest usable one
         self._loaded: tuple[str, object] | None = None  # (name, RewardScorer)
+        self._refused: dict[str, str] = {}  # reward models that failed to load, with why
         self.configure(n, reward_model)
 
     def configure(self, n: int, reward_model: str | None = None) -> str:
@@ -63,6 +64,8 @@ class BestOfN:
             raise ValueError(f"there is no reward model {reward_model}")
         with self._lock:
             self.n, self.reward_model = n, reward_model or None
+            if n == 1:
+                self._loaded = None  # its copy of the weights is not kept while best-of-n is off
         if n == 1:
             return "Best-of-n is off: each reply is one sample."
         return f"Each reply is the best of {n} samples by {reward_model or 'the latest usable reward model'}."
@@ -83,19 +86,27 @@ class BestOfN:
         return row
 
     def scorer(self):
-        """The reward model to rank with, loaded once per name. Raises BestOfNUnavailable."""
-        from playground.serving.adapters import AdapterError
+        """The reward model to rank with, loaded once per name (a refusal is remembered too, so a broken
+        folder is not re-read on every turn). Raises BestOfNUnavailable."""
         from trainers.reward import load_reward_model
 
         with self._lock:
-            row = self._row()
-            if self._loaded is None or self._loaded[0] != row["name"]:
+            try:
+                row = self._row()
+            except StoreError as exc:
+                raise BestOfNUnavailable(f"the reward models could not be read ({exc})") from exc
+            name = row["name"]
+            if name in self._refused:
+                raise BestOfNUnavailable(self._refused[name])
+            if self._loaded is None or self._loaded[0] != name:
                 try:
                     scorer = load_reward_model(self.policy.base.model, Path(row["folder"]), self.policy.model_id)
-                except AdapterError as exc:
-                    raise BestOfNUnavailable(f"reward model {row['name']} was refused: {exc}") from exc
-                self._loaded = (row["name"], scorer)
-                log.info("best-of-n ranks with reward model %s", row["name"])
+                except Exception as exc:  # AdapterError, or anything else a damaged folder or a full memory raises
+                    self._refused[name] = f"reward model {name} was refused ({exc})"
+                    log.warning("best-of-n: %s", self._refused[name])
+                    raise BestOfNUnavailable(self._refused[name]) from exc
+                self._loaded = (name, scorer)
+                log.info("best-of-n ranks with reward model %s", name)
             return self._loaded[1]
 
     def rank(self, scorer, tokenizer, context: list[dict], replies: Sequence) -> tuple[list[int], list[float]]:

@@ -141,7 +141,9 @@ class ChatService:
         else one."""
         if self.decode_loop is None:
             return 1
-        return self.decode_loop.max_batch_rows // len(SLOTS) + self.decode_loop.max_waiting
+        # A best-of-n pair takes 2n rows: fewer of them fit a batch.
+        rows = len(SLOTS) * (self.best_of_n.n if self.best_of_n is not None else 1)
+        return max(1, self.decode_loop.max_batch_rows // rows) + self.decode_loop.max_waiting
 
     # -- sending and sampling ---------------------------------------------------------------------
 
@@ -207,10 +209,10 @@ class ChatService:
 
     def _stream(self, session: ChatSession, snapshot: PolicySnapshot, previous: Pair | None) -> Iterator[Pair]:
         pair = session.pair
-        scorer = self._best_of_n_scorer(session, pair)
-        # Best-of-n: n candidates per slot, rows a, b, a, b, ...; the first of each streams meanwhile.
-        seeds = tuple(secrets.randbits(SEED_BITS) for _ in range(len(SLOTS) * pair.best_of))
         try:
+            scorer = self._best_of_n_scorer(session, pair)
+            # Best-of-n: n candidates per slot, rows a, b, a, b, ...; the first of each streams meanwhile.
+            seeds = tuple(secrets.randbits(SEED_BITS) for _ in range(len(SLOTS) * pair.best_of))
             if self.decode_loop is None:
                 if snapshot.adapter is not None:
                     raise RuntimeError("a version served as an adapter needs the shared decode loop")
@@ -231,10 +233,7 @@ class ChatService:
                     pair.replies, pair.ahead = update.replies[: len(SLOTS)], update.ahead
                     yield pair
             if scorer is not None:
-                kept, scores = self.best_of_n.rank(scorer, snapshot.tokenizer, session.context, candidates)
-                pair.replies = [candidates[i] for i in kept]
-                pair.reward_scores = tuple(scores[i] for i in kept)
-                pair.candidate_scores = tuple(scores)
+                self._keep_best(session, pair, scorer, snapshot, candidates)
         except BaseException as exc:
             # A failed or abandoned generation leaves no pair behind: a regenerate falls back to the
             # pair it replaced, a new turn to the conversation before it.
@@ -250,6 +249,20 @@ class ChatService:
         self._save_pair(session, pair)
         yield pair
 
+    def _keep_best(self, session: ChatSession, pair: Pair, scorer, snapshot: PolicySnapshot, candidates) -> None:
+        """Keep each slot's highest-scored candidate; if ranking fails, the first candidates, said so."""
+        try:
+            kept, scores = self.best_of_n.rank(scorer, snapshot.tokenizer, session.context, candidates)
+        except Exception as exc:  # the replies are written: a failed ranking must not lose them
+            log.exception("best-of-n ranking failed")
+            session.notes.append(f"{BEST_OF_N_NOTE} could not rank the candidates ({exc}): these are plain samples.")
+            pair.best_of, pair.reward_model = 1, None
+            pair.replies = list(candidates[: len(SLOTS)])
+            return
+        pair.replies = [candidates[i] for i in kept]
+        pair.reward_scores = tuple(scores[i] for i in kept)
+        pair.candidate_scores = tuple(scores)
+
     def _best_of_n_scorer(self, session: ChatSession, pair: Pair):
         """The reward model this pair's candidates are ranked by, with `pair.best_of` set; None for a plain
         pair (best-of-n off, an arena pair, or no usable reward model: then a note says so)."""
@@ -264,8 +277,10 @@ class ChatService:
         n = self.best_of_n.n
         if self.decode_loop is not None:  # all 2n rows must fit in one batch
             n = max(1, min(n, self.decode_loop.max_batch_rows // len(SLOTS)))
+        if n == 1:
+            return None
         pair.best_of, pair.reward_model = n, scorer.name
-        return scorer if n > 1 else None
+        return scorer
 
     def _save_pair(self, session: ChatSession, pair: Pair) -> None:
         """Store a finished pair; on a database error keep it on screen, unsaved, with a note."""
@@ -282,7 +297,8 @@ class ChatService:
                 idx = sum(1 for m in session.history if m["role"] == "user")
                 pair.turn_id, pair.reply_ids = self.store.record_turn(
                     session.conversation_id, idx, session.context, session.user_message, rows,
-                    note=" ".join(session.notes) or None, prompt_tokens=len(session.prompt_ids),
+                    note=" ".join(n for n in session.notes if not n.startswith(BEST_OF_N_NOTE)) or None,
+                    prompt_tokens=len(session.prompt_ids),
                 )
             session.notes = [n for n in session.notes if not n.startswith(UNSAVED_NOTE)]
         except StoreError as exc:

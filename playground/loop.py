@@ -332,6 +332,23 @@ class TrainingLoop:
         self._invalidate_status()
         return dict(config)
 
+    def set_round(self, algo: str, config: dict, reward_model: str | None = None) -> dict:
+        """The algorithm, its settings and (PPO) the reward model of the next rounds, all validated before
+        any is applied: a bad value changes nothing. Raises ValueError naming it."""
+        cls = config_class(algo)
+        config = dict(config)
+        unknown = sorted(set(config) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown {algo.upper()} settings {unknown}")
+        try:
+            cls(**config)
+        except TypeError as exc:
+            raise ValueError(str(exc)) from exc
+        if reward_model and self.store.reward_model(self.policy.model_id, reward_model) is None:
+            raise ValueError(f"there is no reward model {reward_model}")
+        self.set_algo(algo, reward_model)
+        return self.set_next_config(config, algo)
+
     def set_algo(self, algo: str, reward_model: str | None = None) -> None:
         """The algorithm of the next rounds, with its default settings; for PPO optionally a reward model
         chosen by name (used even at chance: the admin's explicit choice)."""

@@ -129,3 +129,24 @@ def test_the_app_serves_best_of_n_from_its_flag(tiny_loaded, reward_model_db, tm
         for slot in "ab":
             assert reply["replies"][slot]["best_of"] == 2 and reply["replies"][slot]["reward_model"] == "r1"
             assert isinstance(reply["replies"][slot]["reward_score"], float)
+
+
+def test_a_reward_model_that_fails_to_load_gives_plain_pairs_and_never_a_stuck_session(tiny_loaded, reward_model_db,
+                                                                                      tmp_path):
+    head = tmp_path / "reward_models" / "r1" / "score_head.safetensors"
+    head.write_bytes(head.read_bytes()[:40])  # truncated after publishing
+    store = Store(reward_model_db)
+    policy = PolicyHolder(tiny_loaded, per_row_adapters=True)
+    loop = DecodeLoop(max_batch_rows=16)
+    service = ChatService(policy, store, decode_loop=loop, best_of_n=BestOfN(store, policy, n=2))
+    try:
+        session = ChatSession()
+        for message in ("first", "second"):  # the second turn is not stuck behind the first's failure
+            *_, pair = service.send(session, message, SETTINGS)
+            assert pair.best_of == 1 and pair.reply_ids and not pair.generating
+            assert any("r1 was refused" in n for n in session.notes), session.notes
+        stored = store.turns_for_conversation(session.conversation_id)
+        assert all(not (t["note"] or "").startswith("Best-of-n") for t in stored)  # not a truncation note
+    finally:
+        loop.close()
+        store.close()

@@ -106,9 +106,12 @@ def test_ppo_refuses_a_reward_model_at_chance_unless_it_is_named(tiny_loaded, ti
     assert store.reward_model(model_id, "r1")["usable"] == 0  # recorded as such
     assert store.latest_reward_model(model_id, usable_only=True) is None
     assert not (tmp_path / "adapters").exists() or not list((tmp_path / "adapters").glob("v*"))
-    # The admin's explicit choice: used anyway.
+    # The admin's explicit choice: used anyway. The round answers for every pair waiting when it started,
+    # so the schedule waits for new votes rather than starting round after round against r1.
+    assert store.count_new_pairs(model_id) > 0
     code, summary = run_round(runner(tmp_path, tiny_model_dir, "ppo", "--reward-model", "r1"))
     assert summary["status"] == "succeeded" and summary["version"] == "v1", summary
+    assert store.count_new_pairs(model_id) == 0
     # A reward model that does not exist: a clear failure, nothing published.
     code, summary = run_round(runner(tmp_path, tiny_model_dir, "ppo", "--reward-model", "r9"))
     assert code == 1 and "no reward model r9" in summary["reason"]
@@ -153,3 +156,22 @@ def test_a_scheduled_ppo_round_goes_live_through_the_app(tiny_loaded, tiny_model
         assert service.store.version(model_id, "v1")["algo"] == "ppo"
         reply = client.predict("after the ppo round", api_name="/send", **FAST_SAMPLING)
         assert {r["policy_version"] for r in reply["replies"].values()} == {"v1"}
+
+
+def test_the_next_rounds_settings_are_applied_all_or_nothing(tiny_loaded, tmp_path):
+    from playground.loop import LoopSettings, TrainingLoop
+    from playground.serving.policy import PolicyHolder
+
+    store = Store(tmp_path / "settings.db")
+    loop = TrainingLoop(LoopSettings(db=str(tmp_path / "settings.db"), adapters_dir=str(tmp_path / "a"),
+                                     model=tiny_loaded.model_id, model_cache=str(tmp_path / "c"), enabled=False),
+                        store, PolicyHolder(tiny_loaded))
+    loop.set_next_config({"beta": 0.3})
+    for bad in [("ppo", {"iterations": 0}, None), ("ppo", {"beta": 0.1}, None), ("ppo", {}, "r5"),
+                ("sft", {}, None)]:
+        with pytest.raises(ValueError):
+            loop.set_round(*bad)
+        assert loop.settings.algo == "dpo" and loop.next_config() == {"beta": 0.3}  # nothing changed
+    assert loop.set_round("ppo", {"kl_coef": 0.1}) == {"kl_coef": 0.1}
+    assert loop.settings.algo == "ppo" and loop.status()["algo"] == "ppo"
+    store.close()

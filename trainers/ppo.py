@@ -138,8 +138,10 @@ class PPOConfig:
     # Added to the score of a rollout that hit max_new_tokens without ending: a reply cut off mid-way is
     # not one a person would read, and the reward model cannot see what is missing.
     truncation_penalty: float = -1.0
-    # Mean KL (nats per reply) to the reference past which the round aborts: DPO rounds of the loop reach
-    # 2-15 (docs/BENCHMARKS.md), so 20 means the policy has run away from the base model.
+    # How far (mean nats per reply) this round may move the KL to the reference past where it started
+    # before it aborts. Relative to the start: a round warm-starts from the live version, which earlier
+    # rounds may already have moved 2-15 nats from v0 (docs/BENCHMARKS.md); an absolute ceiling would stop
+    # every later round at its first iteration. 20 nats more means the round has run away.
     max_kl: float = 20.0
     lora_r: int = 16  # LoRA rank
     lora_alpha: int = 32  # LoRA scale is alpha / r
@@ -286,11 +288,15 @@ def adaptive_kl_coef(beta: float, kl: float, target: float, horizon: int, n: int
 # --- rollouts ---------------------------------------------------------------------------------------------
 
 
-def stop_token_ids(tokenizer, eos_ids: Sequence[int] | None = None) -> tuple[int, ...]:
-    """The ids that end a rollout: eos_ids when given, else the tokenizer's eos plus <|im_end|> if it has one."""
+def stop_token_ids(tokenizer, eos_ids: Sequence[int] | None = None, model=None) -> tuple[int, ...]:
+    """The ids that end a rollout: eos_ids when given, else every id the chat stops at (the model's
+    generation config's eos ids and the tokenizer's: `playground.serving.generation.stop_token_ids`, so
+    PPO never trains on continuations the chat would not write) plus <|im_end|> if the vocabulary has it."""
+    from playground.serving.generation import stop_token_ids as chat_stop_ids
+
     if eos_ids is not None:
         return tuple(dict.fromkeys(int(i) for i in eos_ids))
-    ids = []
+    ids = sorted(chat_stop_ids(tokenizer, model))
     eos = tokenizer.eos_token_id
     ids += list(eos) if isinstance(eos, (list, tuple)) else [] if eos is None else [eos]
     vocab = tokenizer.get_vocab()
@@ -525,7 +531,8 @@ def train_ppo(
         if window is not None and len(prompt) + config.max_new_tokens > window:
             raise ValueError(f"prompt {i} has {len(prompt)} tokens: with max_new_tokens={config.max_new_tokens} "
                              f"it overflows the model's {window}-token window")
-    stops = stop_token_ids(tokenizer, config.eos_ids)
+    stops = stop_token_ids(tokenizer, config.eos_ids, model)
+    start_kl = None  # the first iteration's KL to the reference: max_kl is measured from it
     pad_id = _pad_id(tokenizer, stops, vocab_size)
     device, dtype = _device_dtype(model)
 
@@ -604,9 +611,11 @@ def train_ppo(
             scored = score_rollouts(policy, value_head, rollouts, epoch_batches[0], pad_id)
             kl_per_rollout = scored["kl"].sum(1)
             kl = kl_per_rollout.mean().item()
-            if not math.isfinite(kl) or kl > config.max_kl:
-                raise PPOAborted(f"mean KL to the reference {kl:.4g} nats is past max_kl={config.max_kl:g}",
-                                 step, steps)
+            if start_kl is None:
+                start_kl = kl if math.isfinite(kl) else 0.0
+            if not math.isfinite(kl) or kl - start_kl > config.max_kl:
+                raise PPOAborted(f"mean KL to the reference {kl:.4g} nats is more than max_kl={config.max_kl:g} past "
+                                 f"the {start_kl:.4g} the round started at", step, steps)
 
             # 2e. Rewards, advantages, returns.
             rewards = token_rewards(scores, scored["logp"], scored["ref_logp"], mask, beta)

@@ -70,6 +70,10 @@ def run_ppo_round(args: argparse.Namespace) -> tuple[int, dict]:
     try:
         for name in clean_temporary(adapters_dir):
             log.info("removed half-written %s left by an earlier round", name)
+        # The judgments this round answers for: every pair that existed when it started. Recorded as consumed
+        # on success whichever reward model it used, so the schedule waits for new votes instead of starting
+        # round after round against a named (older) reward model.
+        waiting_until = store.newest_pair_feedback_id()
         # 1. The reward model.
         row, how = choose_reward_model(rnd, args)
         store.set_run_reward_model(rnd.run_id, row["name"])
@@ -121,8 +125,7 @@ def run_ppo_round(args: argparse.Namespace) -> tuple[int, dict]:
         folder = publish(adapters_dir, name, lambda tmp: save_adapter(result, tmp), manifest,
                          verify=lambda tmp: load_version(loaded.model, tmp, rnd.model_id))
         store.record_version(name, rnd.model_id, rnd.parent, str(folder), manifest)
-        # The pairs the reward model was fitted to are consumed: the schedule waits for new ones.
-        consumed = max(int(row["max_feedback_id"] or 0), store.last_consumed_feedback_id(rnd.model_id))
+        consumed = max(waiting_until, int(row["max_feedback_id"] or 0), store.last_consumed_feedback_id(rnd.model_id))
         return rnd.finish("succeeded", version=name, n_pairs=row["n_pairs"], metrics=metrics,
                           max_feedback_id=consumed, reward_model=row["name"])
     except RoundStopped as exc:

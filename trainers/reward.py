@@ -14,8 +14,8 @@ Bradley-Terry loss on the same pairs DPO trains on, published like an adapter, l
     rewards = scorer.normalise(scorer.score_texts(loaded.tokenizer, context_messages, ["one reply", "another"]))
 
 The score of a (prompt, reply) row is `score_head(h)`, h the decoder's last hidden state at the row's
-last real token: the last of the reply's end-of-turn tokens, so the head reads a state that has seen the
-whole reply. The LM head never runs (it is most of a causal LM's cost at a real vocabulary). Rows are
+last real token: the last token of the chat template's tail after the reply (for SmolLM2 the newline after
+`<|im_end|>`), so the head reads a state that has seen the whole reply and its end of turn. The LM head never runs (it is most of a causal LM's cost at a real vocabulary). Rows are
 padded with an id that is not end-of-turn, and the last real token is found from the attention mask, with
 positions counted over real tokens only, so left and right padding give the unpadded row's score.
 

@@ -52,6 +52,8 @@ def fit_reward_model(rnd: Round, args: argparse.Namespace, config, prefix: str =
     stats = {"n_pairs": len(data.train), "held_out": held, "train": result.train,
              "mean": result.mean, "std": result.std, "usable": result.usable}
     name = store.next_reward_model_name(rnd.model_id)
+    while (folder_root / name).exists():  # another base model's rN, or one published but never recorded
+        name = f"r{int(name[1:]) + 1}"
     manifest = {"base_model_id": rnd.model_id, "algo": "reward", "config": reward_config_dict(config),
                 "data": data.counts(), "stats": stats, "run_id": rnd.run_id,
                 "train_seconds": round(result.seconds, 2), "max_feedback_id": data.max_feedback_id}

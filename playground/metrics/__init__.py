@@ -14,7 +14,14 @@ from playground.metrics.arena import (
 )
 from playground.metrics.drift import project_2d, semantic_drift, windowed_drift
 from playground.metrics.frontier import fit_frontier
-from playground.metrics.intervals import bootstrap_interval, mean_interval, t_quantile, wilson
+from playground.metrics.intervals import (
+    bootstrap_interval,
+    labels_to_significance,
+    mean_interval,
+    paired_bootstrap,
+    t_quantile,
+    wilson,
+)
 from playground.metrics.kl import sequence_kl, token_kl
 from playground.metrics.logistic import fit_logistic
 from playground.metrics.staleness import staleness, version_index
@@ -35,11 +42,13 @@ __all__ = [
     "fit_frontier",
     "fit_logistic",
     "identical_share",
+    "labels_to_significance",
     "length_bias",
     "length_feature",
     "length_summary",
     "mean_interval",
     "mean_pairwise_similarity",
+    "paired_bootstrap",
     "project_2d",
     "semantic_drift",
     "sequence_kl",

@@ -1,6 +1,8 @@
-"""Confidence intervals for the numbers on the dashboard: a win rate, a mean, any statistic.
+"""Confidence intervals for the numbers on the dashboard: a win rate, a mean, any statistic, a paired change.
 
-Every number shown carries its n and an interval so a reader can tell a change from chance. scipy is
+Every number shown carries its n and an interval so a reader can tell a change from chance. A change
+between two policies measured on the same prompts is a paired difference (`paired_bootstrap`), and
+`labels_to_significance` reads the first round of a loop whose interval of it lies above zero. scipy is
 not a dependency, so the Student t quantiles come from a small exact table (df <= 30) and the
 Cornish-Fisher expansion beyond it (Abramowitz & Stegun 26.7.5, within 1e-4 of the exact value there).
 """
@@ -111,3 +113,56 @@ def bootstrap_interval(values: Sequence[float], stat: Callable = np.mean, n_boot
     tail = (1 - level) / 2 * 100
     lo, hi = np.percentile(stats, [tail, 100 - tail])
     return float(lo), float(hi)
+
+
+def paired_bootstrap(new: Sequence[float], old: Sequence[float], n_boot: int = 2000, seed: int = 0,
+                     level: float = 0.95) -> dict:
+    """The mean difference new - old over paired items, with a percentile bootstrap interval:
+    {"diff", "lo", "hi", "n"}.
+
+    Item i is one prompt answered by both policies from the same seed, so new[i] and old[i] are
+    resampled together (the items drawn with replacement, `n_boot` times): what varies between prompts
+    cancels in each difference, and the interval is that of the change, not of the two means. Equal
+    differences on every item give a zero-width interval at that value however spread the scores are.
+    Deterministic for a given seed. No items gives None for diff, lo and hi.
+    """
+    a = np.asarray(new, dtype=np.float64).ravel()
+    b = np.asarray(old, dtype=np.float64).ravel()
+    if a.size != b.size:
+        raise ValueError(f"paired_bootstrap needs one old score per new score, got {a.size} new and {b.size} old")
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        raise ValueError("paired_bootstrap needs finite scores (a NaN or inf would make every resample NaN)")
+    n = int(a.size)
+    if n == 0:
+        return {"diff": None, "lo": None, "hi": None, "n": 0}
+    diffs = a - b
+    rng = np.random.default_rng(seed)
+    means = diffs[rng.integers(0, n, size=(n_boot, n))].mean(axis=1)
+    tail = (1 - level) / 2 * 100
+    lo, hi = np.percentile(means, [tail, 100 - tail])
+    diff = float(diffs.mean())
+    # A resampled mean of equal values can round a last bit away from their own mean: keep diff inside.
+    return {"diff": diff, "lo": min(float(lo), diff), "hi": max(float(hi), diff), "n": n}
+
+
+def labels_to_significance(rounds: Sequence[dict]) -> dict | None:
+    """The first round, in order, after which the gold-mean difference's interval lies above zero:
+    {"labels", "kl_to_v0", "round"}; None when no round gets there.
+
+    Each round is a mapping with "labels" (labels so far), "gold_mean_diff_ci" ([lo, hi], or None when
+    not measured) and "kl_to_v0" (and "round", reported back when there). A round with no labels yet
+    (v0 against itself) never counts. This is the first crossing of a 95% interval looked at after every
+    round, with no correction for the looks: over many rounds a policy that did not change would still
+    cross now and then (each look alone: 2.5%), so read it next to the rounds after it.
+    """
+    for record in rounds:
+        ci = record.get("gold_mean_diff_ci")
+        if not record.get("labels") or ci is None or ci[0] is None:
+            continue
+        if ci[0] > 0:
+            return {"labels": record["labels"], "kl_to_v0": record.get("kl_to_v0"), "round": record.get("round")}
+    return None

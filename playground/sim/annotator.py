@@ -2,7 +2,11 @@
 
 For a pair (A, B) in a context it answers 'a', 'b' or 'tie':
 
-1. Ties: when |g(A) - g(B)| < tie_margin it says 'tie' (the replies are too close to call).
+1. Ties: when the gold scores A and B the same (`gold.same_score`) it says 'tie', as a person who sees no
+   difference presses Tie; and when |g(A) - g(B)| < tie_margin (the replies are too close to call). A tie
+   makes no training pair (store/pairs.py), where a coin flip between two equal replies would enter
+   training as a preference for noise: a taste that scores many pairs alike (half of them, for some
+   user golds on 96-token replies) used to turn half the labels into coin flips.
 2. Bradley-Terry: it prefers A with p = sigmoid((g(A) - g(B)) / tau) (`probability_a`).
 3. Noise: with probability flip_rate the decision is flipped, so P(A) = (1 - f) p + f (1 - p).
 4. Position bias: position_bias is added to that probability (clipped to [0, 1]); > 0 favours A.
@@ -18,7 +22,7 @@ import math
 import random
 from dataclasses import dataclass
 
-from playground.sim.gold import GOLD_NAMES, Gold, GoldError, Message, resolve_gold
+from playground.sim.gold import GOLD_NAMES, Gold, GoldError, Message, resolve_gold, same_score
 
 CHOICE_A, CHOICE_B, CHOICE_TIE = "a", "b", "tie"
 # A quarter of votes go against the gold: about the disagreement between human raters of chat pairs
@@ -39,7 +43,7 @@ class AnnotatorConfig:
     tau: float | None = None
     flip_rate: float = DEFAULT_FLIP_RATE  # chance a decision is flipped after it is made
     position_bias: float = 0.0  # added to P(A): a rater who clicks the left reply more often has > 0
-    tie_margin: float = 0.0  # |g(A) - g(B)| below this is a tie; 0 never ties
+    tie_margin: float = 0.0  # |g(A) - g(B)| below this is a tie too; at 0 only pairs scored the same tie
     name: str = ""  # who the votes are recorded as; '' is f"sim-{gold name}-{seed}", e.g. 'sim-concise-1'
     seed: int = 0  # the annotator's own RNG: same seed, same pairs -> same votes
 
@@ -127,7 +131,7 @@ class Annotator:
         score_a, score_b = self.score(context, reply_a), self.score(context, reply_b)
         p = self._bt(score_a, score_b)
         draw = self.rng.random()  # drawn before the tie check, so ties do not shift later votes
-        if abs(score_a - score_b) < self.config.tie_margin:
+        if same_score(score_a, score_b) or abs(score_a - score_b) < self.config.tie_margin:
             return Judgement(CHOICE_TIE, score_a, score_b, p, 0.5)
         final = self.final_probability_a(p)
         return Judgement(CHOICE_A if draw < final else CHOICE_B, score_a, score_b, p, final)

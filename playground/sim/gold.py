@@ -32,7 +32,7 @@ import importlib
 import math
 import numbers
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
@@ -59,6 +59,12 @@ KEYWORD_SCALE = 0.25  # mentioned vs not (gap >= 1) is 98%; only an earlier ment
 SENTIMENT_SCALE = 0.2  # compound 0.9 vs 0.6 is 82%
 FORMAT_SCALE = 0.25  # half the lines bulleted vs a fifth is 77%
 USER_SCALE = 1.0  # a user function's scale is unknown: its author sets the annotator's tau when 1 is wrong
+# Two scores this close are the same score: a gold that cannot tell two replies apart (the same word count
+# under concise, neither reply mentioning the keyword) returns equal floats, give or take the rounding of
+# a user function's arithmetic. The annotator ties such a pair, and a gold that scores every reply of a
+# sample the same is refused (`check_tells_apart`).
+SAME_SCORE_REL_TOL = 1e-9
+SAME_SCORE_ABS_TOL = 1e-12
 
 # The resolve-time probe: a realistic conversation and replies every gold must score to a finite number.
 PROBE_CONTEXT: tuple[dict[str, str], ...] = (
@@ -133,6 +139,23 @@ def _as_score(value: object, spec: str) -> float:
     if not math.isfinite(number):
         raise GoldError(f"gold {spec!r} returned {number!r}; a gold score must be finite (no NaN or inf)")
     return number
+
+
+def same_score(a: float, b: float) -> bool:
+    """True when a gold gave two replies the same score (within SAME_SCORE_REL_TOL / SAME_SCORE_ABS_TOL)."""
+    return math.isclose(a, b, rel_tol=SAME_SCORE_REL_TOL, abs_tol=SAME_SCORE_ABS_TOL)
+
+
+def check_tells_apart(gold: Gold, scores: Sequence[float], what: str) -> None:
+    """Raise GoldError when `gold` gave every one of `scores` (two or more, of `what`: e.g. "of v0's
+    replies") the same score. Its annotator would tie every pair of such replies, so a loop would get no
+    labels to learn from; an annotator that broke the ties at random would teach it noise. Called on a
+    sample of the policy's own replies, not at resolve time: `keyword:word=zebra` scores every probe
+    reply 0 and is a fine gold for a model that sometimes says zebra."""
+    if len(scores) >= 2 and all(same_score(s, scores[0]) for s in scores):
+        raise GoldError(f"gold {gold.spec!r} gives all {len(scores)} {what} the same score ({scores[0]:g}): its "
+                        "annotator would tie every pair, so there are no labels to learn from. Pick a gold that "
+                        "tells this model's replies apart (for keyword, a word the model sometimes uses)")
 
 
 def _format_value(value: object) -> str:

@@ -225,15 +225,14 @@ def build_admin(loop: TrainingLoop, service=None):
                                          ("iterations", iterations_value, int)):
                     if value not in (None, ""):
                         config[key] = kind(value)
-                loop.set_algo("ppo", None if rm_value in (None, "", LATEST_REWARD_MODEL) else rm_value)
             else:
                 config = {"beta": float(beta_value), "loss": loss_value, "ref": ref_value}
                 if lr not in (None, ""):
                     config["learning_rate"] = float(lr)
                 if n_epochs not in (None, ""):
                     config["epochs"] = int(n_epochs)
-                loop.set_algo("dpo")
-            config = loop.set_next_config(config, algo_value)
+            reward_model = None if algo_value != "ppo" or rm_value in (None, "", LATEST_REWARD_MODEL) else rm_value
+            config = loop.set_round(algo_value, config, reward_model)  # all or nothing
         except (ValueError, TypeError) as exc:
             raise gr.Error(f"Not applied: {exc}") from exc
         against = f" against {loop.settings.reward_model}" if algo_value == "ppo" and loop.settings.reward_model else ""
