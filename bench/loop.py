@@ -1,10 +1,13 @@
 """The loop benchmark: does the loop move a policy toward a known taste, how fast, at what cost?
 
-    python -m bench.loop --arm onpolicy --gold concise --rounds 4 --labels-per-round 64 --seed 0
+    python -m bench.loop --arm onpolicy --gold concise --rounds 4 --labels-per-round 64 --seed 0 --workdir /tmp/on
+    python -m bench.loop --arm offline --gold concise --rounds 4 --labels-per-round 64 --seed 0 --workdir /tmp/off
+    python -m bench.loop --head-to-head /tmp/on /tmp/off      # the two final versions, scored against each other
 
 Runs the product's loop without the web server - the same store, pair builder, round runner
-(`trainers.run.run_round`, DPO), adapter publishing and merging - with a simulated annotator whose
-taste is a gold function (playground/sim/gold.py) with label noise. Arms:
+(`trainers.run.run_round`, DPO), adapter publishing, and versions served as adapters on the base model's
+decode engine - with a simulated annotator whose taste is a gold function (playground/sim/gold.py) with
+label noise. Arms:
 
 - `onpolicy`: each round samples its pairs from the live version (the product's loop);
 - `offline`: the same number of labels, all sampled from v0 up front (a static dataset);
@@ -12,15 +15,32 @@ taste is a gold function (playground/sim/gold.py) with label noise. Arms:
   gold, to show over-optimisation of a proxy. The default lambda (-40) makes the proxy "shorter is
   better": it agrees with `concise` above the target length and keeps pushing below it, where gold falls.
 
-Prints one JSON object per round (round 0 is v0): labels so far, gold win rate of vN against v0 on
-held-out prompts with a 95% Wilson interval, mean gold, exact KL to v0 summed over the reply, reply
-length, distinct-2, and wall time per phase.
+The evaluation is paired, so that a change can be told from chance. Every version answers the same
+held-out prompts (the first --eval-prompts of --eval-file, none of them a training prompt) from the same
+seed per prompt, sampled in batches on the decode engine by the app's evaluation sampler
+(playground/evaluation/sampling.py). That sampler draws each token from one uniform number of the row's
+own generator, so where vN and v0 still agree they write the same words: the per-prompt difference
+gold(vN) - gold(v0) is mostly the policy's change, not sampling noise. Its mean over prompts,
+`gold_mean_diff`, comes with a paired bootstrap 95% interval (prompts resampled; `gold_mean_diff_ci`)
+next to the win rate and its Wilson interval.
+
+Prints one JSON object per round (round 0 is v0 against itself from other seeds: what chance looks like
+on this eval set): labels so far, gold win rate of vN against v0 [95% Wilson], gold mean, gold_mean_diff
+[95% paired bootstrap], eval_prompts, exact KL to v0 summed over the reply, reply length, distinct-2,
+the round's ties and how often its votes agreed with the annotator's gold, and wall time per phase. Then
+one summary object ({"summary": true, ...}) with the headline number, `labels_to_significance`: the
+labels after which the gold_mean_diff interval first lies above zero, with the KL to v0 there (null if
+never). The runs' settings and lines are kept in WORKDIR/bench-loop.json, which --head-to-head reads.
+
+A gold that gives every one of v0's held-out replies the same score is refused before any label is
+given: its annotator would tie every pair (playground/sim/annotator.py), leaving nothing to learn.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import sys
 import tempfile
@@ -31,18 +51,28 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 ARMS = ("onpolicy", "offline", "goodhart")
-DEFAULT_EVAL_PROMPTS = 32
+# The held-out prompts: bench.loop's own file, apart from the training prompts (the autopilot's).
+DEFAULT_EVAL_FILE = Path(__file__).resolve().parent / "loop_eval_prompts.txt"
+# 32 prompts gave intervals of +-0.16 on the win rate, wider than any effect the loop makes in 4 rounds;
+# 128 paired prompts halve that, and pairing narrows the gold-mean difference's interval further.
+DEFAULT_EVAL_PROMPTS = 128
+BOOTSTRAP_SAMPLES = 2000  # resamples of the eval prompts for each gold_mean_diff interval
 # Proxy bonus per 100 words, in units of the gold's own scale. With `concise` (scale 0.25) -40 costs 0.1
 # per word: above the target the proxy ranks pairs as gold does, below it it still wants fewer words
 # while gold wants more - the over-optimisation to watch. (+0.5, the old default, was so small next to
 # gold that the proxy ranked almost every pair as gold did: nothing to over-optimise.)
 DEFAULT_GOODHART_LAMBDA = -40.0
-KL_BATCH = 8
+RUN_FILE = "bench-loop.json"  # in the workdir: the run's settings and every line printed
+
+
+class BenchInputError(ValueError):
+    """Settings or files the benchmark cannot run with; the message says what to change."""
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     from playground.serving.models import DEFAULT_CACHE_DIR
     from playground.sim.gold import known_golds
+    from playground.sim.prompt_file import PromptFileError, load_prompts
 
     p = argparse.ArgumentParser(prog="python -m bench.loop", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -53,16 +83,35 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", default="bundled", help="as for app.py (default: %(default)s)")
     p.add_argument("--model-cache", default=DEFAULT_CACHE_DIR)
-    p.add_argument("--eval-prompts", type=int, default=DEFAULT_EVAL_PROMPTS, help="held-out prompts for the report")
+    p.add_argument("--eval-prompts", type=int, default=DEFAULT_EVAL_PROMPTS,
+                   help="held-out prompts every version answers, the first of --eval-file (default: %(default)s)")
+    p.add_argument("--eval-file", default=str(DEFAULT_EVAL_FILE),
+                   help="the held-out prompts, one a line (default: bench/loop_eval_prompts.txt); any that is also "
+                        "a training prompt is taken out of training")
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (1: the policy itself)")
     p.add_argument("--flip-rate", type=float, default=0.25, help="label noise of the annotator")
+    p.add_argument("--tau", type=float, default=None,
+                   help="the annotator's Bradley-Terry temperature (default: the gold's own scale; 1 for your own "
+                        "function, which is too flat for a score in [0, 1] whose pairs differ by 0.1)")
     p.add_argument("--goodhart-lambda", type=float, default=DEFAULT_GOODHART_LAMBDA)
     p.add_argument("--config", default="{}", help="JSON DPO settings for every round (see trainers/dpo.py)")
     p.add_argument("--workdir", default=None, help="keep the store and adapters here (default: a temp folder)")
+    p.add_argument("--head-to-head", nargs=2, metavar=("WORKDIR_A", "WORKDIR_B"), default=None,
+                   help="score the final version of run A against run B's (each a --workdir of a finished run, "
+                        "e.g. the onpolicy and offline arms, Guo et al. 2024) on the eval prompts, and exit")
     args = p.parse_args(argv)
     if args.rounds < 1 or args.labels_per_round < 2 or args.eval_prompts < 2:
         p.error("--rounds >= 1, --labels-per-round >= 2 and --eval-prompts >= 2 are needed")
+    if args.tau is not None and not args.tau > 0:
+        p.error(f"--tau must be > 0 (a score gap of tau is a 73%% preference), got {args.tau}")
+    try:
+        available = len(load_prompts(args.eval_file))
+    except PromptFileError as exc:
+        p.error(f"--eval-file: {exc}")
+    if args.eval_prompts > available:
+        p.error(f"--eval-prompts {args.eval_prompts} is more than the {available} prompts in {args.eval_file}: "
+                f"lower --eval-prompts to at most {available}, or pass a longer --eval-file")
     return args
 
 
@@ -74,40 +123,38 @@ def proxy_gold(gold, lam: float):
                 scale=gold.scale)
 
 
-class LoopBench:
-    def __init__(self, args: argparse.Namespace):
+def user(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+class Bench:
+    """What a run and a head-to-head share: the base model, its engine, the sampler, the gold."""
+
+    def __init__(self, args: argparse.Namespace, gold_spec: str, model: str):
         import torch
 
+        from playground.evaluation.targets import Target
+        from playground.serving.generation import stop_token_ids
+        from playground.serving.models import load_model
+        from playground.serving.policy import PolicyHolder
+        from playground.serving.prompting import render
         from playground.sim.annotator import Annotator, AnnotatorConfig
         from playground.sim.gold import resolve_gold
-        from playground.serving.models import load_model
-        from playground.sim.prompt_file import load_prompts
-        from playground.serving.prompting import render
-        from store import Store
 
         torch.manual_seed(args.seed)
         self.args = args
-        self.gold = resolve_gold(args.gold)  # errors before anything starts
+        self.gold = resolve_gold(gold_spec)  # errors before anything starts
         vote_gold = proxy_gold(self.gold, args.goodhart_lambda) if args.arm == "goodhart" else self.gold
-        self.annotator = Annotator(AnnotatorConfig(gold=args.gold, flip_rate=args.flip_rate, seed=args.seed),
-                                   gold=vote_gold)
-        self.work = Path(args.workdir or tempfile.mkdtemp(prefix=f"loop-{args.arm}-"))
-        self.work.mkdir(parents=True, exist_ok=True)
-        self.store = Store(self.work / "loop.db")
-        self.loaded = load_model(args.model, "cpu", args.model_cache)
+        self.annotator = Annotator(AnnotatorConfig(gold=gold_spec, flip_rate=args.flip_rate, tau=args.tau,
+                                                   seed=args.seed), gold=vote_gold)
+        self.loaded = load_model(model, "cpu", args.model_cache)
         self.tokenizer = self.loaded.tokenizer
-        self.store.ensure_base_version(self.loaded.model_id)
-        self.store.record_live(self.loaded.model_id, "v0", "start")
-        prompts = load_prompts()
-        random.Random(args.seed).shuffle(prompts)
-        self.eval_prompts = prompts[: args.eval_prompts]
-        self.train_prompts = prompts[args.eval_prompts:]
-        if not self.train_prompts:
-            raise SystemExit("no prompts left for training after the held-out set: lower --eval-prompts")
-        self.render = lambda text: render(self.tokenizer, [{"role": "user", "content": text}])
-        self.rng = random.Random(args.seed + 1)
-        self.labels = 0
-        self.version = "v0"
+        # Versions are served as the app serves them: adapters applied per row on the base model's engine
+        # (one copy of the weights), or a merged copy where the engine cannot apply one.
+        self.policy = PolicyHolder(self.loaded, per_row_adapters=True)
+        self.base = Target.of(self.policy.base)
+        self.stop_ids = stop_token_ids(self.tokenizer, self.loaded.model)
+        self.render = lambda text: render(self.tokenizer, user(text))
 
     def settings(self):
         from playground.serving.generation import SamplingSettings
@@ -115,30 +162,143 @@ class LoopBench:
         return SamplingSettings(temperature=self.args.temperature, top_p=1.0,
                                 max_new_tokens=self.args.max_new_tokens)
 
+    def sample(self, target, prompt_ids: list[list[int]], seeds: list[list[int]], keep=None) -> list[list]:
+        """Each prompt's replies (`ProbeReply`, in the order of its seeds), sampled in batches on the engine.
+        `keep(index, replies)` runs once a prompt's replies are all in, while their logits are still there
+        (the KL needs them); they are dropped after it, so memory holds a batch's logits, not the run's."""
+        from playground.evaluation.defaults import EVAL_BATCH_ROWS
+        from playground.evaluation.sampling import Job, sample_probes
+
+        jobs = [Job(i, ids, list(s)) for i, (ids, s) in enumerate(zip(prompt_ids, seeds))]
+        done: dict[int, list] = {}
+
+        def on_reply(reply) -> None:
+            group = done.setdefault(reply.probe_idx, [None] * len(jobs[reply.probe_idx].seeds))
+            group[reply.sample] = reply
+            if all(r is not None for r in group):
+                if keep is not None:
+                    keep(reply.probe_idx, group)
+                for r in group:
+                    r.logits = None
+
+        sample_probes(target, jobs, self.settings(), self.stop_ids, EVAL_BATCH_ROWS, on_reply)
+        return [done[i] for i in range(len(jobs))]
+
+    def version_target(self, version: str, folder: Path):
+        from playground.evaluation.targets import Target
+        from playground.serving.adapters import version_snapshot
+
+        snapshot = version_snapshot(self.policy, version, folder)
+        self.policy.set_live(snapshot)
+        return Target.of(snapshot)
+
+
+class Evaluation:
+    """Samples and scores versions on the held-out prompts, each prompt from the same seed for every version."""
+
+    def __init__(self, bench: Bench, texts: list[str]):
+        self.bench = bench
+        self.texts = texts
+        self.prompt_ids = [bench.render(t) for t in texts]
+
+    def run(self, target, seed_base: int) -> dict:
+        """One reply per prompt from `target`: gold and proxy scores, KL to v0 (exact, along the reply), length."""
+        from playground.evaluation.evaluator import sample_seed
+        from playground.evaluation.scoring import OwnDistribution, Workspace
+        from trainers.metrics import distinct_n
+
+        bench = self.bench
+        kls = [0.0] * len(self.texts)
+        workspace = Workspace()
+
+        def kl(index: int, replies: list) -> None:
+            if target is bench.base:
+                return
+            prompt, tokens = self.prompt_ids[index], replies[0].reply.token_ids
+            own = replies[0].logits  # the distributions its tokens were drawn from; None on the HF path
+            if own is None:
+                own = target.branch_logits(prompt, [tokens])[0]
+            kls[index] = OwnDistribution(own, workspace).kl_to(bench.base.branch_logits(prompt, [tokens])[0])
+
+        seeds = [[sample_seed(seed_base, i, 0)] for i in range(len(self.texts))]
+        replies = [group[0].reply for group in bench.sample(target, self.prompt_ids, seeds, kl)]
+        texts = [r.text for r in replies]
+        return {"scores": [bench.gold.score(user(p), t) for p, t in zip(self.texts, texts)],
+                "proxy": [bench.annotator.score(user(p), t) for p, t in zip(self.texts, texts)],
+                "texts": texts, "kl": sum(kls) / len(kls),
+                "mean_tokens": sum(r.n_tokens for r in replies) / len(replies),
+                "distinct_2": distinct_n(texts, 2)}
+
+
+def compare(new: dict, old: dict, seed: int) -> dict:
+    """vN against v0 (or A against B) on the same prompts: the gold win rate [Wilson] and the mean gold
+    difference [paired bootstrap]."""
+    from playground.metrics import paired_bootstrap
+    from trainers.metrics import win_rate
+
+    rate, interval = win_rate(new["scores"], old["scores"])
+    diff = paired_bootstrap(new["scores"], old["scores"], n_boot=BOOTSTRAP_SAMPLES, seed=seed)
+    return {"gold_win_rate": round(rate, 4), "gold_win_rate_ci": [round(interval[0], 4), round(interval[1], 4)],
+            "gold_mean_diff": round(diff["diff"], 4), "gold_mean_diff_ci": [round(diff["lo"], 4), round(diff["hi"], 4)],
+            "eval_prompts": diff["n"]}
+
+
+class LoopBench(Bench):
+    def __init__(self, args: argparse.Namespace):
+        from playground.sim.prompt_file import load_prompts
+        from store import Store
+
+        super().__init__(args, args.gold, args.model)
+        self.work = Path(args.workdir or tempfile.mkdtemp(prefix=f"loop-{args.arm}-"))
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.store = Store(self.work / "loop.db")
+        self.store.ensure_base_version(self.loaded.model_id)
+        self.store.record_live(self.loaded.model_id, "v0", "start")
+        eval_texts = load_prompts(args.eval_file)[: args.eval_prompts]
+        held_out = set(eval_texts)
+        self.train_prompts = [p for p in load_prompts() if p not in held_out]
+        if not self.train_prompts:
+            raise BenchInputError(f"every training prompt is also in {args.eval_file}: nothing left to train on; "
+                                  "pass another --eval-file")
+        self.evaluation = Evaluation(self, eval_texts)
+        self.rng = random.Random(args.seed + 1)
+        self.labels = 0
+        self.version = "v0"
+        self.lines: list[dict] = []
+
     # -- data ---------------------------------------------------------------------------------------
 
-    def sample_pairs(self, model, count: int, seed: int) -> list[tuple[str, str, str]]:
-        from playground.serving.batch_sampling import sample_many
+    def sample_pairs(self, target, count: int, seed: int) -> list[tuple[str, str, str]]:
+        from playground.evaluation.evaluator import sample_seed
 
         texts = [self.rng.choice(self.train_prompts) for _ in range(count)]
-        samples = sample_many(model, self.tokenizer, [self.render(t) for t in texts], 2, self.settings(), seed)
-        return [(texts[i], samples[2 * i].text, samples[2 * i + 1].text) for i in range(count)]
+        seeds = [[sample_seed(seed, i, 0), sample_seed(seed, i, 1)] for i in range(count)]
+        groups = self.sample(target, [self.render(t) for t in texts], seeds)
+        return [(text, a.reply.text, b.reply.text) for text, (a, b) in zip(texts, groups)]
 
-    def label_and_store(self, pairs: list[tuple[str, str, str]], version: str) -> int:
-        """The annotator votes on each pair; every vote is stored as the app would store it."""
-        votes = 0
+    def label_and_store(self, pairs: list[tuple[str, str, str]], version: str) -> dict:
+        """The annotator votes on each pair; every vote is stored as the app would store it. Returns the
+        votes, the ties among them (no training pair), and how often the rest agreed with the annotator's
+        gold (25% label noise caps it at 0.75; pairs a few words apart under `concise` are near 0.5)."""
+        from playground.sim.annotator import CHOICE_A, CHOICE_TIE
+
+        ties = agreed = 0
         for prompt, a, b in pairs:
-            context = [{"role": "user", "content": prompt}]
-            choice = self.annotator.vote(context, a, b)
+            context = user(prompt)
+            judgement = self.annotator.judge(context, a, b)
+            if judgement.choice == CHOICE_TIE:
+                ties += 1
+            else:
+                agreed += (judgement.choice == CHOICE_A) == (judgement.score_a > judgement.score_b)
             conversation = self.store.start_conversation("bench", self.annotator.name, self.loaded.model_id, "",
                                                          simulated=True)
             rows = [{"slot": slot, "text": text, "policy_version": version, "model_id": self.loaded.model_id,
                      "temperature": self.args.temperature, "top_p": 1.0, "max_new_tokens": self.args.max_new_tokens}
                     for slot, text in (("a", a), ("b", b))]
             turn_id, _ = self.store.record_turn(conversation, 0, context, prompt, rows)
-            self.store.record_choice(turn_id, 0, choice, self.annotator.name, "bench")
-            votes += 1
-        return votes
+            self.store.record_choice(turn_id, 0, judgement.choice, self.annotator.name, "bench")
+        voted = len(pairs) - ties
+        return {"votes": len(pairs), "ties": ties, "agreement": round(agreed / voted, 4) if voted else None}
 
     def train_round(self, round_index: int) -> dict:
         from trainers.run import parse_args as runner_args
@@ -153,44 +313,19 @@ class LoopBench:
 
     # -- report -------------------------------------------------------------------------------------
 
-    def evaluate(self, model, seed: int) -> dict:
-        import torch
+    def check_gold(self, results: list[dict]) -> None:
+        """Refuse, before any label, a gold (or the goodhart arm's proxy) that scores all v0's replies the same."""
+        from playground.sim.gold import check_tells_apart
 
-        from playground.serving.batch_sampling import sample_many
-        from trainers.metrics import distinct_n, kl_per_reply
-
-        prompt_ids = [self.render(t) for t in self.eval_prompts]
-        samples = sample_many(model, self.tokenizer, prompt_ids, 1, self.settings(), seed)
-        scores = [self.gold.score([{"role": "user", "content": self.eval_prompts[s.prompt_index]}], s.text)
-                  for s in samples]
-        kls = []
-        for start in range(0, len(samples), KL_BATCH):
-            chunk = samples[start : start + KL_BATCH]
-            rows = [prompt_ids[s.prompt_index] + s.token_ids for s in chunk]
-            width = max(len(r) for r in rows)
-            ids = torch.zeros(len(rows), width, dtype=torch.long)
-            mask = torch.zeros(len(rows), width, dtype=torch.long)
-            target = torch.zeros(len(rows), width, dtype=torch.bool)
-            for i, (row, s) in enumerate(zip(rows, chunk)):
-                ids[i, : len(row)] = torch.tensor(row)
-                mask[i, : len(row)] = 1
-                target[i, len(prompt_ids[s.prompt_index]) : len(row)] = True
-            kls += kl_per_reply(model, self.loaded.model, ids, target, mask).tolist() if model is not self.loaded.model \
-                else [0.0] * len(rows)
-        return {"scores": scores, "texts": [s.text for s in samples], "kl": sum(kls) / len(kls),
-                "mean_tokens": sum(len(s.token_ids) for s in samples) / len(samples),
-                "distinct_2": distinct_n([s.text for s in samples], 2),
-                "proxy": [self.annotator.score([{"role": "user", "content": self.eval_prompts[s.prompt_index]}],
-                                               s.text) for s in samples]}
+        check_tells_apart(self.gold, [s for r in results for s in r["scores"]], "of v0's held-out replies")
+        if self.annotator.gold is not self.gold:
+            check_tells_apart(self.annotator.gold, [s for r in results for s in r["proxy"]],
+                              "of v0's held-out replies (the proxy the annotator votes by)")
 
     def report(self, round_index: int, result: dict, baseline: dict, seconds: dict, extra: dict) -> dict:
-        from trainers.metrics import win_rate
-
-        rate, interval = win_rate(result["scores"], baseline["scores"])
         line = {
             "arm": self.args.arm, "gold": self.gold.spec, "round": round_index, "version": self.version,
-            "labels": self.labels, "gold_win_rate": round(rate, 4),
-            "gold_win_rate_ci": [round(interval[0], 4), round(interval[1], 4)],
+            "labels": self.labels, **compare(result, baseline, self.args.seed),
             "gold_mean": round(sum(result["scores"]) / len(result["scores"]), 4),
             "kl_to_v0": round(result["kl"], 4), "mean_tokens": round(result["mean_tokens"], 2),
             "distinct_2": round(result["distinct_2"], 4), "seconds": {k: round(v, 2) for k, v in seconds.items()},
@@ -199,21 +334,44 @@ class LoopBench:
         if self.args.arm == "goodhart":
             line["proxy_mean"] = round(sum(result["proxy"]) / len(result["proxy"]), 4)
         print(json.dumps(line), flush=True)
+        self.lines.append(line)
+        self.save()
         return line
 
-    def run(self) -> list[dict]:
-        from playground.serving.adapters import load_version
+    def summary(self) -> dict:
+        from playground.metrics import labels_to_significance
 
-        eval_seed = self.args.seed + 1000  # the same eval draws every round: differences are the policy's
+        last = self.lines[-1]
+        line = {"summary": True, "arm": self.args.arm, "gold": self.gold.spec, "rounds": self.args.rounds,
+                "labels": self.labels, "eval_prompts": last["eval_prompts"],
+                "labels_to_significance": labels_to_significance(self.lines),
+                "final": {k: last[k] for k in ("version", "gold_win_rate", "gold_win_rate_ci", "gold_mean_diff",
+                                               "gold_mean_diff_ci", "kl_to_v0")},
+                "workdir": str(self.work)}
+        print(json.dumps(line), flush=True)
+        self.save(line)
+        return line
+
+    def save(self, summary: dict | None = None) -> None:
+        """WORKDIR/bench-loop.json: the settings and the lines so far (written whole each time, then renamed)."""
+        path = self.work / RUN_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"args": vars(self.args), "model_id": self.loaded.model_id,
+                                   "lines": self.lines, "summary": summary}, indent=1))
+        os.replace(tmp, path)
+
+    def run(self) -> list[dict]:
+        eval_seed = self.args.seed + 1000  # the same seed per prompt every round: differences are the policy's
         started = time.perf_counter()
-        baseline = self.evaluate(self.loaded.model, eval_seed)
-        reference = self.evaluate(self.loaded.model, eval_seed + 1)  # v0 against itself: what chance looks like
-        lines = [self.report(0, reference, baseline, {"eval": time.perf_counter() - started}, {})]
-        model, last = self.loaded.model, reference
+        baseline = self.evaluation.run(self.base, eval_seed)
+        reference = self.evaluation.run(self.base, eval_seed + 1)  # v0 against itself: what chance looks like
+        self.check_gold([baseline, reference])
+        self.report(0, reference, baseline, {"eval": time.perf_counter() - started}, {})
+        target, last = self.base, reference
         offline_pool = []
         if self.args.arm == "offline":
             t = time.perf_counter()
-            offline_pool = self.sample_pairs(model, self.args.rounds * self.args.labels_per_round, self.args.seed)
+            offline_pool = self.sample_pairs(target, self.args.rounds * self.args.labels_per_round, self.args.seed)
             offline_sample_s = time.perf_counter() - t
         for round_index in range(1, self.args.rounds + 1):
             seconds = {}
@@ -224,48 +382,98 @@ class LoopBench:
                 seconds["sample"] = offline_sample_s / self.args.rounds
                 source = "v0"
             else:
-                pairs = self.sample_pairs(model, self.args.labels_per_round, self.args.seed + round_index)
+                pairs = self.sample_pairs(target, self.args.labels_per_round, self.args.seed + round_index)
                 seconds["sample"] = time.perf_counter() - t
                 source = self.version
             t = time.perf_counter()
-            self.labels += self.label_and_store(pairs, source)
+            votes = self.label_and_store(pairs, source)
+            self.labels += votes["votes"]
             seconds["label"] = time.perf_counter() - t
             t = time.perf_counter()
             summary = self.train_round(round_index)
             seconds["train"] = time.perf_counter() - t
+            labelled = {"round_ties": votes["ties"], "round_label_agreement": votes["agreement"]}
             if summary["status"] != "succeeded":
                 # The live version did not change: report it again, with why the round gave nothing.
-                lines.append(self.report(round_index, last, baseline, seconds,
-                                         {"round_status": summary["status"], "reason": summary["reason"]}))
+                self.report(round_index, last, baseline, seconds,
+                            {**labelled, "round_status": summary["status"], "reason": summary["reason"]})
                 continue
             t = time.perf_counter()
             self.version = summary["version"]
-            _, model = load_version(self.loaded.model, self.work / "adapters" / self.version, self.loaded.model_id)
+            target = self.version_target(self.version, self.work / "adapters" / self.version)
             self.store.record_live(self.loaded.model_id, self.version, "promote", "bench")
             seconds["load"] = time.perf_counter() - t
             t = time.perf_counter()
-            result = last = self.evaluate(model, eval_seed)
+            result = last = self.evaluation.run(target, eval_seed)
             seconds["eval"] = time.perf_counter() - t
             held_out = (summary.get("metrics") or {}).get("held_out_after") or {}
-            lines.append(self.report(round_index, result, baseline, seconds, {
-                "round_pairs": summary.get("n_pairs"), "held_out_accuracy": held_out.get("accuracy")}))
-        return lines
+            self.report(round_index, result, baseline, seconds, {
+                **labelled, "round_pairs": summary.get("n_pairs"), "held_out_accuracy": held_out.get("accuracy")})
+        self.summary()
+        return self.lines
+
+
+def read_run(workdir: str) -> dict:
+    path = Path(workdir) / RUN_FILE
+    try:
+        run = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise BenchInputError(f"{path} does not exist: --head-to-head takes the --workdir of a finished "
+                              "bench.loop run") from None
+    except (OSError, ValueError) as exc:
+        raise BenchInputError(f"{path} cannot be read ({exc}); run that arm again") from None
+    if not run.get("lines"):
+        raise BenchInputError(f"{path} has no rounds yet: let that run finish first")
+    run["workdir"] = Path(workdir)
+    return run
+
+
+def head_to_head(args: argparse.Namespace) -> dict:
+    """Run A's final version against run B's on the eval prompts, each prompt from the same seed for both."""
+    runs = [read_run(w) for w in args.head_to_head]
+    for key in ("gold", "model"):
+        values = {r["args"][key] for r in runs}
+        if len(values) > 1:
+            raise BenchInputError(f"the two runs differ in --{key} ({' vs '.join(sorted(values))}): "
+                                  "a head-to-head compares versions of one model under one gold")
+    gold, model = runs[0]["args"]["gold"], runs[0]["args"]["model"]
+    bench = Bench(argparse.Namespace(**{**vars(args), "arm": "head-to-head"}), gold, model)
+    from playground.sim.prompt_file import load_prompts
+
+    evaluation = Evaluation(bench, load_prompts(args.eval_file)[: args.eval_prompts])
+    eval_seed = args.seed + 1000
+    results, sides = [], []
+    for side, run in zip("ab", runs):
+        version = run["lines"][-1]["version"]
+        target = bench.base if version == "v0" else bench.version_target(version, run["workdir"] / "adapters" / version)
+        result = evaluation.run(target, eval_seed)
+        results.append(result)
+        sides.append({"arm": run["args"]["arm"], "seed": run["args"]["seed"], "version": version,
+                      "labels": run["lines"][-1]["labels"], "workdir": str(run["workdir"]),
+                      "gold_mean": round(sum(result["scores"]) / len(result["scores"]), 4),
+                      "kl_to_v0": round(result["kl"], 4)})
+    line = {"head_to_head": True, "gold": bench.gold.spec, "a": sides[0], "b": sides[1],
+            **compare(results[0], results[1], args.seed)}
+    print(json.dumps(line), flush=True)
+    return line
 
 
 def main(argv=None) -> int:
-    import os
-
     from trainers.procenv import reexec_for_training
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = parse_args(argv)
     if argv is None:  # run as a program: a scheduled round's process settings (trainers/procenv.py)
         reexec_for_training(passive_openmp=False)  # one process, nothing else runs: let OpenMP spin
+    from playground.serving.adapters import AdapterError
     from playground.sim.gold import GoldError
 
     try:
-        LoopBench(args).run()
-    except GoldError as exc:
+        if args.head_to_head:
+            head_to_head(args)
+        else:
+            LoopBench(args).run()
+    except (GoldError, BenchInputError, AdapterError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -1,44 +1,163 @@
-"""bench.loop end to end on the tiny model: two tiny rounds per arm, every field in every JSON line."""
+"""bench.loop end to end on the tiny model: two tiny rounds per arm, every field in every JSON line, the
+summary's labels to significance, a head-to-head of two runs, and the inputs it refuses before it starts."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from bench.loop import ARMS, DEFAULT_EVAL_FILE, DEFAULT_EVAL_PROMPTS, RUN_FILE
+
 ROOT = Path(__file__).resolve().parent.parent
 FIELDS = {"round", "labels", "gold_win_rate", "gold_win_rate_ci", "gold_mean", "kl_to_v0", "mean_tokens",
-          "distinct_2", "seconds"}
+          "distinct_2", "seconds", "gold_mean_diff", "gold_mean_diff_ci", "eval_prompts"}
+ROUND_FIELDS = {"round_ties", "round_label_agreement"}  # rounds that labelled something
+EVAL_PROMPTS = 6
+TINY = ["--max-new-tokens", "8", "--eval-prompts", str(EVAL_PROMPTS)]
 
 
-@pytest.mark.parametrize("arm", ["onpolicy", "offline", "goodhart"])
-def test_loop_bench_runs_end_to_end_and_reports_every_field(tiny_model_dir, tmp_path, arm):
-    out = subprocess.run(
-        [sys.executable, "-m", "bench.loop", "--arm", arm, "--gold", "concise", "--rounds", "2",
-         "--labels-per-round", "12", "--seed", "0", "--model", str(tiny_model_dir), "--eval-prompts", "6",
-         "--max-new-tokens", "8", "--workdir", str(tmp_path / "work"), "--config", '{"epochs": 1}'],
-        capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    lines = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
-    assert [line["round"] for line in lines] == [0, 1, 2]
-    for line in lines:
+def bench_loop(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bench.loop", *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def json_lines(out: subprocess.CompletedProcess) -> list[dict]:
+    return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model_dir, tmp_path_factory):
+    """Each arm run once, two rounds of 12 labels: {arm: (the JSON lines, its workdir)}."""
+    done = {}
+    for arm in ARMS:
+        work = tmp_path_factory.mktemp(f"loop-{arm}")
+        out = bench_loop("--arm", arm, "--gold", "concise", "--rounds", "2", "--labels-per-round", "12", "--seed", "0",
+                         "--model", str(tiny_model_dir), "--workdir", str(work), "--config", '{"epochs": 1}', *TINY)
+        assert out.returncode == 0, out.stderr[-2000:]
+        done[arm] = (json_lines(out), work)
+    return done
+
+
+@pytest.mark.parametrize("arm", ARMS)
+def test_loop_bench_runs_end_to_end_and_reports_every_field(runs, arm):
+    lines, work = runs[arm]
+    rounds, summary = [line for line in lines if "round" in line], lines[-1]
+    assert [line["round"] for line in rounds] == [0, 1, 2]
+    for line in rounds:
         assert FIELDS <= set(line), FIELDS - set(line)
         low, high = line["gold_win_rate_ci"]
         assert 0 <= low <= line["gold_win_rate"] <= high <= 1
-    assert [line["labels"] for line in lines] == [0, 12, 24]
-    assert lines[0]["kl_to_v0"] == 0 and lines[2]["kl_to_v0"] > 0
-    assert [line["version"] for line in lines] == ["v0", "v1", "v2"]
+        low, high = line["gold_mean_diff_ci"]
+        assert low <= line["gold_mean_diff"] <= high
+        assert line["eval_prompts"] == EVAL_PROMPTS
+    for line in rounds[1:]:
+        assert ROUND_FIELDS <= set(line), ROUND_FIELDS - set(line)
+        assert 0 <= line["round_ties"] <= 12
+    assert [line["labels"] for line in rounds] == [0, 12, 24]
+    assert rounds[0]["kl_to_v0"] == 0 and rounds[2]["kl_to_v0"] > 0
+    assert [line["version"] for line in rounds] == ["v0", "v1", "v2"]
     if arm == "goodhart":
-        assert all("proxy_mean" in line for line in lines)
+        assert all("proxy_mean" in line for line in rounds)
+    # The summary: the headline number (null, or a round that labelled something), and the final version.
+    assert summary["summary"] is True and summary["labels"] == 24 and summary["eval_prompts"] == EVAL_PROMPTS
+    assert "labels_to_significance" in summary
+    reached = summary["labels_to_significance"]
+    assert reached is None or (reached["labels"] in (12, 24) and reached["kl_to_v0"] >= 0)
+    assert summary["final"]["version"] == "v2" and summary["final"]["gold_mean_diff"] == rounds[2]["gold_mean_diff"]
+    saved = json.loads((work / RUN_FILE).read_text())
+    assert saved["lines"] == rounds and saved["summary"] == summary and saved["args"]["arm"] == arm
+
+
+def in_process(capsys, *args: str) -> tuple[int, list[dict], str]:
+    """bench.loop's main in this process (no interpreter to start): (exit status, JSON lines, stderr)."""
+    from bench.loop import main
+
+    status = main(list(args))
+    out = capsys.readouterr()
+    return status, [json.loads(line) for line in out.out.splitlines() if line.startswith("{")], out.err
+
+
+def test_head_to_head_scores_two_runs_final_versions_on_the_same_prompts_and_seeds(runs, capsys):
+    (_, onpolicy), (_, offline) = runs["onpolicy"], runs["offline"]
+    status, [line], err = in_process(capsys, "--head-to-head", str(onpolicy), str(offline), *TINY)
+    assert status == 0, err[-2000:]
+    assert line["head_to_head"] is True and (line["a"]["arm"], line["b"]["arm"]) == ("onpolicy", "offline")
+    assert line["a"]["version"] == line["b"]["version"] == "v2" and line["eval_prompts"] == EVAL_PROMPTS
+    low, high = line["gold_mean_diff_ci"]
+    assert low <= line["gold_mean_diff"] <= high
+    assert line["gold_mean_diff"] == pytest.approx(line["a"]["gold_mean"] - line["b"]["gold_mean"], abs=2e-4)
+    # A version against itself from the same seeds writes the same replies: no difference, no width.
+    status, [same], err = in_process(capsys, "--head-to-head", str(onpolicy), str(onpolicy), *TINY)
+    assert status == 0, err[-2000:]
+    assert (same["gold_mean_diff"], same["gold_mean_diff_ci"], same["gold_win_rate"]) == (0.0, [0.0, 0.0], 0.5)
+
+
+def test_head_to_head_needs_finished_runs(tmp_path, capsys):
+    status, _, err = in_process(capsys, "--head-to-head", str(tmp_path / "a"), str(tmp_path / "b"), *TINY)
+    assert status == 2 and "--workdir of a finished" in err
 
 
 def test_an_unknown_gold_stops_before_anything_runs(tiny_model_dir):
-    out = subprocess.run([sys.executable, "-m", "bench.loop", "--gold", "brevity", "--model", str(tiny_model_dir)],
-                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    out = bench_loop("--gold", "brevity", "--model", str(tiny_model_dir), timeout=120)
     assert out.returncode == 2 and "unknown gold" in out.stderr.lower()
+
+
+def test_a_gold_that_returns_nan_stops_before_anything_runs(tiny_model_dir, tmp_path, capsys):
+    status, lines, err = in_process(capsys, "--gold", "tests.gold_example:returns_nan", "--model", str(tiny_model_dir),
+                                    "--workdir", str(tmp_path / "work"), *TINY)
+    assert status == 2 and "must be finite" in err and lines == []
+    assert not (tmp_path / "work").exists()
+
+
+def test_a_gold_that_scores_every_reply_the_same_is_refused_before_any_label(tiny_model_dir, tmp_path, capsys,
+                                                                             monkeypatch):
+    (tmp_path / "flat_gold.py").write_text("def flat(context, reply):\n    return 0.5\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    status, lines, err = in_process(capsys, "--gold", "flat_gold:flat", "--model", str(tiny_model_dir),
+                                    "--workdir", str(tmp_path / "work"), *TINY)
+    assert status == 2, err[-2000:]
+    assert "same score (0.5)" in err and "no labels to learn from" in err
+    assert lines == [] and not (tmp_path / "work" / "adapters").exists()
+
+
+def test_more_eval_prompts_than_the_file_holds_is_a_clear_message(tmp_path, capsys):
+    from bench.loop import parse_args
+
+    few = tmp_path / "few.txt"
+    few.write_text("Why is the sky blue?\nWhat is rain?\nHow do magnets work?\n")
+    for argv, message in [(["--eval-file", str(few), "--eval-prompts", "5"],
+                           f"--eval-prompts 5 is more than the 3 prompts in {few}: lower --eval-prompts to at most 3"),
+                          (["--eval-prompts", "100000"], "or pass a longer --eval-file"),
+                          (["--eval-file", str(tmp_path / "none.txt")], "does not exist"),
+                          (["--tau", "0"], "--tau must be > 0")]:
+        with pytest.raises(SystemExit) as stop:
+            parse_args(argv)
+        assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_the_eval_prompts_are_enough_and_never_trained_on_or_probed():
+    from playground.evaluation.probes import load_probes
+    from playground.sim.prompt_file import load_prompts
+
+    held_out = load_prompts(DEFAULT_EVAL_FILE)
+    assert len(held_out) >= DEFAULT_EVAL_PROMPTS >= 128
+    probes = {messages[-1]["content"] for messages in load_probes()}
+    assert not set(held_out) & (set(load_prompts()) | probes)
+
+
+def test_check_tells_apart_refuses_only_a_gold_that_scores_every_reply_the_same():
+    from playground.sim.gold import Gold, GoldError, check_tells_apart
+
+    flat = Gold("flat", lambda context, reply: 1.0)
+    with pytest.raises(GoldError, match=r"gives all 3 of v0's replies the same score \(1\)"):
+        check_tells_apart(flat, [1.0, 1.0, 1.0 + 1e-15], "of v0's replies")
+    check_tells_apart(flat, [1.0, 1.0, 0.0], "of v0's replies")  # one reply apart is something to learn
+    check_tells_apart(flat, [1.0], "of v0's replies")  # one reply: nothing to compare yet
 
 
 def test_goodhart_proxy_agrees_with_concise_above_its_target_and_not_below():

@@ -250,7 +250,7 @@ def test_flips_and_bias_combine_into_the_final_probability():
 
 
 def test_position_bias_shifts_the_a_rate():
-    equal = {"x": 0.5, "y": 0.5}
+    equal = {"x": 0.5, "y": 0.5 + 1e-6}  # a hair apart (the same score would be a tie): P(A) = 0.5 before bias
     for bias in (0.15, -0.15):
         ann = annotator(equal, position_bias=bias, seed=11)
         n_a = sum(ann.vote(CTX, "x", "y") == "a" for _ in range(DRAWS))
@@ -261,8 +261,12 @@ def test_ties_only_when_the_scores_are_closer_than_the_margin():
     ann = annotator({"a1": 1.0, "a2": 1.05, "far": 2.0}, tie_margin=0.1, flip_rate=0.0, seed=5)
     assert {ann.vote(CTX, "a1", "a2") for _ in range(50)} == {"tie"}
     assert "tie" not in {ann.vote(CTX, "a1", "far") for _ in range(200)}
-    never = annotator({"a1": 1.0, "a2": 1.0}, seed=5)  # tie_margin 0: even identical scores get a choice
-    assert "tie" not in {never.vote(CTX, "a1", "a2") for _ in range(200)}
+    # tie_margin 0: the same score is still a tie (a person sees no difference and presses Tie; a coin
+    # flip would enter training as a preference), floating-point rounding included; a hair apart is not.
+    same = annotator({"a1": 1.0, "a2": 1.0, "close": 1.0 + 1e-6, "sum": 0.1 + 0.2, "exact": 0.3}, seed=5)
+    assert {same.vote(CTX, "a1", "a2") for _ in range(50)} == {"tie"}
+    assert same.vote(CTX, "sum", "exact") == "tie"
+    assert "tie" not in {same.vote(CTX, "a1", "close") for _ in range(200)}
 
 
 def test_votes_are_deterministic_under_a_seed_and_ties_do_not_shift_later_votes():

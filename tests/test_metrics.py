@@ -19,10 +19,12 @@ from playground.metrics import (
     distinct_n,
     fit_frontier,
     identical_share,
+    labels_to_significance,
     length_bias,
     length_summary,
     mean_interval,
     mean_pairwise_similarity,
+    paired_bootstrap,
     project_2d,
     semantic_drift,
     sequence_kl,
@@ -109,6 +111,69 @@ def test_bootstrap_interval():
     first = bootstrap_interval(data, stat=np.median, n_boot=200, seed=3)
     assert first == bootstrap_interval(data, stat=np.median, n_boot=200, seed=3)
     assert 1.0 <= first[0] <= first[1] <= 16.0
+
+
+
+def test_paired_bootstrap_of_a_constant_change_is_that_change_however_spread_the_prompts():
+    # Every prompt gains exactly 0.5: the change is known to be 0.5 and the interval has no width, while
+    # the prompts themselves span 0..93 (an unpaired interval of the two means would be tens wide).
+    old = [float(3 * i) for i in range(32)]
+    new = [x + 0.5 for x in old]
+    assert paired_bootstrap(new, old, n_boot=200) == {"diff": 0.5, "lo": 0.5, "hi": 0.5, "n": 32}
+    lo, hi = bootstrap_interval(new, n_boot=200)
+    assert hi - lo > 10
+    assert paired_bootstrap([], []) == {"diff": None, "lo": None, "hi": None, "n": 0}
+
+
+def test_paired_bootstrap_on_cases_with_exact_answers():
+    # Two prompts with differences 0 and 1: resampled means are 0 (p 1/4), 0.5 (1/2) or 1 (1/4), so the
+    # 2.5th and 97.5th percentiles are exactly 0 and 1.
+    out = paired_bootstrap([5.0, 3.0], [5.0, 2.0], n_boot=2000)
+    assert (out["diff"], out["lo"], out["hi"]) == (0.5, 0.0, 1.0)
+    # Symmetric: ten prompts, five +1 and five -1. A resampled mean is (2k - 10) / 10 with k ~ Bin(10, 1/2);
+    # P(k <= 1) = 0.011 < 0.025 < P(k <= 2) = 0.055, so the interval is exactly [-0.6, 0.6] around 0.
+    new = [1.0, 0.0] * 5
+    old = [0.0, 1.0] * 5
+    out = paired_bootstrap(new, old, n_boot=4000, seed=1)
+    assert (out["diff"], out["lo"], out["hi"], out["n"]) == (0.0, -0.6, 0.6, 10)
+
+
+def test_paired_bootstrap_agrees_with_the_normal_interval_on_many_prompts_and_is_seeded():
+    rng = np.random.default_rng(7)
+    old = rng.normal(0.0, 1.0, 400)
+    new = old + rng.normal(0.2, 0.5, 400)
+    out = paired_bootstrap(new, old, n_boot=4000, seed=3)
+    d = new - old
+    half = 1.96 * d.std(ddof=1) / math.sqrt(d.size)
+    assert out["diff"] == pytest.approx(d.mean())
+    assert out["lo"] == pytest.approx(d.mean() - half, abs=0.1 * half)
+    assert out["hi"] == pytest.approx(d.mean() + half, abs=0.1 * half)
+    assert out == paired_bootstrap(new, old, n_boot=4000, seed=3)
+    assert out != paired_bootstrap(new, old, n_boot=4000, seed=4)
+
+
+def test_paired_bootstrap_refuses_unpaired_or_non_finite_scores():
+    with pytest.raises(ValueError, match="one old score per new score, got 2 new and 3 old"):
+        paired_bootstrap([1.0, 2.0], [1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match="finite"):
+        paired_bootstrap([1.0, float("nan")], [1.0, 2.0])
+    with pytest.raises(ValueError, match="n_boot"):
+        paired_bootstrap([1.0], [0.0], n_boot=0)
+
+
+def test_labels_to_significance_on_a_scripted_loop():
+    def rnd(r, labels, ci, kl):
+        return {"round": r, "labels": labels, "gold_mean_diff_ci": ci, "kl_to_v0": kl}
+
+    rounds = [rnd(0, 0, [0.01, 0.2], 0.0),  # v0 against itself: above zero by chance, never counts
+              rnd(1, 64, [-0.10, 0.05], 0.3),
+              rnd(2, 128, [0.0, 0.12], 1.1),  # touching zero is not above it
+              rnd(3, 192, [0.02, 0.15], 2.4),
+              rnd(4, 256, [-0.01, 0.2], 3.3)]
+    assert labels_to_significance(rounds) == {"labels": 192, "kl_to_v0": 2.4, "round": 3}
+    assert labels_to_significance(rounds[:3]) is None
+    assert labels_to_significance([]) is None
+    assert labels_to_significance([rnd(1, 64, None, 0.2), rnd(2, 128, [0.3, 0.4], 0.9)])["labels"] == 128
 
 
 # --- KL --------------------------------------------------------------------------------------------

@@ -404,7 +404,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--flip-rate", type=float, default=0.25, help="chance a vote is flipped (default: 0.25)")
     p.add_argument("--tau", type=float, default=None, help="Bradley-Terry temperature (default: the gold's)")
     p.add_argument("--position-bias", type=float, default=0.0, help="extra chance of choosing A (default: 0)")
-    p.add_argument("--tie-margin", type=float, default=0.0, help="score gap below which it ties (default: 0)")
+    p.add_argument("--tie-margin", type=float, default=0.0, help="score gap below which it ties; replies the gold scores the same always tie (default: 0)")
     p.add_argument("--edit-rate", type=float, default=DEFAULT_EDIT_RATE, help="chance of a better reply")
     p.add_argument("--follow-up-rate", type=float, default=DEFAULT_FOLLOW_UP_RATE,
                    help="chance the next message follows up instead of a new prompt")
