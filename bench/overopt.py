@@ -303,11 +303,14 @@ class OverOptBench:
             picks += order
         picks = picks[:k]
         replies, _, _ = self.sample(self.base, [self.train_ids[i] for i in picks], 2, PHASE_LABELS)
-        pairs, informative, boundary = [], 0, 0
+        pairs, informative, boundary, ties = [], 0, 0, 0
         for index, (prompt, (a, b)) in enumerate(zip(picks, replies)):
             context = [{"role": "user", "content": self.train_texts[prompt]}]
             judgement = self.annotator.judge(context, a.text, b.text)
             informative += judgement.score_a != judgement.score_b
+            if judgement.choice not in ("a", "b"):  # a tie (the gold scores both the same) makes no pair,
+                ties += 1                            # as in the app's store
+                continue
             chosen, rejected = (a.text, b.text) if judgement.choice == "a" else (b.text, a.text)
             spec = PairSpec(context=(("user", self.train_texts[prompt]),), chosen=chosen, rejected=rejected,
                             source="choice", conversation_id=prompt, turn_id=index, chosen_reply_id=None,
@@ -319,9 +322,10 @@ class OverOptBench:
         if informative < MIN_REWARD_PAIRS:
             raise BenchInputError(
                 f"gold {self.gold.spec!r} scored both replies of {k - informative} of the {k} labelled pairs the "
-                f"same: only {informative} carry a preference (a reward model needs {MIN_REWARD_PAIRS}), so every "
-                "other vote is a coin flip. Pick a gold that tells this model's replies apart, or raise --labels")
-        return pairs, {"pairs": k, "informative": informative, "skipped_boundary": boundary}
+                f"same: only {informative} carry a preference (a reward model needs {MIN_REWARD_PAIRS}); every other "
+                "vote is a tie that makes no pair. Pick a gold that tells this model's replies apart, or raise "
+                "--labels")
+        return pairs, {"pairs": k, "informative": informative, "ties": ties, "skipped_boundary": boundary}
 
     # -- 2. the reward model ---------------------------------------------------------------------------
 
