@@ -544,8 +544,8 @@ def plot_overopt(data: dict) -> Figure | None:
                 continue
             x = [math.sqrt(max(0.0, p["kl"])) for p in points]
             color = to_hex(colors(k % 10))
-            for key, style, label in (("gold_score", "-o", f"{run['gold']}: gold"),
-                                      ("proxy", "--s", f"{run['gold']}: {run['reward_model'] or 'proxy'}")):
+            gold = str(run["gold"]).split(":")[0]  # "concise:target_words=25" -> "concise"
+            for key, style, label in (("gold_score", "-o", f"{gold}: gold"), ("proxy", "--s", f"{gold}: proxy")):
                 base = points[0][key]
                 y = [_nan(p[key]) - _nan(base) for p in points]
                 lo, hi = ("gold_low", "gold_high") if key == "gold_score" else ("proxy_low", "proxy_high")
@@ -562,7 +562,12 @@ def plot_overopt(data: dict) -> Figure | None:
     if not drawn:
         return None
     _ylabel(axes[0], "change from start")
-    _legend(axes[0])
+    handles, labels = axes[0].get_legend_handles_labels()
+    if not handles:
+        handles, labels = axes[1].get_legend_handles_labels()
+    # Below the panels: inside, it would sit on the curves.
+    fig.legend(handles, labels, loc="outside lower center", ncols=min(4, len(labels)), fontsize=TICK_PT,
+               frameon=False)
     return fig
 
 
