@@ -78,6 +78,21 @@ def config_class(algo: str):
     raise ValueError(f"algorithm {algo!r} is not one of {SCHEDULE_ALGOS}")
 
 
+def checked_config(algo: str, config: dict) -> dict:
+    """A copy of `config`, checked as the algorithm's settings dataclass takes it; ValueError naming what
+    is wrong (an unknown setting, or a value the dataclass refuses)."""
+    cls = config_class(algo)
+    config = dict(config)
+    unknown = sorted(set(config) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise ValueError(f"unknown {algo.upper()} settings {unknown}")
+    try:
+        cls(**config)
+    except TypeError as exc:
+        raise ValueError(str(exc)) from exc
+    return config
+
+
 class TrainingLoop:
     def __init__(self, settings: LoopSettings, store: Store, policy: PolicyHolder,
                  on_live: Callable[[str], None] | None = None):
@@ -314,16 +329,7 @@ class TrainingLoop:
         """Validate the settings of `algo` (default: the schedule's) and use them, and that algorithm, from
         the next round on; raises ValueError naming what is wrong. Returns the settings as they will be used."""
         algo = algo or self.settings.algo
-        cls = config_class(algo)
-        config = dict(config)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(config) - known)
-        if unknown:
-            raise ValueError(f"unknown {algo.upper()} settings {unknown}")
-        try:
-            cls(**config)
-        except TypeError as exc:
-            raise ValueError(str(exc)) from exc
+        config = checked_config(algo, config)
         with self._config_lock:
             if algo != self.settings.algo:
                 self._event("settings", f"the next rounds train with {algo.upper()}")
@@ -335,18 +341,8 @@ class TrainingLoop:
     def set_round(self, algo: str, config: dict, reward_model: str | None = None) -> dict:
         """The algorithm, its settings and (PPO) the reward model of the next rounds, all validated before
         any is applied: a bad value changes nothing. Raises ValueError naming it."""
-        cls = config_class(algo)
-        config = dict(config)
-        unknown = sorted(set(config) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown {algo.upper()} settings {unknown}")
-        try:
-            cls(**config)
-        except TypeError as exc:
-            raise ValueError(str(exc)) from exc
-        if reward_model and self.store.reward_model(self.policy.model_id, reward_model) is None:
-            raise ValueError(f"there is no reward model {reward_model}")
-        self.set_algo(algo, reward_model)
+        config = checked_config(algo, config)
+        self.set_algo(algo, reward_model)  # checks the reward model before it changes anything
         return self.set_next_config(config, algo)
 
     def set_algo(self, algo: str, reward_model: str | None = None) -> None:

@@ -122,6 +122,23 @@ class RoundData:
                 "replayed": self.replayed, "skipped": dict(self.skipped)}
 
 
+def tokenize_within(tokenizer, specs, max_length: int, skipped: dict[str, int]) -> list[PreferencePair]:
+    """The specs tokenised, leaving out (and counting in `skipped`) those whose prompt is not a prefix of
+    prompt + reply ('boundary') and those longer than `max_length` ('too_long')."""
+    out = []
+    for spec in specs:
+        try:
+            pair = tokenize(tokenizer, spec)
+        except BoundaryError:
+            skipped["boundary"] = skipped.get("boundary", 0) + 1
+            continue
+        if pair.length > max_length:
+            skipped["too_long"] = skipped.get("too_long", 0) + 1
+            continue
+        out.append(pair)
+    return out
+
+
 def count_new_pairs(store, model_id: str, include_simulated: bool = True, max_length: int | None = None,
                     include_arena: bool = False) -> int:
     """New training pairs within `max_length` tokens: the one definition the schedule and the trainer use.
@@ -153,18 +170,7 @@ def build_round(store, tokenizer, model_id: str, max_length: int, replay_ratio: 
     newest = max([s.newest_feedback_id for s in new], default=store.last_consumed_feedback_id(model_id))
 
     def tokenized(specs):
-        out = []
-        for spec in specs:
-            try:
-                pair = tokenize(tokenizer, spec)
-            except BoundaryError:
-                skipped["boundary"] = skipped.get("boundary", 0) + 1
-                continue
-            if pair.length > max_length:
-                skipped["too_long"] = skipped.get("too_long", 0) + 1
-                continue
-            out.append(pair)
-        return out
+        return tokenize_within(tokenizer, specs, max_length, skipped)
 
     train_new = tokenized(new)
     train_replay = tokenized(replay)
@@ -185,18 +191,7 @@ def build_reward_data(store, tokenizer, model_id: str, max_length: int, include_
     skipped: dict[str, int] = {}
 
     def tokenized(specs):
-        out = []
-        for spec in specs:
-            try:
-                pair = tokenize(tokenizer, spec)
-            except BoundaryError:
-                skipped["boundary"] = skipped.get("boundary", 0) + 1
-                continue
-            if pair.length > max_length:
-                skipped["too_long"] = skipped.get("too_long", 0) + 1
-                continue
-            out.append(pair)
-        return out
+        return tokenize_within(tokenizer, specs, max_length, skipped)
 
     train = tokenized(stored_specs(rows))
     newest = max([max(r["feedback_ids"]) for r in rows + held_rows], default=0)
