@@ -140,7 +140,11 @@ def test_a_scheduled_ppo_round_goes_live_through_the_app(tiny_loaded, tiny_model
         "--algo", "reward", "--db", str(tmp_path / "loop.db"), "--reward-models-dir", str(tmp_path / "reward_models"),
         "--model", str(tiny_model_dir), "--config", json.dumps(REWARD), "--no-progress"]))
     assert summary["status"] == "succeeded", summary
-    settings = loop_settings(tmp_path, algo="ppo", reward_models_dir=str(tmp_path / "reward_models"))
+    # The store already holds 108 new pairs: with the test's 1.2 s schedule a check could start a round
+    # before the test names r1, so the schedule's interval is long here and the round starts as a vote
+    # after /resume nudges the same scheduled check.
+    settings = loop_settings(tmp_path, algo="ppo", reward_models_dir=str(tmp_path / "reward_models"),
+                             train_every_min=60)
     with running_app(tiny_loaded, tmp_path / "loop.db", loop_settings=settings) as (url, service, loop):
         client = Client(url, verbose=False)
         client.predict(api_name="/pause")
@@ -148,6 +152,7 @@ def test_a_scheduled_ppo_round_goes_live_through_the_app(tiny_loaded, tiny_model
         loop.set_next_config(PPO)
         vote_in_new_conversations(client, 6)
         client.predict(api_name="/resume")
+        vote_in_new_conversations(client, 1)  # nudges the scheduled check to now
         status = wait_for(lambda: (s := client.predict(api_name="/training_status"))["live"] == "v1" and s,
                           what="the PPO version to go live")
         assert status["algo"] == "ppo"
