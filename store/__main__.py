@@ -1,4 +1,8 @@
-"""`python -m store stats --db PATH`: table counts as JSON. `migrate` upgrades a database in place."""
+"""`python -m store COMMAND`: the database from the command line.
+
+    python -m store stats                  # table counts as JSON
+    python -m store migrate                # upgrade a database in place
+"""
 
 import argparse
 import json
@@ -7,22 +11,51 @@ import sys
 from store.db import DEFAULT_DB, Store, StoreError
 
 
+def _stats(store: Store, args: argparse.Namespace) -> int:
+    print(json.dumps(store.stats(), indent=2))
+    return 0
+
+
+def _migrate(store: Store, args: argparse.Namespace) -> int:
+    print(json.dumps({"applied": store.stats()["schema"]}))
+    return 0
+
+
+def common_options() -> argparse.ArgumentParser:
+    """The options every command takes (after its name: `python -m store stats --db PATH`)."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--db", default=DEFAULT_DB, help=f"SQLite file (default {DEFAULT_DB})")
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m store", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common = [common_options()]
+    commands.add_parser("stats", parents=common, help="table counts as JSON").set_defaults(run=_stats)
+    commands.add_parser("migrate", parents=common, help="upgrade the database's schema in place").set_defaults(
+        run=_migrate)
+    # Each further command adds its own subparser (parents=common), with `run(store, args) -> exit code`
+    # as its default.
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m store", description=__doc__)
-    parser.add_argument("command", choices=["stats", "migrate"])
-    parser.add_argument("--db", default=DEFAULT_DB, help=f"SQLite file (default {DEFAULT_DB})")
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         store = Store(args.db)
     except StoreError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    if args.command == "stats":
-        print(json.dumps(store.stats(), indent=2))
-    else:
-        print(json.dumps({"applied": store.stats()["schema"]}))
-    store.close()
-    return 0
+    try:
+        return args.run(store, args)
+    except StoreError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        store.close()
 
 
 if __name__ == "__main__":

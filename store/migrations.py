@@ -317,6 +317,37 @@ def m007_reward_models(db: Database) -> None:
     db["overopt_points"].create_index(["bench_id"])
 
 
+@migrations()
+def m008_accounts_and_teams(db: Database) -> None:
+    # Accounts: a password is kept only as a KDF hash (never plain); a disabled account keeps its row,
+    # so its votes keep their name. Sign-ins, sign-outs and refusals are logged without any password.
+    db["users"].create(
+        {"id": int, "name": str, "role": str, "password_hash": str, "disabled": int, "created_at": str,
+         "disabled_at": str},
+        pk="id",
+        not_null={"name", "role", "password_hash", "disabled"},
+        defaults={"disabled": 0},
+    )
+    db["users"].create_index(["name"], unique=True)
+    db["auth_events"].create({"id": int, "user": str, "event": str, "detail": str, "created_at": str}, pk="id")
+    # Excluding an annotator from training is recorded and reversible: an append-only log, the newest
+    # row per user in force.
+    db["annotator_exclusions"].create(
+        {"id": int, "user": str, "excluded": int, "by_user": str, "reason": str, "created_at": str}, pk="id")
+    db["annotator_exclusions"].create_index(["user", "id"])
+    # Where a conversation came from: null for the chat, "import:<file>" for `python -m store import`.
+    db["conversations"].add_column("source", str)
+    # The pair index knows whose judgment made each pair (rounds can leave an annotator out with an
+    # indexed filter) and which pairs were imported (kept out of on-policy metrics).
+    db["training_pairs"].add_column("user", str)
+    db["training_pairs"].add_column("imported", int, not_null_default=0)
+    db.execute("update training_pairs set user = (select c.user from conversations c"
+               " where c.id = training_pairs.conversation_id)")
+    db["training_pairs"].create_index(["user"])
+    # A message or reply the moderation hook refused: what was refused and why, on its turn.
+    db["turns"].add_column("moderation_json", str)
+
+
 def apply(db: Database, stop_before: str | None = None) -> None:
     migrations.apply(db, stop_before=stop_before)
 

@@ -28,6 +28,8 @@ HELD_OUT_BUCKETS = 10  # 1 bucket in 10: a held-out share of about 10%
 # after the reply's last sampled token (the end-of-turn token when the reply was cut at the length
 # limit, and the newline some templates add): counted generously so a pair kept here fits there.
 TEMPLATE_TAIL_TOKENS = 2
+# conversations.source of pairs brought in by `python -m store import` ("import:<file name>"); null for chat.
+IMPORT_SOURCE_PREFIX = "import:"
 
 
 def is_held_out(conversation_id: int) -> bool:
@@ -99,15 +101,18 @@ def pair_length(prompt_tokens: int | None, chosen_tokens: int | None, rejected_t
 def judged_groups(db, where: str = "", params: list | tuple = ()) -> list[dict]:
     """Judged (turn, pair)s as `store.pairs.pair_rows` takes them; `where` narrows the feedback rows."""
     groups: dict[tuple, dict] = {}
+    # An older schema being migrated (m005 runs this) has no conversations.source yet.
+    source = "c.source" if "source" in db["conversations"].columns_dict else "null as source"
     for row in db.query(
         "select f.id, f.turn_id, f.pair, f.kind, f.value, f.reply_id, f.n_tokens, t.conversation_id,"
-        " t.prompt_tokens, c.simulated from feedback f join turns t on t.id = f.turn_id"
+        f" t.prompt_tokens, c.simulated, c.user, {source} from feedback f join turns t on t.id = f.turn_id"
         " join conversations c on c.id = t.conversation_id"
         f" where f.replaced_by is null {where} order by f.id", params
     ):
         group = groups.setdefault((row["turn_id"], row["pair"]), {
             "turn_id": row["turn_id"], "pair": row["pair"], "conversation_id": row["conversation_id"],
-            "prompt_tokens": row["prompt_tokens"], "simulated": row["simulated"], "replies": {},
+            "prompt_tokens": row["prompt_tokens"], "simulated": row["simulated"], "user": row["user"],
+            "imported": int((row["source"] or "").startswith(IMPORT_SOURCE_PREFIX)), "replies": {},
             "feedback": [], "superseded": False,
         })
         group["feedback"].append({k: row[k] for k in ("id", "kind", "value", "reply_id", "n_tokens")})
@@ -136,5 +141,6 @@ def _index_row(group: dict, row: dict) -> dict:
         "policy_version": row["policy_version"], "held_out": int(is_held_out(group["conversation_id"])),
         "arena": int("|" in (row["policy_version"] or "")),
         "simulated": int(group["simulated"] or 0),
+        "user": group.get("user"), "imported": int(group.get("imported") or 0),
         "n_tokens": pair_length(group["prompt_tokens"], chosen_tokens, tokens.get(row["rejected_reply_id"])),
     }
