@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from trainers.dpo import ALL_LINEAR
+from trainers.dpo import ALL_LINEAR, TrainingAborted
 from trainers.logprobs import sequence_logprobs
 from trainers.metrics import kl_per_reply
 from trainers.ppo import (
@@ -342,6 +342,9 @@ def test_all_empty_rollouts_abort(tiny_loaded, prompts):
     with pytest.raises(PPOAborted, match="empty") as caught:
         train_ppo(tiny_loaded.model, tiny_loaded.tokenizer, prompts, lambda p, r: calls.append(r), config)
     assert caught.value.step == 1 and caught.value.steps == [] and not calls
+    # One kind of abort for every trainer: a runner that records aborted DPO rounds records this one too.
+    assert isinstance(caught.value, TrainingAborted)
+    assert str(caught.value).startswith("PPO round aborted at iteration 1: all")
 
 
 def test_a_nan_score_aborts_and_a_wrong_count_is_a_value_error(tiny_loaded, prompts):

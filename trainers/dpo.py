@@ -61,10 +61,14 @@ BUCKET_BATCHES = 4
 
 
 class TrainingAborted(RuntimeError):
-    """A round stopped because training diverged (NaN/inf loss, exploding gradient norm)."""
+    """A round stopped because training diverged (NaN/inf loss, exploding gradient norm).
+
+    The reward-model and PPO trainers raise subclasses, so a runner records every aborted round alike."""
+
+    what, unit = "DPO round", "step"  # how the message names the round and its steps
 
     def __init__(self, reason: str, step: int, steps: list[dict] | None = None):
-        super().__init__(f"DPO round aborted at step {step}: {reason}")
+        super().__init__(f"{self.what} aborted at {self.unit} {step}: {reason}")
         self.reason = reason
         self.step = step
         self.steps = steps or []  # the metrics of the steps that did finish, to show what led up to it

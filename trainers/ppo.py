@@ -78,14 +78,10 @@ VALUE_HEAD_INIT_STD = 1e-3
 WHITEN_EPS = 1e-8
 
 
-class PPOAborted(RuntimeError):
+class PPOAborted(dpo.TrainingAborted):
     """A round stopped: all rollouts empty, a NaN/inf score or loss, or the KL to the reference past max_kl."""
 
-    def __init__(self, reason: str, step: int, steps: list[dict] | None = None):
-        super().__init__(f"PPO round aborted at iteration {step}: {reason}")
-        self.reason = reason
-        self.step = step
-        self.steps = steps or []  # the metrics of the iterations that did finish, to show what led up to it
+    what, unit = "PPO round", "iteration"
 
 
 @dataclass

@@ -57,7 +57,7 @@ def choose_reward_model(rnd: Round, args: argparse.Namespace) -> tuple[dict, str
 def run_ppo_round(args: argparse.Namespace) -> tuple[int, dict]:
     from playground.serving.adapters import AdapterError, check_files, clean_temporary, load_version, publish
     from trainers.data import rollout_prompts
-    from trainers.ppo import PPOAborted, config_dict, save_adapter, train_ppo
+    from trainers.ppo import config_dict, save_adapter, train_ppo
     from trainers.reward import load_reward_model
     from trainers.dpo import TrainingAborted
     from trainers.reward_round import chance_reason, reward_summary
@@ -130,7 +130,7 @@ def run_ppo_round(args: argparse.Namespace) -> tuple[int, dict]:
                           max_feedback_id=consumed, reward_model=row["name"])
     except RoundStopped as exc:
         return rnd.stopped(exc)
-    except (PPOAborted, TrainingAborted) as exc:  # PPO diverged, or the reward model fitted first did
+    except TrainingAborted as exc:  # PPO diverged (PPOAborted), or the reward model fitted first did
         return rnd.finish("failed", f"training stopped: {exc}")
     except AdapterError as exc:
         return rnd.finish("failed", f"adapter refused: {exc}")

@@ -90,11 +90,7 @@ class RewardAborted(TrainingAborted):
 
     A TrainingAborted, so a runner that already records aborted DPO rounds records these the same way."""
 
-    def __init__(self, reason: str, step: int, steps: list[dict] | None = None):
-        RuntimeError.__init__(self, f"reward model round aborted at step {step}: {reason}")
-        self.reason = reason
-        self.step = step
-        self.steps = steps or []  # the metrics of the steps that did finish
+    what = "reward model round"
 
 
 @dataclass
