@@ -196,8 +196,8 @@ class OverOptBench:
         self.eval_ids = [self.render(t) for t in self.eval_texts]
         self.train_ids = [self.render(t) for t in self.train_texts]
         # PPO hands back prompt ids; the proxy scores the conversation they came from.
-        self.context_of = {tuple(ids): text for ids, text in zip(self.train_ids + self.eval_ids,
-                                                                 self.train_texts + self.eval_texts)}
+        self.context_of = {tuple(ids): [{"role": "user", "content": text}]
+                           for ids, text in zip(self.train_ids + self.eval_ids, self.train_texts + self.eval_texts)}
         self.bench_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{self.gold.name.replace(':', '.')}-s{args.seed}"
         self.work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="overopt-"))
         self.work.mkdir(parents=True, exist_ok=True)
@@ -266,18 +266,10 @@ class OverOptBench:
                 for text, group in zip(texts, replies)]
 
     def proxy_raw(self, items: list[tuple[str, str]]) -> list[float]:
-        """The reward model's raw score of each (user message, reply text), in one batched pass. Each row is
-        the conversation rendered with the reply, as the reward model's training rows (prompt + chosen) were
-        (`trainers.data.tokenize`); the score is read at the row's last token, so where the row is split
-        into prompt and reply does not change it."""
-        from playground.serving.prompting import render
-
-        rows = []
-        for text, reply in items:
-            full = render(self.tokenizer, [{"role": "user", "content": text}, {"role": "assistant", "content": reply}],
-                          add_generation_prompt=False)
-            rows.append((full[:-1], full[-1:]))
-        return self.scorer.score(rows)
+        """The reward model's raw score of each (user message, reply text), in one batched pass, rendered as
+        its training rows were (`RewardScorer.score_chats`)."""
+        return self.scorer.score_chats(self.tokenizer, [([{"role": "user", "content": text}], reply)
+                                                        for text, reply in items])
 
     def proxy_scores(self, texts: list[str], replies) -> list[list[float]]:
         flat = self.proxy_raw([(text, r.text) for text, group in zip(texts, replies) for r in group])
@@ -386,13 +378,6 @@ class OverOptBench:
 
     # -- 4. PPO ----------------------------------------------------------------------------------------
 
-    def reward_fn(self, prompt_ids_list, reply_ids_list) -> list[float]:
-        """PPO's reward: the proxy's normalised score of the reply's text (PPO hands over its tokens without
-        the stop token), rendered as the reward model's training pairs were."""
-        texts = [self.tokenizer.decode(r, skip_special_tokens=True) for r in reply_ids_list]
-        items = [(self.context_of[tuple(p)], t) for p, t in zip(prompt_ids_list, texts)]
-        return self.scorer.normalise(self.proxy_raw(items))
-
     def ppo(self) -> tuple[list[dict], dict | None]:
         """The PPO points (round 0 is v0), and why the rounds stopped early (None when they all ran): an
         aborted round (trainers.ppo.PPOAborted) ends the curve where it is, with the points so far."""
@@ -404,12 +389,13 @@ class OverOptBench:
                                              kl_per_prompt=[0.0] * len(v0["baseline"])),
                    "kl_source": "exact", "seconds": 0.0}]
         config, previous = self.ppo_config, None
+        reward_fn = self.scorer.ppo_reward(self.tokenizer, self.context_of)
         for round_index in range(1, self.args.ppo_rounds + 1):
             clock = time.perf_counter()
             # A seed per round: a warm-started round should not redraw the last round's prompts and samples.
             config = dataclasses.replace(config, seed=self.ppo_config.seed + round_index - 1)
             try:
-                result = train_ppo(self.loaded.model, self.tokenizer, self.train_ids, self.reward_fn, config,
+                result = train_ppo(self.loaded.model, self.tokenizer, self.train_ids, reward_fn, config,
                                    init_adapter_dir=previous,
                                    on_step=lambda m, r=round_index: log(
                                        f"ppo round {r} iteration {m['step']}/{m['total_steps']}: score "

@@ -93,16 +93,9 @@ def run_ppo_round(args: argparse.Namespace) -> tuple[int, dict]:
             raise RoundStopped("skipped", "no stored prompts to roll out on (outside the held-out split)",
                                reward_model=row["name"], metrics={"reward_model": rm})
 
-        # 3. PPO from the live version, against the normalised reward model. A rollout is scored as the
-        # reward model was trained: its text rendered after its context with the chat template (end of
-        # turn and all), not the raw sampled ids.
-        contexts = {tuple(ids): messages for ids, messages in prompts}
-        tokenizer = loaded.tokenizer
-
-        def reward_fn(prompt_ids, reply_ids):
-            chats = [(contexts[tuple(p)], tokenizer.decode(r, skip_special_tokens=True))
-                     for p, r in zip(prompt_ids, reply_ids)]
-            return scorer.normalise(scorer.score_chats(tokenizer, chats))
+        # 3. PPO from the live version, against the normalised reward model (rollouts scored on their text
+        # rendered after their context, as the reward model was trained).
+        reward_fn = scorer.ppo_reward(loaded.tokenizer, {tuple(ids): messages for ids, messages in prompts})
 
         init_adapter = None
         if rnd.parent != "v0":

@@ -38,7 +38,7 @@ import copy
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -338,6 +338,18 @@ class RewardScorer:
             split = len(prompt) if full[: len(prompt)] == prompt and len(full) > len(prompt) else len(full) - 1
             pairs.append((full[:split], full[split:]))
         return self.score(pairs)
+
+    def ppo_reward(self, tokenizer, contexts: Mapping[tuple, Sequence]) -> Callable[[list, list], list[float]]:
+        """PPO's reward function over this model: `contexts` maps each rollout prompt's token ids (a tuple) to
+        its context messages. A rollout is scored as the reward model was trained: its text rendered after
+        its context with the chat template (end of turn and all; PPO hands over the sampled ids without the
+        stop token), normalised by the training scores' mean and std."""
+        def reward_fn(prompt_ids_list, reply_ids_list) -> list[float]:
+            chats = [(contexts[tuple(p)], tokenizer.decode(r, skip_special_tokens=True))
+                     for p, r in zip(prompt_ids_list, reply_ids_list)]
+            return self.normalise(self.score_chats(tokenizer, chats))
+
+        return reward_fn
 
 
 # --- the result and its folder -------------------------------------------------------------------------
