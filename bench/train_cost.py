@@ -938,13 +938,14 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     from playground.serving.models import load_model
-    from trainers.dpo import DPOConfig, _matmul_dtype
+    from trainers.dpo import DPOConfig
+    from trainers.runtime import matmul_dtype
 
     loaded = load_model(args.model, "cpu", args.model_cache)
     model, tokenizer = loaded.model, loaded.tokenizer
     weights = next(model.parameters())
     # The trainers' own choice of product dtype (all three default to 'auto'), so the rate is of what runs.
-    base_dtype = str(_matmul_dtype(DPOConfig(), weights.device, weights.dtype) or weights.dtype).removeprefix("torch.")
+    base_dtype = str(matmul_dtype(DPOConfig(), weights.device, weights.dtype) or weights.dtype).removeprefix("torch.")
     config = DPOConfig()
     shape = ModelShape.of(model, config.lora_r, config.target_modules)
     pairs, prompts, suffix = make_data(tokenizer, shape.vocab, args.pairs, args.prompts,

@@ -10,7 +10,8 @@ import torch
 from playground.serving import engine as engine_mod
 from playground.serving.engine import AdapterUnsupported, Engine, read_adapter
 from tests.test_engine import build
-from trainers.dpo import ALL_LINEAR, DPOConfig
+from trainers.dpo import DPOConfig
+from trainers.runtime import ALL_LINEAR
 
 BACKENDS = ["torch", "native"]
 PROMPT = [5, 17, 42, 99, 3, 250, 7]

@@ -11,7 +11,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from trainers.dpo import ALL_LINEAR, TrainingAborted
+from trainers.dpo import TrainingAborted
+from trainers.runtime import ALL_LINEAR
 from trainers.logprobs import sequence_logprobs
 from trainers.metrics import kl_per_reply
 from trainers.ppo import (

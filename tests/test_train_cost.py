@@ -21,7 +21,8 @@ from bench.train_cost import (
     pass_flops,
     trained_tokens,
 )
-from trainers.dpo import ALL_LINEAR, pack_pairs
+from trainers.dpo import pack_pairs
+from trainers.runtime import ALL_LINEAR
 from trainers.pairs import PreferencePair
 
 # hidden 4, 2 layers, 2 heads of 2 (q: 4 wide), 1 kv head (k, v: 2 wide), MLP 8, vocab 10, LoRA rank 1 on all 7.

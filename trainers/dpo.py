@@ -31,7 +31,7 @@ import copy
 import math
 import time
 from collections.abc import Callable, Collection, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -39,19 +39,16 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from trainers.fastlora import bf16_matmul_is_fast, fast_lora
+from trainers.fastlora import fast_lora
 from trainers.logprobs import segment_logprobs
 from trainers.pairs import PreferencePair
+from trainers.runtime import ALL_LINEAR, MATMUL_DTYPES, MatmulDtype, device_dtype, matmul_dtype, seeded
 
 LossType = Literal["sigmoid", "ipo"]
 RefType = Literal["base", "previous"]
-MatmulDtype = Literal["auto", "float32", "bfloat16"]
 LOSS_TYPES = ("sigmoid", "ipo")
-MATMUL_DTYPES = ("auto", "float32", "bfloat16")
 REF_TYPES = ("base", "previous")
 LR_SCHEDULES = ("linear", "constant")
-# Every linear projection of a Llama-style block: attention and MLP.
-ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Rows of a no-grad pass (reference, held-out metrics): no activations are kept, so bigger batches fit.
 # With length-sorted rows bigger batches waste little padding.
 SCORE_BATCH_PAIRS = 8
@@ -298,7 +295,7 @@ def score_pairs(model, pairs: Sequence[PreferencePair], pad_id: int, batch_pairs
     the same rows, padding and matrix shapes as the step that uses them, so the policy's first forward
     reproduces the reference bit for bit and step 1 is exactly ln 2 even with bf16 products.
     """
-    device, dtype = _device_dtype(model)
+    device, dtype = device_dtype(model)
     chosen = torch.zeros(len(pairs), device=device)
     rejected = torch.zeros(len(pairs), device=device)
     if batches is None:
@@ -317,11 +314,6 @@ def _row_length(pair: PreferencePair) -> int:
     return len(pair.prompt_ids) + len(pair.chosen_ids) + 1 + len(pair.rejected_ids)
 
 
-def _device_dtype(model) -> tuple[torch.device, torch.dtype]:
-    param = next(model.parameters())
-    return param.device, param.dtype
-
-
 def _held_out(logps, ref_logps, pairs, config: DPOConfig) -> dict:
     """Implicit-reward accuracy (margin > 0), mean margin and loss over held-out pairs."""
     if not pairs:
@@ -334,24 +326,6 @@ def _held_out(logps, ref_logps, pairs, config: DPOConfig) -> dict:
     margins = chosen_rewards - rejected_rewards
     return {"n": len(pairs), "accuracy": (margins > 0).float().mean().item(), "margin": margins.mean().item(),
             "loss": losses.mean().item()}
-
-
-@contextmanager
-def _seeded(seed: int, device: torch.device):
-    """Seed LoRA init and dropout without disturbing the caller's random state."""
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
-
-
-def _matmul_dtype(config: DPOConfig, device: torch.device, dtype: torch.dtype) -> torch.dtype | None:
-    """The dtype of the frozen base products for this round; None keeps the weights' own."""
-    if config.matmul_dtype == "bfloat16":
-        return torch.bfloat16
-    if config.matmul_dtype == "auto" and dtype == torch.float32 and bf16_matmul_is_fast(device):
-        return torch.bfloat16
-    return None
 
 
 def _pad_id(model) -> int:
@@ -401,7 +375,7 @@ def train_dpo(
     skipped = len(pairs_train) - len(fits) + len(pairs_eval) - len(eval_fits)
     if not fits:
         raise ValueError(f"none of the {len(pairs_train)} training pairs fits max_length={config.max_length}")
-    device, dtype = _device_dtype(model)
+    device, dtype = device_dtype(model)
     pad_id = _pad_id(model)
 
     # 1. A private copy with the adapter. Base-model dropout is switched off in the copy: with it the policy
@@ -410,7 +384,7 @@ def train_dpo(
     for module in base.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
-    with _seeded(config.seed, device):
+    with seeded(config.seed, device):
         if init_adapter_dir is not None:
             policy = PeftModel.from_pretrained(base, str(init_adapter_dir), is_trainable=True)
         else:
@@ -422,7 +396,7 @@ def train_dpo(
 
     # The round runs with the LoRA layers' faster forward (and bf16 base products where those are fast);
     # the returned model is back on PEFT's own forward.
-    with fast_lora(policy, _matmul_dtype(config, device, dtype)):
+    with fast_lora(policy, matmul_dtype(config, device, dtype)):
         # Every epoch's batches are drawn up front, so the reference can be scored on the first epoch's.
         generator = torch.Generator().manual_seed(config.seed)
         lengths = [_row_length(p) for p in fits]
@@ -454,7 +428,7 @@ def train_dpo(
         steps: list[dict] = []
         step = 0
         policy.train()
-        with _seeded(config.seed, device):  # LoRA dropout draws from the global generator
+        with seeded(config.seed, device):  # LoRA dropout draws from the global generator
             for epoch, batches in enumerate(epoch_batches):
                 for first in range(0, len(batches), config.grad_accum):
                     micro_batches = batches[first : first + config.grad_accum]

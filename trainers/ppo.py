@@ -59,9 +59,9 @@ import torch
 
 from trainers import dpo
 # The round's setup is DPO's: the same LoRA targets, matmul-dtype choice and seeding.
-from trainers.dpo import ALL_LINEAR, MATMUL_DTYPES, MatmulDtype, _device_dtype, _matmul_dtype, _seeded
 from trainers.fastlora import fast_lora
 from trainers.logprobs import token_logprobs
+from trainers.runtime import ALL_LINEAR, MATMUL_DTYPES, MatmulDtype, device_dtype, matmul_dtype, seeded
 
 RewardFn = Callable[[list[list[int]], list[list[int]]], Sequence[float]]
 
@@ -341,7 +341,7 @@ def generate_rollouts(policy, prompts: Sequence[Sequence[int]], max_new_tokens: 
     )
     out = Rollouts([], [], [], [])
     stop_set = set(stops)
-    with _seeded(seed, device):
+    with seeded(seed, device):
         for start in range(0, len(prompts), MAX_GENERATE_ROWS):
             chunk = [list(p) for p in prompts[start : start + MAX_GENERATE_ROWS]]
             width = max(len(p) for p in chunk)
@@ -530,7 +530,7 @@ def train_ppo(
     stops = stop_token_ids(tokenizer, config.eos_ids, model)
     start_kl = None  # the first iteration's KL to the reference: max_kl is measured from it
     pad_id = _pad_id(tokenizer, stops, vocab_size)
-    device, dtype = _device_dtype(model)
+    device, dtype = device_dtype(model)
 
     # 1. A private copy with the adapter (base dropout off: the ratio and the KL must not be noise), and
     # the critic.
@@ -538,7 +538,7 @@ def train_ppo(
     for module in base.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
-    with _seeded(config.seed, device):
+    with seeded(config.seed, device):
         if init_adapter_dir is not None:
             policy = PeftModel.from_pretrained(base, str(init_adapter_dir), is_trainable=True)
         else:
@@ -551,7 +551,7 @@ def train_ppo(
     policy.eval()
     trainable = [p for p in policy.parameters() if p.requires_grad] + list(value_head.parameters())
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=0.0)
-    matmul = _matmul_dtype(config, device, dtype)
+    matmul = matmul_dtype(config, device, dtype)
 
     generator = torch.Generator().manual_seed(config.seed)  # prompt order, sampling seeds, minibatch order
     order: list[int] = []
@@ -563,7 +563,7 @@ def train_ppo(
     # decoding included: the rollouts are sampled through the same products the scoring pass then scores
     # them with, and decoding 16 rows of SmolLM2 took 0.18 s a step this way against 0.25 s on PEFT's own
     # forward (bf16; float32 0.24 s). The returned model is back on PEFT's forward.
-    with _seeded(config.seed, device), fast_lora(policy, matmul):  # dropout, if any, draws from the global RNG
+    with seeded(config.seed, device), fast_lora(policy, matmul):  # dropout, if any, draws from the global RNG
         for step in range(1, config.iterations + 1):
             # 2a. The next prompts of the seeded shuffle.
             while len(order) < n:

@@ -50,19 +50,10 @@ from playground.metrics.intervals import wilson
 from playground.serving.adapters import PROBE_TOKENS, REQUIRED_FILES, AdapterError, check_files
 from playground.serving.prompting import render
 # The DPO round's own helpers: the same seeding, bf16 choice and length bucketing, not copies of them.
-from trainers.dpo import (
-    ALL_LINEAR,
-    LR_SCHEDULES,
-    MATMUL_DTYPES,
-    MatmulDtype,
-    TrainingAborted,
-    _device_dtype,
-    _matmul_dtype,
-    _seeded,
-    length_batches,
-)
+from trainers.dpo import LR_SCHEDULES, TrainingAborted, length_batches
 from trainers.fastlora import fast_lora
 from trainers.pairs import PreferencePair
+from trainers.runtime import ALL_LINEAR, MATMUL_DTYPES, MatmulDtype, device_dtype, matmul_dtype, seeded
 
 SCORE_HEAD_FILE = "score_head.safetensors"
 REWARD_STATS_FILE = "reward_stats.json"
@@ -448,7 +439,7 @@ def train_reward(
             f"a reward model needs at least {MIN_REWARD_PAIRS} training pairs within max_length="
             f"{config.max_length}; got {len(fits)} ({len(pairs_train) - len(fits)} of {len(pairs_train)} too long)"
         )
-    device, dtype = _device_dtype(model)
+    device, dtype = device_dtype(model)
     pad_id = reward_pad_id(model)
 
     # 1. A private copy with LoRA and a head. Base-model dropout is off in the copy: a reply should get
@@ -458,7 +449,7 @@ def train_reward(
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
     hidden_size = base.config.hidden_size
-    with _seeded(config.seed, device):
+    with seeded(config.seed, device):
         if init_dir is not None:
             policy = PeftModel.from_pretrained(base, str(init_dir), is_trainable=True)
             head = _read_head(Path(init_dir), hidden_size, device)
@@ -479,7 +470,7 @@ def train_reward(
     steps: list[dict] = []
     step = 0
     policy.train()
-    with fast_lora(policy, _matmul_dtype(config, device, dtype)), _seeded(config.seed, device):
+    with fast_lora(policy, matmul_dtype(config, device, dtype)), seeded(config.seed, device):
         for epoch in range(config.epochs):
             batches = length_batches(lengths, config.batch_size, generator)
             for first in range(0, len(batches), config.grad_accum):
@@ -573,7 +564,7 @@ def load_reward_model(base_model, folder: str | Path, base_model_id: str) -> Rew
     folder = Path(folder)
     manifest = check_files(folder, base_model_id, required=REWARD_REQUIRED_FILES)
     stats = _read_stats(folder)
-    device, _ = _device_dtype(base_model)
+    device, _ = device_dtype(base_model)
     try:
         model = PeftModel.from_pretrained(copy.deepcopy(base_model), str(folder))
         head = _read_head(folder, base_model.config.hidden_size, device)
