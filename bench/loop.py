@@ -32,6 +32,11 @@ one summary object ({"summary": true, ...}) with the headline number, `labels_to
 labels after which the gold_mean_diff interval first lies above zero, with the KL to v0 there (null if
 never). The runs' settings and lines are kept in WORKDIR/bench-loop.json, which --head-to-head reads.
 
+Which pair the annotator judges: `--pair-rule random` (two samples, the plain loop), `least_separated` or
+`most_different` (each training prompt gets --candidates samples and the rule picks two: the pair the live
+version's implicit reward separates least, or the two sharing the fewest words; playground/metrics/
+pair_choice.py). Every line names its rule.
+
 A gold that gives every one of v0's held-out replies the same score is refused before any label is
 given: its annotator would tie every pair (playground/sim/annotator.py), leaving nothing to learn.
 """
@@ -50,6 +55,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from playground.metrics.pair_choice import PAIR_RULES  # noqa: E402 - after the path set-up above
+
 ARMS = ("onpolicy", "offline", "goodhart")
 # The held-out prompts: bench.loop's own file, apart from the training prompts (the autopilot's).
 DEFAULT_EVAL_FILE = Path(__file__).resolve().parent / "loop_eval_prompts.txt"
@@ -62,6 +69,10 @@ BOOTSTRAP_SAMPLES = 2000  # resamples of the eval prompts for each gold_mean_dif
 # while gold wants more - the over-optimisation to watch. (+0.5, the old default, was so small next to
 # gold that the proxy ranked almost every pair as gold did: nothing to over-optimise.)
 DEFAULT_GOODHART_LAMBDA = -40.0
+# A pair rule other than random picks among this many replies per prompt: enough choice to matter, at twice
+# a plain pair's sampling cost.
+DEFAULT_CANDIDATES = 4
+MAX_CANDIDATES = 16
 RUN_FILE = "bench-loop.json"  # in the workdir: the run's settings and every line printed
 
 
@@ -96,6 +107,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "function, which is too flat for a score in [0, 1] whose pairs differ by 0.1)")
     p.add_argument("--goodhart-lambda", type=float, default=DEFAULT_GOODHART_LAMBDA)
     p.add_argument("--config", default="{}", help="JSON DPO settings for every round (see trainers/dpo.py)")
+    p.add_argument("--pair-rule", choices=PAIR_RULES, default="random",
+                   help="which two of --candidates sampled replies the annotator judges (playground/metrics/"
+                        "pair_choice.py): random, least_separated (closest implicit rewards under the live "
+                        "version) or most_different (fewest shared words) (default: %(default)s)")
+    p.add_argument("--candidates", type=int, default=DEFAULT_CANDIDATES,
+                   help="replies sampled per training prompt when --pair-rule is not random (default: %(default)s)")
     p.add_argument("--workdir", default=None, help="keep the store and adapters here (default: a temp folder)")
     p.add_argument("--head-to-head", nargs=2, metavar=("WORKDIR_A", "WORKDIR_B"), default=None,
                    help="score the final version of run A against run B's (each a --workdir of a finished run, "
@@ -103,6 +120,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.rounds < 1 or args.labels_per_round < 2 or args.eval_prompts < 2:
         p.error("--rounds >= 1, --labels-per-round >= 2 and --eval-prompts >= 2 are needed")
+    if not 2 <= args.candidates <= MAX_CANDIDATES:
+        p.error(f"--candidates must be between 2 and {MAX_CANDIDATES}, got {args.candidates}")
     if args.tau is not None and not args.tau > 0:
         p.error(f"--tau must be > 0 (a score gap of tau is a 73%% preference), got {args.tau}")
     try:
@@ -269,12 +288,33 @@ class LoopBench(Bench):
     # -- data ---------------------------------------------------------------------------------------
 
     def sample_pairs(self, target, count: int, seed: int) -> list[tuple[str, str, str]]:
+        """`count` training prompts, each with the pair --pair-rule picks among its sampled replies."""
         from playground.evaluation.evaluator import sample_seed
+        from playground.metrics.pair_choice import choose_pair
 
+        rule = self.args.pair_rule
+        k = 2 if rule == "random" else self.args.candidates
         texts = [self.rng.choice(self.train_prompts) for _ in range(count)]
-        seeds = [[sample_seed(seed, i, 0), sample_seed(seed, i, 1)] for i in range(count)]
-        groups = self.sample(target, [self.render(t) for t in texts], seeds)
-        return [(text, a.reply.text, b.reply.text) for text, (a, b) in zip(texts, groups)]
+        prompt_ids = [self.render(t) for t in texts]
+        seeds = [[sample_seed(seed, i, j) for j in range(k)] for i in range(count)]
+        groups = self.sample(target, prompt_ids, seeds)
+        pairs = []
+        for text, ids, group in zip(texts, prompt_ids, groups):
+            replies = [g.reply for g in group]
+            rewards = None
+            if rule == "least_separated":
+                rewards = self.implicit_rewards(target, ids, [r.token_ids for r in replies])
+            i, j = choose_pair(rule, [r.text for r in replies], rewards)
+            pairs.append((text, replies[i].text, replies[j].text))
+        return pairs
+
+    def implicit_rewards(self, target, prompt_ids, replies) -> list[float]:
+        """log pi(reply) - log pi_v0(reply) of each reply: DPO's implicit reward, up to its beta."""
+        if target is self.base:
+            return [0.0] * len(replies)
+        own = target.reply_logprobs(prompt_ids, replies)
+        ref = self.base.reply_logprobs(prompt_ids, replies)
+        return [a - b for a, b in zip(own, ref)]
 
     def label_and_store(self, pairs: list[tuple[str, str, str]], version: str) -> dict:
         """The annotator votes on each pair; every vote is stored as the app would store it. Returns the
@@ -324,7 +364,8 @@ class LoopBench(Bench):
 
     def report(self, round_index: int, result: dict, baseline: dict, seconds: dict, extra: dict) -> dict:
         line = {
-            "arm": self.args.arm, "gold": self.gold.spec, "round": round_index, "version": self.version,
+            "arm": self.args.arm, "gold": self.gold.spec, "pair_rule": self.args.pair_rule,
+            "round": round_index, "version": self.version,
             "labels": self.labels, **compare(result, baseline, self.args.seed),
             "gold_mean": round(sum(result["scores"]) / len(result["scores"]), 4),
             "kl_to_v0": round(result["kl"], 4), "mean_tokens": round(result["mean_tokens"], 2),
@@ -342,7 +383,8 @@ class LoopBench(Bench):
         from playground.metrics import labels_to_significance
 
         last = self.lines[-1]
-        line = {"summary": True, "arm": self.args.arm, "gold": self.gold.spec, "rounds": self.args.rounds,
+        line = {"summary": True, "arm": self.args.arm, "gold": self.gold.spec, "pair_rule": self.args.pair_rule,
+                "rounds": self.args.rounds,
                 "labels": self.labels, "eval_prompts": last["eval_prompts"],
                 "labels_to_significance": labels_to_significance(self.lines),
                 "final": {k: last[k] for k in ("version", "gold_win_rate", "gold_win_rate_ci", "gold_mean_diff",
