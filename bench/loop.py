@@ -107,6 +107,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "function, which is too flat for a score in [0, 1] whose pairs differ by 0.1)")
     p.add_argument("--goodhart-lambda", type=float, default=DEFAULT_GOODHART_LAMBDA)
     p.add_argument("--config", default="{}", help="JSON DPO settings for every round (see trainers/dpo.py)")
+    p.add_argument("--replay-ratio", type=float, default=None,
+                   help="older pairs replayed per new pair in each round (default: the app's, trainers/defaults.py)")
     p.add_argument("--pair-rule", choices=PAIR_RULES, default="random",
                    help="which two of --candidates sampled replies the annotator judges (playground/metrics/"
                         "pair_choice.py): random, least_separated (closest implicit rewards under the live "
@@ -120,6 +122,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.rounds < 1 or args.labels_per_round < 2 or args.eval_prompts < 2:
         p.error("--rounds >= 1, --labels-per-round >= 2 and --eval-prompts >= 2 are needed")
+    if args.replay_ratio is not None and not args.replay_ratio >= 0:
+        p.error(f"--replay-ratio must be 0 or more, got {args.replay_ratio}")
     if not 2 <= args.candidates <= MAX_CANDIDATES:
         p.error(f"--candidates must be between 2 and {MAX_CANDIDATES}, got {args.candidates}")
     if args.tau is not None and not args.tau > 0:
@@ -347,7 +351,9 @@ class LoopBench(Bench):
         args = runner_args(["--db", str(self.work / "loop.db"), "--adapters-dir", str(self.work / "adapters"),
                             "--model", self.args.model, "--model-cache", self.args.model_cache,
                             "--min-new-pairs", "1", "--config", self.args.config,
-                            "--trigger", f"bench-{self.args.arm}-{round_index}", "--no-progress"])
+                            "--trigger", f"bench-{self.args.arm}-{round_index}", "--no-progress",
+                            *(["--replay-ratio", str(self.args.replay_ratio)] if self.args.replay_ratio is not None
+                              else [])])
         _, summary = run_round(args)
         return summary
 

@@ -1,0 +1,184 @@
+"""The label-efficiency sweep: which settings make a label teach most, on several tastes.
+
+    python -m bench.sweep --golds concise keyword format --out bench/sweep_results.jsonl
+    python -m bench.sweep --report bench/sweep_results.jsonl        # the table and the chosen setting, again
+
+Each setting is bench.loop's on-policy arm with one change from the base (a one-at-a-time screen: the
+full grid of 12 knobs would be thousands of runs, each minutes long), run on every gold. The measure
+is `labels_to_significance`: the labels after which vN's paired gold-mean difference to v0 has its 95%
+interval above zero (bench/loop.py), with the KL to v0 there. A setting qualifies when that KL is at
+most --max-kl (5 nats) on every gold; among those the winner reaches significance on every gold in the
+fewest labels (the worst gold counts: a default must hold for every taste), ties going to the lower sum.
+A gold where a setting never reaches significance counts as the run's labels plus one round (worse than
+any that did).
+
+Every finished run appends one JSON line to --out (the setting, the gold, bench.loop's summary and its
+round lines); a rerun skips what --out already has, so a sweep stopped half-way goes on where it was.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+# One change from the base per setting: the knobs that decide how much a label teaches (the issue's list).
+# The values bracket the app's defaults (trainers/dpo.py DPOConfig, trainers/defaults.py).
+SETTINGS: dict[str, list[str]] = {
+    "base": [],
+    "lr_1e-4": ["--config", '{"learning_rate": 1e-4}'],
+    "lr_5e-4": ["--config", '{"learning_rate": 5e-4}'],
+    "beta_0.03": ["--config", '{"beta": 0.03}'],
+    "beta_0.3": ["--config", '{"beta": 0.3}'],
+    "epochs_2": ["--config", '{"epochs": 2}'],
+    "ipo": ["--config", '{"loss": "ipo"}'],
+    "label_smoothing_0.25": ["--config", '{"label_smoothing": 0.25}'],  # the annotator's flip rate
+    "replay_0": ["--replay-ratio", "0"],
+    "replay_3": ["--replay-ratio", "3"],
+    "labels_per_round_32": ["--labels-per-round", "32", "--rounds-factor", "2"],
+    "temperature_0.7": ["--temperature", "0.7"],
+    "pairs_least_separated": ["--pair-rule", "least_separated"],
+    "pairs_most_different": ["--pair-rule", "most_different"],
+}
+DEFAULT_GOLDS = ("concise", "keyword", "format")
+MAX_KL = 5.0  # nats: a taste learned by drifting far from the base model is not the win we want
+DEFAULT_ROUNDS = 2  # 2 x 64 labels: the goal is significance within 128 labels
+DEFAULT_LABELS_PER_ROUND = 64
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.sweep", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--golds", nargs="+", default=list(DEFAULT_GOLDS), help="gold specs, as bench.loop --gold takes")
+    p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS), metavar="SETTING",
+                   help=f"which settings to run (default: all: {', '.join(SETTINGS)})")
+    p.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS)
+    p.add_argument("--labels-per-round", type=int, default=DEFAULT_LABELS_PER_ROUND)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-kl", type=float, default=MAX_KL)
+    p.add_argument("--out", default=str(ROOT / "bench" / "sweep_results.jsonl"),
+                   help="results, one JSON line per finished run; runs already there are skipped")
+    p.add_argument("--workdir", default=None, help="where each run keeps its store and adapters (default: temp)")
+    p.add_argument("--report", metavar="RESULTS", default=None, help="only print the table of a results file")
+    p.add_argument("loop_args", nargs=argparse.REMAINDER,
+                   help="after --: more bench.loop flags for every run (e.g. -- --model PATH --eval-prompts 32)")
+    args = p.parse_args(argv)
+    if args.loop_args[:1] == ["--"]:
+        args.loop_args = args.loop_args[1:]
+    if args.rounds < 1 or args.labels_per_round < 2:
+        p.error("--rounds >= 1 and --labels-per-round >= 2 are needed")
+    return args
+
+
+def run_flags(setting: str, rounds: int, labels_per_round: int) -> list[str]:
+    """bench.loop's flags for one setting: its change, at the same labels in all (fewer per round, more rounds)."""
+    flags = list(SETTINGS[setting])
+    factor = 1
+    if "--rounds-factor" in flags:
+        at = flags.index("--rounds-factor")
+        factor = int(flags[at + 1])
+        del flags[at:at + 2]
+    if "--labels-per-round" not in flags:
+        flags += ["--labels-per-round", str(labels_per_round)]
+    return flags + ["--rounds", str(rounds * factor)]
+
+
+def done_runs(path: Path) -> set[tuple[str, str, int]]:
+    if not path.exists():
+        return set()
+    return {(r["setting"], r["gold"], r["seed"]) for r in read_results(path)}
+
+
+def read_results(path: Path) -> list[dict]:
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                raise SystemExit(f"error: {path} line {number} is not JSON (a run cut off while writing?): "
+                                 "remove that line and run again") from None
+    return rows
+
+
+def run_one(setting: str, gold: str, args: argparse.Namespace, workdir: Path) -> dict:
+    """One bench.loop run; its summary and round lines."""
+    command = [sys.executable, "-m", "bench.loop", "--arm", "onpolicy", "--gold", gold, "--seed", str(args.seed),
+               "--workdir", str(workdir), *run_flags(setting, args.rounds, args.labels_per_round), *args.loop_args]
+    out = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=os.environ.copy())
+    lines = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    if out.returncode != 0 or not lines or not lines[-1].get("summary"):
+        return {"setting": setting, "gold": gold, "seed": args.seed, "failed": out.stderr[-1500:],
+                "command": command[1:]}
+    return {"setting": setting, "gold": gold, "seed": args.seed, "summary": lines[-1], "rounds": lines[:-1],
+            "command": command[1:]}
+
+
+def score(row: dict) -> tuple[float, float | None]:
+    """(labels to significance, or the run's labels plus one round when never; KL to v0 there or at the end)."""
+    summary = row["summary"]
+    reached = summary["labels_to_significance"]
+    if reached is None:
+        per_round = summary["labels"] / max(summary["rounds"], 1)
+        return summary["labels"] + per_round, summary["final"]["kl_to_v0"]
+    return reached["labels"], reached["kl_to_v0"]
+
+
+def table(rows: list[dict], max_kl: float = MAX_KL) -> dict:
+    """Per setting: labels to significance and KL on each gold, whether it qualifies, and the winner."""
+    settings: dict[str, dict] = {}
+    golds = sorted({r["gold"] for r in rows})
+    for row in rows:
+        entry = settings.setdefault(row["setting"], {"golds": {}})
+        if "failed" in row:
+            entry["golds"][row["gold"]] = {"failed": True}
+            continue
+        labels, kl = score(row)
+        entry["golds"][row["gold"]] = {"labels_to_significance": row["summary"]["labels_to_significance"],
+                                       "score": labels, "kl_to_v0": kl,
+                                       "final_gold_mean_diff": row["summary"]["final"]["gold_mean_diff"],
+                                       "final_gold_mean_diff_ci": row["summary"]["final"]["gold_mean_diff_ci"]}
+    for entry in settings.values():
+        results = [entry["golds"].get(g) for g in golds]
+        complete = all(r is not None and not r.get("failed") for r in results)
+        entry["complete"] = complete
+        entry["worst"] = max(r["score"] for r in results) if complete else None
+        entry["total"] = sum(r["score"] for r in results) if complete else None
+        entry["qualifies"] = complete and all(r["kl_to_v0"] is not None and r["kl_to_v0"] <= max_kl for r in results)
+    ranked = sorted((name for name, e in settings.items() if e["qualifies"]),
+                    key=lambda name: (settings[name]["worst"], settings[name]["total"], name))
+    return {"golds": golds, "max_kl": max_kl, "settings": settings, "ranking": ranked,
+            "winner": ranked[0] if ranked else None}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.report:
+        print(json.dumps(table(read_results(Path(args.report)), args.max_kl), indent=1))
+        return 0
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = done_runs(out)
+    base = Path(args.workdir or tempfile.mkdtemp(prefix="sweep-"))
+    for setting in args.settings:
+        for gold in args.golds:
+            if (setting, gold, args.seed) in done:
+                continue
+            workdir = base / f"{setting}-{gold.replace(':', '_').replace('=', '_')}-s{args.seed}"
+            row = run_one(setting, gold, args, workdir)
+            with out.open("a") as f:  # one whole line per finished run
+                f.write(json.dumps(row) + "\n")
+            summary = row.get("summary") or {}
+            print(json.dumps({"setting": setting, "gold": gold, "failed": "failed" in row,
+                              "labels_to_significance": summary.get("labels_to_significance")}), flush=True)
+    print(json.dumps(table(read_results(out), args.max_kl)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

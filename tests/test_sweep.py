@@ -1,0 +1,71 @@
+"""bench.sweep: the table and the winner on hand-made results, each setting's flags, and a tiny sweep end
+to end that a rerun resumes instead of repeating."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench.sweep import SETTINGS, main, run_flags, table
+
+
+def row(setting, gold, reached, kl, labels=128, rounds=2):
+    return {"setting": setting, "gold": gold, "seed": 0,
+            "summary": {"labels": labels, "rounds": rounds,
+                        "labels_to_significance": None if reached is None else {"labels": reached, "kl_to_v0": kl},
+                        "final": {"kl_to_v0": kl, "gold_mean_diff": 0.1, "gold_mean_diff_ci": [0.0, 0.2]}}}
+
+
+def test_the_winner_is_best_on_its_worst_gold_within_the_kl_limit():
+    rows = [row("base", "concise", 128, 1.0), row("base", "keyword", None, 0.5),  # keyword never: 128 + 64
+            row("fast", "concise", 64, 2.0), row("fast", "keyword", 128, 3.0),
+            row("drifty", "concise", 64, 6.0), row("drifty", "keyword", 64, 4.0),  # KL 6 > 5 on concise
+            row("half", "concise", 64, 1.0)]  # no keyword result: not complete
+    result = table(rows)
+    assert result["golds"] == ["concise", "keyword"]
+    assert result["settings"]["base"]["worst"] == 192 and result["settings"]["fast"]["worst"] == 128
+    assert not result["settings"]["drifty"]["qualifies"] and not result["settings"]["half"]["complete"]
+    assert result["ranking"] == ["fast", "base"] and result["winner"] == "fast"
+    # A failed run never qualifies its setting.
+    failed = table(rows[:4] + [{"setting": "fast", "gold": "keyword", "seed": 0, "failed": "boom"}])
+    assert failed["winner"] == "base" and not failed["settings"]["fast"]["complete"]
+
+
+def test_each_setting_changes_one_thing_at_the_same_labels():
+    assert run_flags("base", 2, 64) == ["--labels-per-round", "64", "--rounds", "2"]
+    assert run_flags("labels_per_round_32", 2, 64) == ["--labels-per-round", "32", "--rounds", "4"]
+    assert run_flags("lr_5e-4", 2, 64)[:2] == ["--config", '{"learning_rate": 5e-4}']
+    for name, flags in SETTINGS.items():
+        if "--config" in flags:
+            json.loads(flags[flags.index("--config") + 1])  # every config is valid JSON
+
+
+def test_a_tiny_sweep_runs_end_to_end_and_a_rerun_resumes(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "results.jsonl"
+    argv = ["--golds", "concise", "--settings", "base", "pairs_most_different", "--rounds", "1",
+            "--labels-per-round", "8", "--out", str(out), "--workdir", str(tmp_path / "runs"), "--",
+            "--model", str(tiny_model_dir), "--max-new-tokens", "8", "--eval-prompts", "4", "--candidates", "3"]
+    assert main(argv) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["setting"], r["gold"]) for r in rows] == [("base", "concise"), ("pairs_most_different", "concise")]
+    for r in rows:
+        assert "failed" not in r, r.get("failed")
+        assert r["summary"]["labels"] == 8 and r["summary"]["pair_rule"] == (
+            "most_different" if r["setting"] == "pairs_most_different" else "random")
+    final = lines[-1]
+    assert set(final["settings"]) == {"base", "pairs_most_different"} and final["golds"] == ["concise"]
+    # Again: both runs are in the results already, nothing runs twice.
+    assert main(argv) == 0
+    assert len(out.read_text().splitlines()) == 2
+    capsys.readouterr()
+    assert main(["--report", str(out)]) == 0
+    assert json.loads(capsys.readouterr().out)["settings"] == final["settings"]
+
+
+def test_a_cut_off_results_line_is_a_clear_message(tmp_path):
+    bad = tmp_path / "r.jsonl"
+    bad.write_text('{"setting": "base"')
+    with pytest.raises(SystemExit, match="line 1 is not JSON"):
+        main(["--report", str(bad)])
