@@ -10,9 +10,11 @@ Accepted rows, as TRL reads them: conversational ({"prompt": [messages], "chosen
 message], "rejected": [...]}), with an implicit prompt (no "prompt": chosen and rejected are whole
 conversations that share every message but the last), or standard (plain strings, wrapped as a user
 message and assistant replies). A file is JSON lines (or one JSON array), or a `datasets` folder saved
-with `save_to_disk`. The whole file is checked first and imported in one transaction: one bad row
-imports nothing and the message names every bad line. A row already in the store (the same prompt,
-chosen and rejected, from any file) is skipped and counted, so importing a file twice adds nothing.
+with `save_to_disk`. The whole file is checked before anything is written: one bad row imports
+nothing and the message names every bad line. A row already in the store (the same prompt, chosen and
+rejected, from any file) is skipped and counted, so importing a file twice adds nothing. The rows go in
+IMPORT_CHUNK_ROWS to a transaction, so the app's votes never wait long for the write lock; a database
+error midway (a full disk) leaves whole rows only, and the same import again adds the rest.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from store.pairs import IMPORT_SOURCE_PREFIX, IMPORT_VERSION
+from store.pairs import IMPORT_SOURCE_PREFIX, IMPORT_VERSION, index_rows, judged_groups
 
 # Every message of an imported row at most this long: the chat refuses longer messages the same way
 # (playground.serving.limits.MAX_STORED_MESSAGE_CHARS), so an import cannot store what a person could not type.
@@ -31,6 +33,10 @@ MAX_IMPORT_TEXT_CHARS = 200_000
 # Rows per import: one transaction holds them all, and the store is measured up to 100,000 judgments
 # (bench/status_cost.py); a larger set is imported in parts.
 MAX_IMPORT_ROWS = 100_000
+# Rows per transaction: each holds the database's write lock, and the app's writes wait for it at most
+# BUSY_TIMEOUT_MS (5 s); 2,000 rows of about 1 KB took at most 1.7 s on the 2-core machine under load
+# (`python bench/import_cost.py`).
+IMPORT_CHUNK_ROWS = 2_000
 # Bad lines named in one message at most (a wholly wrong file would otherwise print every line).
 MAX_ERRORS_SHOWN = 20
 # Who made imported pairs, unless `--user` says; a name like the chat's (MAX_USER_CHARS, printable).
@@ -203,43 +209,76 @@ def import_source(file_name: str, sha: str) -> str:
 
 
 class ImportQueries:
-    def import_pairs(self, rows: list[ImportRow], file_name: str, user: str = IMPORT_USER) -> ImportResult:
-        """Store checked rows as seed pairs, all in one transaction (see the module's docstring); rows whose
-        content is already stored, or that make no pair (chosen the same as rejected, or empty), are
-        skipped and listed."""
+    def import_pairs(self, rows: list[ImportRow], file_name: str, user: str = IMPORT_USER,
+                     chunk_rows: int = IMPORT_CHUNK_ROWS) -> ImportResult:
+        """Store checked rows as seed pairs (see the module's docstring), `chunk_rows` to a transaction;
+        rows whose content is already stored, or that make no pair (chosen the same as rejected, or
+        empty), are skipped and listed. A database error stops the import with a StoreError that says how
+        many rows went in: the same import again skips those and adds the rest."""
+        from store.db import StoreError  # store.db builds Store from this mixin: imported when first needed
+
         user = check_user(user)
         result = ImportResult(file=file_name)
-        with self._write("the import") as db:
-            seen = {source.rsplit("#", 1)[1] for (source,) in db.execute(
-                "select source from conversations where source like ? and instr(source, '#') > 0",
-                [IMPORT_SOURCE_PREFIX + "%"]).fetchall()}
-            for row in rows:
-                sha = row.sha
-                if sha in seen:
-                    result.duplicates.append(row.line)
-                    continue
-                if row.chosen == row.rejected or not row.chosen.strip():
-                    result.no_pair.append(row.line)
-                    continue
-                seen.add(sha)
-                self._import_row(db, row, sha, file_name, user)
-                result.imported += 1
+        todo, in_file = [], set()
+        for row in rows:
+            sha = row.sha
+            if sha in in_file:
+                result.duplicates.append(row.line)
+            elif row.chosen == row.rejected or not row.chosen.strip():
+                result.no_pair.append(row.line)
+            else:
+                in_file.add(sha)
+                todo.append((row, sha))
+        for start in range(0, len(todo), chunk_rows):
+            try:
+                with self._write("the import") as db:
+                    # Read in the transaction, so that two imports of one file at once cannot both add a row.
+                    stored = _imported_hashes(db)
+                    chunk = []
+                    for row, sha in todo[start:start + chunk_rows]:
+                        if sha in stored:
+                            result.duplicates.append(row.line)
+                        else:
+                            chunk.append((row, sha))
+                    first = None
+                    for row, sha in chunk:
+                        feedback_id = _insert_row(db.conn, row, sha, file_name, user, self._now())
+                        first = first or feedback_id
+                    if first is not None:
+                        # The pair index by its own rules, once per chunk (a pass per row would hold the
+                        # write lock several times as long).
+                        db["training_pairs"].insert_all(
+                            [r for g in judged_groups(db, "and f.id >= ?", [first]) for r in index_rows(g)])
+            except StoreError as exc:
+                raise StoreError(f"{exc}; {result.imported} row(s) of {file_name} went in before it, and the same "
+                                 "import again skips them and adds the rest") from exc
+            result.imported += len(chunk)
         return result
 
-    def _import_row(self, db, row: ImportRow, sha: str, file_name: str, user: str) -> None:
-        session_id = f"import-{sha[:16]}"
-        created = self._now()
-        system = row.prompt[0][1] if row.prompt[0][0] == "system" else ""
-        conversation_id = int(db["conversations"].insert({
-            "session_id": session_id, "user": user, "model_id": None, "system_prompt": system, "simulated": 0,
-            "created_at": created, "source": import_source(file_name, sha),
-        }).last_pk)
-        context = [{"role": role, "content": content} for role, content in row.prompt]
-        turn_id = int(db["turns"].insert({
-            "conversation_id": conversation_id, "idx": sum(1 for role, _ in row.prompt[:-1] if role == "user"),
-            "context_json": json.dumps(context, ensure_ascii=False), "user_message": row.prompt[-1][1],
-            "created_at": created,
-        }).last_pk)
-        self._insert_replies(db, turn_id, 0, [{"slot": "a", "text": row.chosen, "policy_version": IMPORT_VERSION},
-                                              {"slot": "b", "text": row.rejected, "policy_version": IMPORT_VERSION}])
-        self._insert_feedback(db, turn_id, 0, None, "choice", "a", user, session_id)
+
+def _imported_hashes(db) -> set[str]:
+    return {source.rsplit("#", 1)[1] for (source,) in db.execute(
+        "select source from conversations where source like ? and instr(source, '#') > 0",
+        [IMPORT_SOURCE_PREFIX + "%"]).fetchall()}
+
+
+def _insert_row(conn, row: ImportRow, sha: str, file_name: str, user: str, created: str) -> int:
+    """One row's conversation, turn, replies and choice, with plain statements (sqlite-utils' insert
+    inspects the table at every call: most of an import's time). Returns the choice's feedback id."""
+    session_id = f"import-{sha[:16]}"
+    system = row.prompt[0][1] if row.prompt[0][0] == "system" else ""
+    conversation_id = conn.execute(
+        "insert into conversations (session_id, user, model_id, system_prompt, simulated, created_at, source)"
+        " values (?, ?, null, ?, 0, ?, ?)", [session_id, user, system, created, import_source(file_name, sha)]
+    ).lastrowid
+    context = [{"role": role, "content": content} for role, content in row.prompt]
+    turn_id = conn.execute(
+        "insert into turns (conversation_id, idx, context_json, user_message, created_at) values (?, ?, ?, ?, ?)",
+        [conversation_id, sum(1 for role, _ in row.prompt[:-1] if role == "user"),
+         json.dumps(context, ensure_ascii=False), row.prompt[-1][1], created]).lastrowid
+    for slot, text in (("a", row.chosen), ("b", row.rejected)):
+        conn.execute("insert into replies (turn_id, pair, slot, text, policy_version, superseded, created_at)"
+                     " values (?, 0, ?, ?, ?, 0, ?)", [turn_id, slot, text, IMPORT_VERSION, created])
+    return conn.execute(
+        "insert into feedback (turn_id, pair, kind, value, user, session_id, created_at)"
+        " values (?, 0, 'choice', 'a', ?, ?, ?)", [turn_id, user, session_id, created]).lastrowid

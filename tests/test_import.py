@@ -11,11 +11,11 @@ from collections import Counter
 
 import pytest
 
-from store import Store
+from store import Store, StoreError
 from store.__main__ import main
 from store.exports import ExportFilter
-from store.imports import MAX_IMPORT_TEXT_CHARS
-from store.pairs import IMPORT_SOURCE_PREFIX, IMPORT_VERSION
+from store.imports import MAX_IMPORT_TEXT_CHARS, read_trl
+from store.pairs import IMPORT_SOURCE_PREFIX, IMPORT_VERSION, judged_groups, pair_rows
 from tests import store_data
 from tests.store_data import build
 
@@ -78,6 +78,11 @@ def test_round_trip_export_import_export_gives_the_same_pairs(tmp_path, capsys):
     assert all(p["policy_version"] == IMPORT_VERSION and p["model_id"] is None for p in pairs)
     assert all(p["conversation_source"].startswith(f"{IMPORT_SOURCE_PREFIX}pairs.jsonl#") for p in pairs)
     assert len({p["conversation_source"] for p in pairs}) == n  # one conversation, one content hash, per row
+    store = Store(second_db)  # the index written once per chunk is the rules' own, applied from scratch
+    groups = judged_groups(store.db)
+    from_scratch = sorted((g["turn_id"], r["chosen"], r["rejected"]) for g in groups for r in pair_rows(g))
+    store.close()
+    assert from_scratch == sorted((p["turn_id"], p["chosen"], p["rejected"]) for p in pairs)
 
 
 def test_importing_the_same_file_twice_adds_nothing(tmp_path, capsys):
@@ -95,6 +100,27 @@ def test_importing_the_same_file_twice_adds_nothing(tmp_path, capsys):
         second = json.loads(capsys.readouterr().out)
         assert (second["imported"], second["skipped_duplicates"]) == (0, 3)
     assert counts(db) == before
+
+
+def test_a_full_disk_midway_leaves_whole_rows_and_the_same_import_adds_the_rest(tmp_path):
+    store = Store(tmp_path / "p.db")
+    rows = read_trl(write_jsonl(tmp_path / "seed.jsonl", [row(f"good {i}" + "g" * 3000, f"bad {i}")
+                                                          for i in range(12)]))
+    store.import_pairs(rows[:1], "seed.jsonl")
+    pages = store.db.execute("pragma page_count").fetchone()[0]
+    # Room for about one more chunk of 4 rows (3 KB each): a later chunk fails as on a full disk.
+    store.db.execute(f"pragma max_page_count = {pages + 6}")
+    with pytest.raises(StoreError, match="disk is full.*went in before it.*the same import again") as caught:
+        store.import_pairs(rows, "seed.jsonl", chunk_rows=4)
+    went_in = int(str(caught.value).split("; ")[1].split(" row")[0])
+    assert went_in in (3, 7)  # whole chunks only (the first holds the row already stored)
+    stats = store.stats()
+    assert stats["conversations"] == stats["training_pairs"] == 1 + went_in and stats["replies"] == 2 * (1 + went_in)
+    store.db.execute("pragma max_page_count = 1073741823")
+    again = store.import_pairs(rows, "seed.jsonl", chunk_rows=4)
+    assert (again.imported, len(again.duplicates)) == (12 - 1 - went_in, 1 + went_in)
+    assert store.stats()["training_pairs"] == 12
+    store.close()
 
 
 def test_imported_pairs_are_used_in_training(tmp_path, tiny_loaded):
