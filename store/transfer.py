@@ -90,7 +90,11 @@ def run_export(store, args: argparse.Namespace) -> int:
         print(f"nothing to export: no {what} match the filters ({json.dumps(filters.describe())}); the store holds "
               f"{json.dumps(totals)}. Nothing was written.", file=sys.stderr)
         return 1
-    n = WRITERS[args.format](rows, out)
+    try:
+        n = WRITERS[args.format](rows, out)
+    except OSError as exc:  # the temporary file is gone with the failure: nothing half-written is left
+        print(f"error: could not write {out}: {exc.strerror or exc}; nothing was written", file=sys.stderr)
+        return 1
     print(json.dumps({"format": args.format, "rows": n, "of": what, "path": str(out), "filters": filters.describe()},
                      ensure_ascii=False))
     return 0

@@ -279,6 +279,14 @@ def test_an_existing_output_is_kept_unless_forced(db, tmp_path, capsys):
     assert sorted(p for p in os.listdir(tmp_path) if not p.startswith("play.db")) == ["hf", "pairs.jsonl"]
 
 
+def test_an_unwritable_destination_is_reported_and_leaves_nothing(db, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("not a folder")
+    for fmt, out in [("trl", tmp_path / "a_file" / "pairs.jsonl"), ("hf", tmp_path / "a_file" / "hf")]:
+        assert export(db[0], fmt, out) == 1
+        assert f"could not write {out}" in capsys.readouterr().err
+    assert (tmp_path / "a_file").read_text() == "not a folder"
+
+
 @pytest.mark.parametrize("flag,value,message", [("--since", "yesterday", "not an ISO 8601 time"),
                                                  ("--until", "2020-01-01", "is not before")])
 def test_bad_filters_are_refused(db, tmp_path, capsys, flag, value, message):
