@@ -30,9 +30,11 @@ from store.pairs import IMPORT_SOURCE_PREFIX, IMPORT_VERSION, index_rows, judged
 # Every message of an imported row at most this long: the chat refuses longer messages the same way
 # (playground.serving.limits.MAX_STORED_MESSAGE_CHARS), so an import cannot store what a person could not type.
 MAX_IMPORT_TEXT_CHARS = 200_000
-# Rows per import: one transaction holds them all, and the store is measured up to 100,000 judgments
-# (bench/status_cost.py); a larger set is imported in parts.
+# Rows per import: every row is read and checked in memory before the first is written, and the store is
+# measured up to 100,000 judgments (bench/status_cost.py); a larger set is imported in parts.
 MAX_IMPORT_ROWS = 100_000
+# A file is read whole before it is checked: past this size it is refused rather than filling memory.
+MAX_IMPORT_FILE_BYTES = 1 << 30
 # Rows per transaction: each holds the database's write lock, and the app's writes wait for it at most
 # BUSY_TIMEOUT_MS (5 s); 2,000 rows of about 1 KB took at most 1.7 s on the 2-core machine under load
 # (`python bench/import_cost.py`).
@@ -87,15 +89,15 @@ def read_trl(path: str | Path) -> list[ImportRow]:
     if not path.exists():
         raise ImportFormatError(f"{path} does not exist")
     records = _dataset_records(path) if path.is_dir() else _file_records(path)
+    if len(records) > MAX_IMPORT_ROWS:
+        raise ImportFormatError(f"{path.name} has {len(records):,} rows, over {MAX_IMPORT_ROWS:,} (MAX_IMPORT_ROWS); "
+                                "import it in parts")
     rows, errors = [], []
     for where, record in records:
         try:
             rows.append(_row(where, record))
         except ValueError as exc:
             errors.append(f"{where}: {exc}")
-        if len(rows) > MAX_IMPORT_ROWS:
-            raise ImportFormatError(f"{path.name} has over {MAX_IMPORT_ROWS:,} rows (MAX_IMPORT_ROWS); "
-                                    "import it in parts")
     if errors:
         shown = "\n  ".join(errors[:MAX_ERRORS_SHOWN])
         more = f"\n  ... and {len(errors) - MAX_ERRORS_SHOWN} more" if len(errors) > MAX_ERRORS_SHOWN else ""
@@ -106,6 +108,9 @@ def read_trl(path: str | Path) -> list[ImportRow]:
 
 
 def _file_records(path: Path) -> list[tuple[str, Any]]:
+    if path.stat().st_size > MAX_IMPORT_FILE_BYTES:
+        raise ImportFormatError(f"{path.name} is over {MAX_IMPORT_FILE_BYTES >> 20:,} MiB (MAX_IMPORT_FILE_BYTES); "
+                                "import it in parts")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:

@@ -14,7 +14,7 @@ import pytest
 from store import Store, StoreError
 from store.__main__ import main
 from store.exports import ExportFilter
-from store.imports import MAX_IMPORT_TEXT_CHARS, read_trl
+from store.imports import MAX_IMPORT_FILE_BYTES, MAX_IMPORT_ROWS, MAX_IMPORT_TEXT_CHARS, read_trl
 from store.pairs import IMPORT_SOURCE_PREFIX, IMPORT_VERSION, judged_groups, pair_rows
 from tests import store_data
 from tests.store_data import build
@@ -248,6 +248,19 @@ def test_empty_missing_and_non_utf8_files_are_refused(tmp_path, capsys):
     (tmp_path / "latin1.jsonl").write_bytes('{"prompt": "caf\xe9"}\n'.encode("latin-1"))
     for name, message in [("empty.jsonl", "holds no rows"), ("missing.jsonl", "does not exist"),
                           ("latin1.jsonl", "is not UTF-8")]:
+        assert run_import(db, tmp_path / name) == 1
+        assert message in capsys.readouterr().err
+    assert counts(db)["conversations"] == 0
+
+
+def test_files_over_the_row_or_size_limit_are_refused_before_anything_is_written(tmp_path, capsys):
+    db = tmp_path / "p.db"
+    line = json.dumps({"prompt": "a", "chosen": "b", "rejected": "c"}) + "\n"
+    (tmp_path / "many.jsonl").write_text(line * (MAX_IMPORT_ROWS + 1))
+    with open(tmp_path / "huge.jsonl", "wb") as fh:  # sparse: the size alone is refused, nothing is read
+        fh.truncate(MAX_IMPORT_FILE_BYTES + 1)
+    for name, message in [("many.jsonl", f"over {MAX_IMPORT_ROWS:,} (MAX_IMPORT_ROWS)"),
+                          ("huge.jsonl", "MAX_IMPORT_FILE_BYTES")]:
         assert run_import(db, tmp_path / name) == 1
         assert message in capsys.readouterr().err
     assert counts(db)["conversations"] == 0
