@@ -2,12 +2,15 @@
 
     python -m store stats                  # table counts as JSON
     python -m store migrate                # upgrade a database in place
+    python -m store export --format trl --out pairs.jsonl   # data out (trl, kto, hf, csv, arena)
+    python -m store import --format trl pairs.jsonl         # data in: seed pairs, marked imported
 """
 
 import argparse
 import json
 import sys
 
+from store import transfer
 from store.db import DEFAULT_DB, Store, StoreError
 
 
@@ -36,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("stats", parents=common, help="table counts as JSON").set_defaults(run=_stats)
     commands.add_parser("migrate", parents=common, help="upgrade the database's schema in place").set_defaults(
         run=_migrate)
+    transfer.add_commands(commands, common)
     # Each further command adds its own subparser (parents=common), with `run(store, args) -> exit code`
     # as its default.
     return parser

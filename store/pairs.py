@@ -30,6 +30,9 @@ HELD_OUT_BUCKETS = 10  # 1 bucket in 10: a held-out share of about 10%
 TEMPLATE_TAIL_TOKENS = 2
 # conversations.source of pairs brought in by `python -m store import` ("import:<file name>"); null for chat.
 IMPORT_SOURCE_PREFIX = "import:"
+# replies.policy_version of an imported pair's two replies: no version of ours sampled them, so the
+# on-policy metrics (staleness, held-out accuracy by sampling version) leave them out.
+IMPORT_VERSION = "import"
 
 
 def is_held_out(conversation_id: int) -> bool:

@@ -27,13 +27,16 @@ class TrainingQueries:
 
     def training_pairs(self, model_id: str, *, held_out: bool, new: bool | None, include_simulated: bool = True,
                        max_length: int | None = None, ids: list[int] | None = None,
-                       include_arena: bool = False) -> list[dict[str, Any]]:
+                       include_arena: bool = False, include_imported: bool = True) -> list[dict[str, Any]]:
         """Pairs with their texts and context, oldest first: new (True), already consumed (False) or both
         (None); within `max_length` when given; only `ids` when given. Each row has the
         `training_pairs` columns plus context (messages), chosen and rejected, and how each reply was
         sampled: chosen_/rejected_ logprob_sum, temperature and top_p (the chosen ones None for an edit,
-        the person's own text). Arena pairs only with `include_arena`."""
+        the person's own text). Arena pairs only with `include_arena`; imported pairs (`python -m store
+        import`) unless `include_imported` is False (the on-policy metrics leave them out)."""
         where, params = self._pair_filter(model_id, include_simulated, max_length, held_out, new, include_arena)
+        if not include_imported:
+            where += " and p.imported = 0"
         if ids is not None:
             if not ids:
                 return []

@@ -25,6 +25,7 @@ from collections import Counter
 from pathlib import Path
 
 from store import DEFAULT_DB
+from store.pairs import IMPORT_VERSION
 from trainers.defaults import (DEFAULT_ADAPTERS_DIR, DEFAULT_REPLAY_RATIO, DEFAULT_REWARD_MODELS_DIR,
                                MANUAL_MIN_NEW_PAIRS)
 
@@ -216,13 +217,14 @@ def round_staleness(data, start_logps: dict[int, tuple[float, float]], trained_f
     which end with the chat template's tail (its newline after the end-of-turn token, and an end-of-turn
     token added to a reply cut at the length limit) that the stored sum does not hold: a pair sampled by
     `trained_from` itself has a gap of about that tail's surprisal, near 0 for a chat-tuned model.
+    Imported pairs (`python -m store import`) were sampled by no version: counted in by_version only.
     """
     from playground.metrics.staleness import staleness
 
-    pairs = [{"policy_version": pair.policy_version} for pair in data.train]
+    pairs = [{"policy_version": pair.policy_version} for pair in data.train if pair.policy_version != IMPORT_VERSION]
     replies = []
     for i, pair in enumerate(data.train):
-        if i not in start_logps:
+        if i not in start_logps or pair.policy_version == IMPORT_VERSION:
             continue
         ids = (pair.chosen_reply_id, pair.rejected_reply_id)
         for side in _gap_sides(pair, data.sampling):

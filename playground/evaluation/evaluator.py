@@ -340,7 +340,9 @@ class Evaluator:
         if version == BASE_VERSION:
             return [], {"held_out_pairs": 0}
         model_id = self.policy.model_id
-        rows = self.store.training_pairs(model_id, held_out=True, new=None, include_simulated=True)
+        # Imported pairs were sampled by no version of ours: accuracy by sampling version leaves them out.
+        rows = self.store.training_pairs(model_id, held_out=True, new=None, include_simulated=True,
+                                         include_imported=False)
         n_held_out = len(rows)
         if len(rows) > self.settings.max_held_out_pairs:
             rows = sorted(random.Random(self.settings.seed).sample(rows, self.settings.max_held_out_pairs),
