@@ -4,8 +4,10 @@ trial round without one annotator.
 `build_annotators(loop)` is called inside the admin tab (`build_admin`); the callbacks are a few lines
 that call `TrainingLoop` (exclusions, trials) and `playground.dashboard.annotator_rows` (the table the
 Dashboard tab shows too). Public endpoints: `/annotators` (the table as JSON), `/exclude_annotator`,
-`/include_annotator` and `/train_without`: admin actions, each wrapped in `guard` (the login's
-admin-only check, `build_annotators(loop, guard=admin_only)`; without accounts the app is single-user).
+`/include_annotator` and `/train_without`: admin actions, each of which first calls `require_admin(request,
+action)` (the login's check, `playground.web.auth.require_admin`: a gr.Error for anyone but an admin;
+without accounts the app is single-user and there is nothing to check). The callbacks take the request
+themselves because the exclusion records who made it.
 """
 
 from __future__ import annotations
@@ -28,15 +30,16 @@ def acting_user(request: gr.Request | None) -> str:
     return getattr(request, "username", None) or LOCAL_ADMIN
 
 
-def _unguarded(fn: Callable) -> Callable:
-    return fn
-
-
 def build_annotators(loop: TrainingLoop, panel: gr.Tab | None = None,
-                     guard: Callable[[Callable], Callable] = _unguarded) -> dict:
+                     require_admin: Callable[[gr.Request | None, str], None] | None = None) -> dict:
     """The accordion, its callbacks and the endpoints (the table loads when `panel`, the admin tab, is
-    chosen, and on Refresh); `guard` wraps every admin action."""
+    chosen, and on Refresh); every admin action calls `require_admin(request, action)` first."""
     model_id = loop.policy.model_id
+
+    def check(request: gr.Request | None, action: str) -> str:
+        if require_admin is not None:
+            require_admin(request, action)
+        return acting_user(request)
 
     def rows() -> list[dict]:
         return annotator_rows(loop.store, model_id)
@@ -66,20 +69,23 @@ def build_annotators(loop: TrainingLoop, panel: gr.Tab | None = None,
 
     def exclude_annotator(user: str, reason: str = "", request: gr.Request = None) -> dict:
         """Leave `user`'s pairs out of training from the next round on (recorded, reversible)."""
+        by_user = check(request, "exclude an annotator")
         try:
-            return loop.exclude_annotator(user, acting_user(request), reason)
+            return loop.exclude_annotator(user, by_user, reason)
         except (AnnotatorError, StoreError) as exc:
             raise gr.Error(f"Not excluded: {exc}") from exc
 
     def include_annotator(user: str, reason: str = "", request: gr.Request = None) -> dict:
         """Train on `user`'s pairs again from the next round on (the exclusion stays in the log)."""
+        by_user = check(request, "include an annotator")
         try:
-            return loop.include_annotator(user, acting_user(request), reason)
+            return loop.include_annotator(user, by_user, reason)
         except (AnnotatorError, StoreError) as exc:
             raise gr.Error(f"Not included: {exc}") from exc
 
-    def train_without(user: str) -> str:
+    def train_without(user: str, request: gr.Request = None) -> str:
         """Start a trial: two rounds with and without `user`'s pairs, publishing nothing."""
+        check(request, "train without an annotator")
         user = (user or "").strip()
         if user not in {r["user"] for r in rows()}:
             raise gr.Error(f"There is no annotator {user!r}.")
@@ -98,18 +104,18 @@ def build_annotators(loop: TrainingLoop, panel: gr.Tab | None = None,
         row = include_annotator(user, why, request)
         return view(f"{row['user']} is in training again from the next round on.")
 
-    def on_trial(user):
-        return view(train_without(user))
+    def on_trial(user, request: gr.Request):
+        return view(train_without(user, request))
 
     outputs = [table, who, note]
-    exclude.click(guard(on_exclude), [who, reason], outputs, api_visibility="private")
-    include.click(guard(on_include), [who, reason], outputs, api_visibility="private")
-    trial.click(guard(on_trial), [who], outputs, api_visibility="private")
+    exclude.click(on_exclude, [who, reason], outputs, api_visibility="private")
+    include.click(on_include, [who, reason], outputs, api_visibility="private")
+    trial.click(on_trial, [who], outputs, api_visibility="private")
     refresh.click(view, None, outputs, api_visibility="private")
     if panel is not None:
         panel.select(view, None, outputs, api_visibility="private")
     gr.api(annotators, api_name="annotators")
-    gr.api(guard(exclude_annotator), api_name="exclude_annotator")
-    gr.api(guard(include_annotator), api_name="include_annotator")
-    gr.api(guard(train_without), api_name="train_without")
+    gr.api(exclude_annotator, api_name="exclude_annotator")
+    gr.api(include_annotator, api_name="include_annotator")
+    gr.api(train_without, api_name="train_without")
     return {"table": table, "who": who, "note": note, "refresh": view, "outputs": outputs}
