@@ -269,3 +269,39 @@ def test_the_endpoints_list_exclude_and_include_annotators(tiny_loaded, tmp_path
         with pytest.raises(Exception, match="has judged anything"):
             client.predict("nobody", "", api_name="/exclude_annotator")
         assert [r["excluded"] for r in store.exclusion_log("mallory")] == [1, 0]
+
+
+def test_the_admin_actions_ask_the_admin_check_first_and_write_nothing_when_refused(tiny_loaded, tmp_path):
+    import gradio as gr
+
+    from app import build_services, parse_args as app_parse_args
+    from bench.fixtures import free_port
+    from playground.web.annotators import build_annotators
+    from tests.servers import app_args
+
+    asked = []
+
+    def refuse(request, action):
+        asked.append(action)
+        raise gr.Error("Only an admin can do this: you are signed in as an annotator.")
+
+    services = build_services(app_parse_args(app_args(tiny_loaded, tmp_path / "guard.db", loop_settings(tmp_path))),
+                              loaded=tiny_loaded)
+    judged(services.store, "mallory", "q", ("one", "v0"), ("two", "v0"), "a", model=tiny_loaded.model_id)
+    with gr.Blocks() as demo:
+        build_annotators(services.loop, require_admin=refuse)
+    port = free_port()
+    try:
+        demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        for endpoint in ("/exclude_annotator", "/include_annotator"):
+            with pytest.raises(Exception, match="Only an admin"):
+                client.predict("mallory", "", api_name=endpoint)
+        with pytest.raises(Exception, match="Only an admin"):
+            client.predict("mallory", api_name="/train_without")
+        assert asked == ["exclude an annotator", "include an annotator", "train without an annotator"]
+        assert services.store.exclusion_log() == [] and services.store.running_run() is None
+        assert [r["user"] for r in client.predict(api_name="/annotators")] == ["mallory"]  # reading stays open
+    finally:
+        demo.close()
+        services.close()
