@@ -165,7 +165,8 @@ def test_a_round_leaves_the_excluded_out_and_a_trial_measures_both_arms(tiny_loa
         assert 0.0 <= trial[arm]["lo"] <= trial[arm]["accuracy"] <= trial[arm]["hi"] <= 1.0
     assert trial["difference"] == pytest.approx(trial["without"]["accuracy"] - trial["with"]["accuracy"])
     assert store.run(summary["run_id"])["trigger"] == "trial:poisoner"
-    assert [v["name"] for v in store.policy_versions(model_id)] == ["v0"] and not (tmp_path / "adapters" / "v1").exists()
+    assert [v["name"] for v in store.policy_versions(model_id)] == ["v0"]
+    assert not (tmp_path / "adapters" / "v1").exists()
     assert count_new_pairs(store, model_id) == honest + poisoner  # a trial consumes nothing
     row = next(r for r in dashboard_data(store, model_id)["annotators"] if r["user"] == "poisoner")
     assert row["trial"]["run_id"] == summary["run_id"] and row["trial"]["without"]["pairs"] == honest
