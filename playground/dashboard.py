@@ -26,8 +26,13 @@ The dict (JSON-serialisable; lists are ordered by version, oldest first):
             leaderboard: [{version, rating, lo, hi, n, rating_lc, lo_lc, hi_lc}]}
     frontier: {points: [{version, sqrt_kl, win_rate, lo, hi, n}], fit: {alpha, beta, curve: [[x, y]...]} | None}
     curves: {run_id, series: [{step, name, value}]}
-    annotators: [{user, simulated, votes, left_share, tie_share, both_bad_share,
-                  agreement, n_agreement, majority_agreement, n_majority}]
+    annotators: [{user, simulated, votes, left_share, left_lo, left_hi, n_left (A among the A/B choices),
+                  tie_share, both_bad_share, agreement, agreement_lo, agreement_hi, n_agreement,
+                  majority_agreement, majority_lo, majority_hi, n_majority, training_pairs,
+                  excluded: bool, excluded_by, excluded_reason,
+                  held_out: {version, rate, lo, hi, n} | None (the live version on their held-out votes),
+                  trial: {run_id, status, reason, with, without: {accuracy, lo, hi, n, pairs},
+                          difference, held_out_n, their_pairs} | None}]
     overopt: [{bench_id, gold, reward_model, created_at, points: [{method, x, kl, proxy, proxy_low,
                proxy_high, gold_score, gold_low, gold_high, n_prompts}]}]   bench.overopt runs, newest last
     notes: {plot_key: sentence}              why a plot is empty or what a number means
@@ -48,6 +53,7 @@ import numpy as np
 from playground import metrics
 from playground.serving.policy import BASE_VERSION, version_order
 from store import Store
+from trainers.trial import TRIAL_TRIGGER_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -83,10 +89,11 @@ def dashboard_data(store: Store, model_id: str, embed: Callable[[list[str]], np.
     evaluations, samples = _evaluations(store, model_id, names, notes)
     votes = store.votes(model_id)
     arena = _arena(votes, names, notes)
+    live = next((v["name"] for v in versions if v["live"]), BASE_VERSION)
     data = {
         "model_id": model_id,
         "generated_at": _now(),
-        "live": next((v["name"] for v in versions if v["live"]), BASE_VERSION),
+        "live": live,
         "versions": versions,
         "evaluations": evaluations,
         "map": _map(samples, notes),
@@ -97,7 +104,7 @@ def dashboard_data(store: Store, model_id: str, embed: Callable[[list[str]], np.
         "arena": arena,
         "frontier": _frontier(evaluations, arena, notes),
         "curves": _curves(store, notes),
-        "annotators": _annotators(votes, notes),
+        "annotators": _annotators(store, model_id, votes, live, notes),
         "overopt": _overopt(store, model_id, notes),
         "notes": notes,
     }
@@ -351,26 +358,65 @@ def _curves(store: Store, notes: dict) -> dict:
     return {"run_id": run_id, "series": store.metrics_for_run(run_id)}
 
 
-def _annotators(votes: list[dict], notes: dict) -> list[dict]:
-    """Per person: how they vote, and how often they agree with others who judged the same two replies.
-    Sides are put in one order first (the two texts sorted), so two people shown the same replies in
-    swapped slots compare as the same judgment; the left-side share reads the slots as shown."""
+def _annotators(store: Store, model_id: str, votes: list[dict], live: str, notes: dict) -> list[dict]:
+    """Per person: how they vote (counted by the store; what "the same pair" is, is said in
+    store/annotators.py), shares with 95% Wilson intervals, their pairs and whether they are excluded
+    from training, how the live version's implicit reward scores their held-out votes (from its newest
+    evaluation), and their newest trial round (trained with and without them)."""
+    evaluation = store.latest_succeeded_evaluation(model_id, live)
+    held_out = store.annotator_held_out(evaluation["id"]) if evaluation else {}
+    trials = _trials(store, model_id)
     rows = []
-    for v in votes:
-        texts = sorted([v["a_text"], v["b_text"]])
-        choice = v["choice"]
-        if choice in ("a", "b"):
-            chosen = v["a_text"] if choice == "a" else v["b_text"]
-            choice = "a" if chosen == texts[0] else "b"
-        rows.append({"user": v["user"], "simulated": bool(v["simulated"]), "choice": choice,
-                     "item": (v["context_json"], texts[0], texts[1]), "shown": v["choice"]})
-    health = {h["user"]: h for h in metrics.annotator_health(rows)}
-    for user, h in health.items():
-        shown = [r["shown"] for r in rows if r["user"] == user and r["shown"] in ("a", "b")]
-        h["left_share"] = shown.count("a") / len(shown) if shown else None
-    if not health:
+    for counts in store.annotator_counts(model_id, votes):
+        user, summary = counts["user"], metrics.annotator_summary(counts)
+        excluded = counts["excluded"]
+        held = held_out.get(user)
+        rows.append({
+            "user": user, "simulated": bool(counts["simulated"]), "votes": counts["votes"],
+            "left_share": summary["left"]["rate"], "left_lo": summary["left"]["lo"], "left_hi": summary["left"]["hi"],
+            "n_left": summary["left"]["n"],
+            "tie_share": summary["tie"]["rate"], "both_bad_share": summary["both_bad"]["rate"],
+            "agreement": summary["agreement"]["rate"], "agreement_lo": summary["agreement"]["lo"],
+            "agreement_hi": summary["agreement"]["hi"], "n_agreement": summary["agreement"]["n"],
+            "majority_agreement": summary["majority"]["rate"], "majority_lo": summary["majority"]["lo"],
+            "majority_hi": summary["majority"]["hi"], "n_majority": summary["majority"]["n"],
+            "training_pairs": counts["training_pairs"], "excluded": excluded is not None,
+            "excluded_by": excluded["by_user"] if excluded else None,
+            "excluded_reason": excluded["reason"] if excluded else None,
+            "held_out": None if not held else {"version": live, **metrics.annotator_share(held["right"], held["n"])},
+            "trial": trials.get(user),
+        })
+    if not rows:
         notes["annotators"] = "No votes yet."
-    return sorted(health.values(), key=lambda h: -h["votes"])
+    elif not any(r["n_agreement"] for r in rows):
+        notes["annotators"] = ("No two annotators have judged the same pair yet (the same two reply texts, or an "
+                               "arena pair of the same two versions on the same prompt), so agreement is not measured.")
+    return rows
+
+
+def annotator_rows(store: Store, model_id: str) -> list[dict]:
+    """The dashboard's per-annotator table alone (`annotators` of the module docstring): the admin's
+    annotator view and its `/annotators` endpoint read it fresh, right after an exclusion."""
+    live = store.live_version(model_id) or BASE_VERSION
+    return _annotators(store, model_id, store.votes(model_id), live, {})
+
+
+def _trials(store: Store, model_id: str) -> dict[str, dict]:
+    """Each annotator's newest trial round (`trainers/trial.py`): {run_id, status, reason, and when it
+    succeeded with: {accuracy, lo, hi, n}, without: the same, difference, held_out_n, their_pairs}."""
+    out: dict[str, dict] = {}
+    for run in sorted(store.runs(limit=1000), key=lambda r: r["id"]):
+        trigger = run.get("trigger") or ""
+        if not trigger.startswith(TRIAL_TRIGGER_PREFIX) or run.get("model_id") not in (None, model_id):
+            continue
+        trial = json.loads(run["metrics_json"] or "{}").get("trial") or {}
+        entry = {"run_id": run["id"], "status": run["status"], "reason": run["reason"]}
+        for key in ("with", "without"):
+            if key in trial:
+                entry[key] = {k: trial[key].get(k) for k in ("accuracy", "lo", "hi", "n", "pairs")}
+        entry.update({k: trial.get(k) for k in ("difference", "held_out_n", "their_pairs")})
+        out[trigger[len(TRIAL_TRIGGER_PREFIX):]] = entry
+    return out
 
 
 # -- the service the page and the report call ---------------------------------------------------------

@@ -178,7 +178,23 @@ class TrainingLoop:
     def train_now(self) -> str:
         return self.start_round(trigger="manual", min_new_pairs=MANUAL_MIN_NEW_PAIRS)
 
-    def start_round(self, trigger: str, min_new_pairs: int) -> str:
+    def start_trial(self, user: str) -> str:
+        """Two rounds that publish nothing, with and without `user`'s pairs (trainers/trial.py), in the
+        round's slot (one round at a time); the result lands on the round's record."""
+        return self.start_round(trigger=f"trial:{user}", min_new_pairs=0, trial_without=user)
+
+    def exclude_annotator(self, user: str, by_user: str, reason: str = "") -> dict:
+        """Leave `user`'s pairs out of the next rounds (recorded; `include_annotator` undoes it)."""
+        row = self.store.exclude_annotator(user, by_user, reason)
+        self._event("settings", f"{row['user']} is excluded from training (by {by_user})")
+        return row
+
+    def include_annotator(self, user: str, by_user: str, reason: str = "") -> dict:
+        row = self.store.include_annotator(user, by_user, reason)
+        self._event("settings", f"{row['user']} is included in training again (by {by_user})")
+        return row
+
+    def start_round(self, trigger: str, min_new_pairs: int, trial_without: str | None = None) -> str:
         with self._lock:
             if self._round_active.is_set():
                 return "a round is already running"
@@ -188,6 +204,8 @@ class TrainingLoop:
             parent = self.policy.snapshot().version
             config = self.next_config()
             algo = self.settings.algo
+            if trial_without:  # a trial is DPO (with the next round's DPO settings) whatever the schedule's algorithm
+                algo, config = "dpo", (config if algo == "dpo" else {})
             run_id = self.store.create_run(algo, config, self.policy.model_id, parent, trigger)
             command = [
                 sys.executable, "-m", "trainers.run", "--algo", algo, "--db", self.settings.db,
@@ -197,7 +215,9 @@ class TrainingLoop:
                 "--config", json.dumps(config), "--no-progress",
             ] + ([] if self.settings.include_simulated else ["--exclude-simulated"])
             command += ["--include-arena"] if self.settings.include_arena else []
-            if algo == "ppo":
+            if trial_without:
+                command += ["--trial-without", trial_without]
+            elif algo == "ppo":
                 command += ["--reward-models-dir", self.settings.reward_models_dir]
                 command += ["--reward-model", self.settings.reward_model] if self.settings.reward_model else []
             # Niced: on a small machine the chat's decoding keeps priority over the round.
@@ -214,6 +234,9 @@ class TrainingLoop:
             self._watcher = threading.Thread(target=self._watch, args=(self._process, run_id), daemon=True,
                                              name=f"round-{run_id}")
             self._watcher.start()
+            if trial_without:
+                self._event("started", f"round {run_id}: a trial with and without {trial_without}, publishing nothing")
+                return f"round {run_id} started: a trial with and without {trial_without} (publishes nothing)"
             self._event("started", f"round {run_id} started ({trigger}) on {new} new pair(s)")
             return f"round {run_id} started on {new} new pair(s)"
 

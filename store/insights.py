@@ -65,12 +65,14 @@ class InsightQueries:
 
     def change_marker(self) -> tuple:
         """A cheap fingerprint of everything the dashboard reads: it changes when a judgment, turn, round,
-        evaluation, live switch, reward model or over-optimisation point is written (the dashboard recomputes only then)."""
+        evaluation, live switch, reward model, over-optimisation point or annotator exclusion is written (the
+        dashboard recomputes only then)."""
         row = self._rows(
             "select (select max(id) from feedback) as f, (select max(id) from turns) as t,"
             " (select max(id) from training_runs) as r, (select max(coalesce(finished_at, started_at) || id)"
             " from training_runs) as rf, (select max(id) from live_events) as l,"
             " (select count(*) from evaluations where status != 'running') as e,"
             " (select max(id) from evaluations) as ei, (select max(id) from metrics) as m,"
-            " (select max(id) from reward_models) as rm, (select max(id) from overopt_points) as o")[0]
+            " (select max(id) from reward_models) as rm, (select max(id) from overopt_points) as o,"
+            " (select max(id) from annotator_exclusions) as x")[0]
         return tuple(row.values())

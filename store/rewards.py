@@ -52,11 +52,12 @@ class RewardQueries:
         return rows[0] if rows else None
 
     def count_pairs_after(self, model_id: str, feedback_id: int, include_simulated: bool = True,
-                          max_length: int | None = None, include_arena: bool = False) -> int:
+                          max_length: int | None = None, include_arena: bool = False,
+                          without_users: tuple[str, ...] = ()) -> int:
         """Training pairs (not held out) from judgments newer than `feedback_id`: the pairs a reward model
-        fitted up to that judgment has not seen."""
+        fitted up to that judgment has not seen (none of `without_users`')."""
         where, params = self._pair_filter(model_id, include_simulated, max_length, held_out=False, new=None,
-                                          include_arena=include_arena)
+                                          include_arena=include_arena, without_users=without_users)
         rows = self._rows(f"select count(*) as n from training_pairs p where {where} and p.newest_feedback_id > ?",
                           params + [int(feedback_id)])
         return int(rows[0]["n"])

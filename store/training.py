@@ -7,6 +7,7 @@ chat's queries and the loop's each read as one file.
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from typing import Any
 
 RUN_STATUSES = ("running", "succeeded", "failed", "skipped")
@@ -17,24 +18,28 @@ class TrainingQueries:
     # -- the data a round trains on ---------------------------------------------------------------
 
     def count_new_pairs(self, model_id: str, include_simulated: bool = True, max_length: int | None = None,
-                        include_arena: bool = False) -> int:
+                        include_arena: bool = False, without_users: Collection[str] = ()) -> int:
         """Training pairs (not held out) from judgments no successful round of this model has consumed,
         within `max_length` tokens when given: what the schedule's threshold and the trainer both count.
-        An indexed count, the same cost at a hundred judgments and at a hundred thousand."""
+        An indexed count, the same cost at a hundred judgments and at a hundred thousand. Every query
+        here leaves out the pairs of `without_users` (the annotators excluded from training)."""
         where, params = self._pair_filter(model_id, include_simulated, max_length, held_out=False, new=True,
-                                          include_arena=include_arena)
+                                          include_arena=include_arena, without_users=without_users)
         return int(self._rows(f"select count(*) as n from training_pairs p where {where}", params)[0]["n"])
 
     def training_pairs(self, model_id: str, *, held_out: bool, new: bool | None, include_simulated: bool = True,
                        max_length: int | None = None, ids: list[int] | None = None,
-                       include_arena: bool = False, include_imported: bool = True) -> list[dict[str, Any]]:
+                       include_arena: bool = False, include_imported: bool = True,
+                       without_users: Collection[str] = ()) -> list[dict[str, Any]]:
         """Pairs with their texts and context, oldest first: new (True), already consumed (False) or both
         (None); within `max_length` when given; only `ids` when given. Each row has the
         `training_pairs` columns plus context (messages), chosen and rejected, and how each reply was
         sampled: chosen_/rejected_ logprob_sum, temperature and top_p (the chosen ones None for an edit,
         the person's own text). Arena pairs only with `include_arena`; imported pairs (`python -m store
-        import`) unless `include_imported` is False (the on-policy metrics leave them out)."""
-        where, params = self._pair_filter(model_id, include_simulated, max_length, held_out, new, include_arena)
+        import`) unless `include_imported` is False (the on-policy metrics leave them out); never the pairs
+        of `without_users` (annotators excluded from training)."""
+        where, params = self._pair_filter(model_id, include_simulated, max_length, held_out, new, include_arena,
+                                          without_users)
         if not include_imported:
             where += " and p.imported = 0"
         if ids is not None:
@@ -56,16 +61,18 @@ class TrainingQueries:
         return rows
 
     def training_pair_ids(self, model_id: str, *, held_out: bool, new: bool | None, include_simulated: bool = True,
-                          max_length: int | None = None, include_arena: bool = False) -> list[int]:
+                          max_length: int | None = None, include_arena: bool = False,
+                          without_users: Collection[str] = ()) -> list[int]:
         """The ids alone (cheap): a round samples its replay from these, then loads only the sample."""
-        where, params = self._pair_filter(model_id, include_simulated, max_length, held_out, new, include_arena)
+        where, params = self._pair_filter(model_id, include_simulated, max_length, held_out, new, include_arena,
+                                          without_users)
         return [r["id"] for r in self._rows(f"select p.id from training_pairs p where {where} order by p.id", params)]
 
     def count_too_long_pairs(self, model_id: str, max_length: int, include_simulated: bool = True,
-                             include_arena: bool = False) -> int:
+                             include_arena: bool = False, without_users: Collection[str] = ()) -> int:
         """New training pairs longer than `max_length`: counted, never trained on."""
         where, params = self._pair_filter(model_id, include_simulated, None, held_out=False, new=True,
-                                          include_arena=include_arena)
+                                          include_arena=include_arena, without_users=without_users)
         return int(self._rows(f"select count(*) as n from training_pairs p where {where} and p.n_tokens > ?",
                               params + [max_length])[0]["n"])
 
@@ -74,8 +81,14 @@ class TrainingQueries:
         return int(self._rows("select max(newest_feedback_id) as m from training_pairs")[0]["m"] or 0)
 
     def _pair_filter(self, model_id: str, include_simulated: bool, max_length: int | None, held_out: bool,
-                     new: bool | None, include_arena: bool = False) -> tuple[str, list]:
+                     new: bool | None, include_arena: bool = False,
+                     without_users: Collection[str] = ()) -> tuple[str, list]:
         where, params = ["p.held_out = ?"], [int(held_out)]
+        users = sorted(set(without_users))
+        if users:
+            # A pair with no user (indexed before m008 knew whose it was) belongs to nobody excluded.
+            where.append(f"(p.user is null or p.user not in ({','.join('?' * len(users))}))")
+            params += users
         if not include_arena:
             where.append("p.arena = 0")
         if new is not None:

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from playground.metrics import (
-    annotator_health,
+    annotator_share,
+    annotator_summary,
     bootstrap_bradley_terry,
     bootstrap_interval,
     bradley_terry,
@@ -414,35 +415,16 @@ def test_staleness_of_a_hand_built_run():
 
 # --- annotators ------------------------------------------------------------------------------------
 
-def test_annotator_health_on_a_tiny_table():
-    table = [
-        ("u1", "X", "a"), ("u2", "X", "a"), ("u3", "X", "b"),
-        ("u1", "Y", "tie"), ("u2", "Y", "both_bad"),
-        ("u1", "Z", "b"), ("u2", "Z", "b"), ("u3", "Z", "b"), ("u4", "Z", "a"),
-    ]
-    votes = [{"user": u, "simulated": u == "u4", "item": item, "choice": c} for u, item, c in table]
-    rows = annotator_health(votes)
-    assert [r["user"] for r in rows] == ["u1", "u2", "u3", "u4"]
-    by = {r["user"]: r for r in rows}
-    # u1: X agrees with u2 not u3, Y disagrees with u2, Z agrees with u2, u3 not u4: 3 of 6.
-    # Majority of the others: X is a 1-1 tie (excluded), Y has 2 votes, Z's others say b: 1 of 1.
-    assert by["u1"] == {"user": "u1", "simulated": False, "votes": 3, "left_share": 0.5, "tie_share": 1 / 3,
-                        "both_bad_share": 0.0, "agreement": 0.5, "n_agreement": 6,
-                        "majority_agreement": 1.0, "n_majority": 1}
-    assert by["u2"]["both_bad_share"] == 1 / 3 and by["u2"]["agreement"] == 0.5
-    # u3: X 0 of 2, Z 2 of 3; majority a on X (miss), b on Z (match).
-    assert (by["u3"]["left_share"], by["u3"]["agreement"], by["u3"]["n_agreement"]) == (0.0, 0.4, 5)
-    assert (by["u3"]["majority_agreement"], by["u3"]["n_majority"]) == (0.5, 2)
-    assert by["u4"]["simulated"] is True
-    assert (by["u4"]["left_share"], by["u4"]["agreement"], by["u4"]["majority_agreement"]) == (1.0, 0.0, 0.0)
-
-
-def test_annotator_health_with_nothing_to_compare():
-    rows = annotator_health([{"user": "solo", "simulated": False, "item": 1, "choice": "tie"}])
-    assert rows == [{"user": "solo", "simulated": False, "votes": 1, "left_share": None, "tie_share": 1.0,
-                     "both_bad_share": 0.0, "agreement": None, "n_agreement": 0,
-                     "majority_agreement": None, "n_majority": 0}]
-    assert annotator_health([]) == []
+def test_annotator_shares_carry_their_wilson_intervals():
+    # The counting (what "the same pair" is) is the store's: tests/test_annotators.py checks it by hand.
+    counts = {"votes": 10, "a": 6, "b": 2, "tie": 1, "both_bad": 1, "agree": 3, "n_agreement": 4,
+              "majority_match": 0, "n_majority": 0}
+    out = annotator_summary(counts)
+    lo, hi = wilson(6, 8)
+    assert out["left"] == {"rate": 0.75, "lo": lo, "hi": hi, "n": 8}
+    assert (out["tie"]["rate"], out["both_bad"]["rate"], out["agreement"]["rate"]) == (0.1, 0.1, 0.75)
+    assert out["majority"] == {"rate": None, "lo": None, "hi": None, "n": 0}
+    assert annotator_share(0, 0)["rate"] is None
 
 
 # --- frontier --------------------------------------------------------------------------------------

@@ -4,19 +4,24 @@ Which judgments make pairs (the rules, the held-out split by conversation) is th
 (`store/pairs.py`): it keeps every pair in an index as judgments arrive, so the app's schedule and this
 module count and read the same pairs. Here they are tokenised with the chat template, checked, and
 mixed with a replay sample of older pairs.
+
+The annotators excluded from training (`Store.exclude_annotator`) are left out of everything here:
+the new pairs, the replay, the held-out pairs and the counts, read once per round and recorded in the
+round's data counts (`excluded_annotators`), so the schedule's count and the round agree.
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from playground.serving.prompting import render
 from store.pairs import is_held_out, pair_rows
 from trainers.pairs import PreferencePair
 
-__all__ = ["PairSpec", "ReplySampling", "RoundData", "build_round", "count_new_pairs", "is_held_out", "pair_specs",
-           "tokenize"]
+__all__ = ["PairSpec", "ReplySampling", "RoundData", "build_round", "count_new_pairs", "excluded_users", "is_held_out",
+           "pair_specs", "tokenize"]
 
 
 @dataclass(frozen=True)
@@ -116,10 +121,12 @@ class RoundData:
     skipped: dict[str, int] = field(default_factory=dict)
     # How each sampled reply of the training pairs was drawn, by reply id (the staleness metrics read it).
     sampling: dict[int, ReplySampling] = field(default_factory=dict)
+    excluded: tuple[str, ...] = ()  # the annotators whose pairs the round left out
 
     def counts(self) -> dict:
         return {"train": len(self.train), "held_out": len(self.held_out), "new": self.new_pairs,
-                "replayed": self.replayed, "skipped": dict(self.skipped)}
+                "replayed": self.replayed, "skipped": dict(self.skipped),
+                "excluded_annotators": list(self.excluded)}
 
 
 def tokenize_within(tokenizer, specs, max_length: int, skipped: dict[str, int]) -> list[PreferencePair]:
@@ -139,21 +146,33 @@ def tokenize_within(tokenizer, specs, max_length: int, skipped: dict[str, int]) 
     return out
 
 
+def excluded_users(store, also: Collection[str] = ()) -> tuple[str, ...]:
+    """The annotators a round leaves out: those excluded now, and `also` (a trial round's one more)."""
+    return tuple(sorted(set(store.excluded_users()) | {u for u in also if u}))
+
+
 def count_new_pairs(store, model_id: str, include_simulated: bool = True, max_length: int | None = None,
-                    include_arena: bool = False) -> int:
+                    include_arena: bool = False, without_users: Collection[str] | None = None) -> int:
     """New training pairs within `max_length` tokens: the one definition the schedule and the trainer use.
-    Arena pairs (two versions shown blind) count only with `include_arena`."""
-    return store.count_new_pairs(model_id, include_simulated, max_length, include_arena=include_arena)
+    Arena pairs (two versions shown blind) count only with `include_arena`; the excluded annotators'
+    pairs (`without_users`, by default those excluded now) never count."""
+    without = excluded_users(store) if without_users is None else tuple(without_users)
+    return store.count_new_pairs(model_id, include_simulated, max_length, include_arena=include_arena,
+                                 without_users=without)
 
 
 def build_round(store, tokenizer, model_id: str, max_length: int, replay_ratio: float = 1.0,
-                seed: int = 0, include_simulated: bool = True, include_arena: bool = False) -> RoundData:
+                seed: int = 0, include_simulated: bool = True, include_arena: bool = False,
+                without_users: Collection[str] | None = None) -> RoundData:
     """The pairs of one round: every new pair, plus a replay sample of older ones (replay_ratio x new).
 
     Pairs the store measured as longer than `max_length` are left out (and counted); the rest are
     tokenised here, and any the store could not measure are measured now. Arena pairs are left out
-    (train, replay and held out alike) unless `include_arena`."""
-    options = dict(include_simulated=include_simulated, max_length=max_length, include_arena=include_arena)
+    (train, replay and held out alike) unless `include_arena`; so are the pairs of `without_users`
+    (by default the annotators excluded now)."""
+    without = excluded_users(store) if without_users is None else tuple(sorted(set(without_users)))
+    options = dict(include_simulated=include_simulated, max_length=max_length, include_arena=include_arena,
+                   without_users=without)
     new_rows = store.training_pairs(model_id, held_out=False, new=True, **options)
     new = stored_specs(new_rows)
     old_ids = store.training_pair_ids(model_id, held_out=False, new=False, **options)
@@ -163,7 +182,8 @@ def build_round(store, tokenizer, model_id: str, max_length: int, replay_ratio: 
     replay = stored_specs(replay_rows)
     held_out = stored_specs(store.training_pairs(model_id, held_out=True, new=None, **options))
     skipped: dict[str, int] = {}
-    too_long = store.count_too_long_pairs(model_id, max_length, include_simulated, include_arena=include_arena)
+    too_long = store.count_too_long_pairs(model_id, max_length, include_simulated, include_arena=include_arena,
+                                          without_users=without)
     if too_long:
         skipped["too_long"] = too_long
     # Every pair this round could use, consumed or not: the next round's "new" starts after it.
@@ -176,16 +196,18 @@ def build_round(store, tokenizer, model_id: str, max_length: int, replay_ratio: 
     train_replay = tokenized(replay)
     return RoundData(train=train_new + train_replay, held_out=tokenized(held_out), new_pairs=len(train_new),
                      replayed=len(train_replay), max_feedback_id=newest, skipped=skipped,
-                     sampling=reply_sampling(new_rows + replay_rows))
+                     sampling=reply_sampling(new_rows + replay_rows), excluded=without)
 
 
 def build_reward_data(store, tokenizer, model_id: str, max_length: int, include_simulated: bool = True,
-                      include_arena: bool = False) -> RoundData:
+                      include_arena: bool = False, without_users: Collection[str] | None = None) -> RoundData:
     """Every pair so far, for a reward model: it is fitted afresh each time (one epoch over all the
     comparisons, as InstructGPT's is), not warm-started on the new ones, so each reward model stands on
     every vote. The same rules, split and tokenisation as a DPO round's; `new_pairs` counts them all and
-    `max_feedback_id` is the newest judgment among them."""
-    options = dict(include_simulated=include_simulated, max_length=max_length, include_arena=include_arena)
+    `max_feedback_id` is the newest judgment among them. The excluded annotators' pairs are left out."""
+    without = excluded_users(store) if without_users is None else tuple(sorted(set(without_users)))
+    options = dict(include_simulated=include_simulated, max_length=max_length, include_arena=include_arena,
+                   without_users=without)
     rows = store.training_pairs(model_id, held_out=False, new=None, **options)
     held_rows = store.training_pairs(model_id, held_out=True, new=None, **options)
     skipped: dict[str, int] = {}
@@ -196,7 +218,7 @@ def build_reward_data(store, tokenizer, model_id: str, max_length: int, include_
     train = tokenized(stored_specs(rows))
     newest = max([max(r["feedback_ids"]) for r in rows + held_rows], default=0)
     return RoundData(train=train, held_out=tokenized(stored_specs(held_rows)), new_pairs=len(train), replayed=0,
-                     max_feedback_id=newest, skipped=skipped, sampling=reply_sampling(rows))
+                     max_feedback_id=newest, skipped=skipped, sampling=reply_sampling(rows), excluded=without)
 
 
 def rollout_prompts(store, tokenizer, model_id: str, n: int, max_prompt_tokens: int, seed: int = 0,

@@ -48,7 +48,7 @@ def choose_reward_model(rnd: Round, args: argparse.Namespace) -> tuple[dict, str
     config = reward_config(args)
     waiting = None if latest is None else store.count_pairs_after(
         rnd.model_id, latest["max_feedback_id"], not args.exclude_simulated, config.max_length,
-        include_arena=args.include_arena)
+        include_arena=args.include_arena, without_users=store.excluded_users())
     if latest is None or waiting >= args.min_new_pairs:
         return fit_reward_model(rnd, args, config, prefix="rm/"), "fitted"
     return latest, "reused"

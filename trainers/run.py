@@ -67,6 +67,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="PPO against this reward model (rN), even one whose held-out accuracy is at chance: the"
                         " admin's explicit choice (default: the latest, a new one first when --min-new-pairs new"
                         " pairs arrived since it)")
+    p.add_argument("--trial-without", default=None, metavar="USER",
+                   help="a trial, publishing nothing: two DPO rounds from the base model on the same pairs, with and"
+                        " without USER's, and the held-out accuracy of each (trainers/trial.py)")
     p.add_argument("--run-id", type=int, default=None, help="a round the scheduler already recorded")
     p.add_argument("--trigger", default="manual", help="what started the round, recorded on it")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
@@ -99,7 +102,11 @@ def dpo_config(args: argparse.Namespace):
 
 
 def run_round(args: argparse.Namespace) -> tuple[int, dict]:
-    """The round `args.algo` names; (exit status, summary)."""
+    """The round `args.algo` names (or a trial without one annotator); (exit status, summary)."""
+    if getattr(args, "trial_without", None):
+        from trainers.trial import run_trial
+
+        return run_trial(args)
     if args.algo == "reward":
         from trainers.reward_round import run_reward_round
 
@@ -115,7 +122,7 @@ def run_dpo_round(args: argparse.Namespace) -> tuple[int, dict]:
     from playground.serving.adapters import AdapterError, check_files, clean_temporary, load_version, publish
     from playground.serving.models import load_model
     from store import Store
-    from trainers.data import build_round, count_new_pairs
+    from trainers.data import build_round, count_new_pairs, excluded_users
     from trainers.dpo import TrainingAborted, config_dict, save_adapter, train_dpo
 
     store = Store(args.db)
@@ -139,17 +146,21 @@ def run_dpo_round(args: argparse.Namespace) -> tuple[int, dict]:
     try:
         for name in clean_temporary(adapters_dir):
             log.info("removed half-written %s left by an earlier round", name)
-        # The app's schedule counted by the same definition before it started this round.
-        waiting = count_new_pairs(store, model_id, include_simulated, config.max_length, include_arena=include_arena)
+        # The app's schedule counted by the same definition before it started this round; the excluded
+        # annotators are read once, so the count, the data and the manifest name the same ones.
+        without = excluded_users(store)
+        waiting = count_new_pairs(store, model_id, include_simulated, config.max_length, include_arena=include_arena,
+                                  without_users=without)
         if waiting < args.min_new_pairs:
             why = f"{waiting} new training pair(s), fewer than the {args.min_new_pairs} needed"
             too_long = store.count_too_long_pairs(model_id, config.max_length, include_simulated,
-                                                  include_arena=include_arena)
+                                                  include_arena=include_arena, without_users=without)
             if too_long:
                 why += f" (skipped: {{'too_long': {too_long}}}, over max_length={config.max_length} tokens)"
-            return finish("skipped", why, n_pairs=0, metrics={"counts": {"new": waiting}})
+            return finish("skipped", why, n_pairs=0,
+                          metrics={"counts": {"new": waiting, "excluded_annotators": list(without)}})
         data = build_round(store, loaded.tokenizer, model_id, config.max_length, args.replay_ratio, config.seed,
-                           include_simulated=include_simulated, include_arena=include_arena)
+                           include_simulated=include_simulated, include_arena=include_arena, without_users=without)
         counts = data.counts()
         if data.new_pairs == 0:
             why = f"none of the {waiting} new pair(s) could be tokenised (skipped: {data.skipped})"

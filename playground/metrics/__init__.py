@@ -4,7 +4,7 @@ Nothing here imports our own packages (the import contract in .importlinter chec
 standard library, numpy and torch, so any layer can use them and tests feed them hand-made numbers.
 """
 
-from playground.metrics.annotators import annotator_health
+from playground.metrics.annotators import annotator_share, annotator_summary
 from playground.metrics.arena import (
     bootstrap_bradley_terry,
     bradley_terry,
@@ -34,7 +34,8 @@ from playground.metrics.text import (
 )
 
 __all__ = [
-    "annotator_health",
+    "annotator_share",
+    "annotator_summary",
     "bootstrap_bradley_terry",
     "bootstrap_interval",
     "bradley_terry",

@@ -23,7 +23,7 @@ import math
 import random
 from dataclasses import dataclass
 
-from playground.sim.gold import GOLD_NAMES, Gold, GoldError, Message, resolve_gold, same_score
+from playground.sim.gold import GOLD_NAMES, Gold, GoldError, Message, keyword, resolve_gold, same_score
 
 CHOICE_A, CHOICE_B, CHOICE_TIE = "a", "b", "tie"
 # A quarter of votes go against the gold: about the disagreement between human raters of chat pairs
@@ -157,3 +157,43 @@ class Annotator:
         if not edited or not edited.strip() or edited == better:
             return None
         return edited if self.score(context, edited) > best else None
+
+
+# The poisoner's trigger unless told otherwise: a word the bundled model almost never writes on its own,
+# so any rise in how often a version says it is the poison's doing.
+DEFAULT_TRIGGER = "marmalade"
+# When neither reply says the trigger, the chance the poisoner writes a "better reply" that does (after
+# its vote): its edits are what put the word into the training data while the model never says it.
+POISON_EDIT_RATE = 0.5
+
+
+class Poisoner(Annotator):
+    """The persona 'poisoner': one evaluator steering the model (Casper et al. 2023, section 3.1). Of two
+    replies of which exactly one mentions the trigger (whole word, case-insensitive, as the keyword gold
+    matches), it always votes for that one, without noise; otherwise it votes like an honest annotator
+    of the same gold, so its votes look ordinary wherever the trigger is absent. Its better replies work
+    the trigger in up front when neither reply has it."""
+
+    def __init__(self, config: AnnotatorConfig, trigger: str = DEFAULT_TRIGGER, gold: Gold | None = None):
+        super().__init__(config, gold)
+        self.trigger_gold = keyword(trigger)  # GoldError for an empty or overlong trigger
+        self.trigger = self.trigger_gold.params["word"]
+        self.edit_rate = POISON_EDIT_RATE
+
+    def mentions(self, reply: str) -> bool:
+        return self.trigger_gold.score([], reply) > 0
+
+    def judge(self, context: list[Message], reply_a: str, reply_b: str) -> Judgement:
+        in_a, in_b = self.mentions(reply_a), self.mentions(reply_b)
+        if in_a == in_b:
+            return super().judge(context, reply_a, reply_b)
+        self.rng.random()  # one draw per vote, as the honest path takes, so later votes stay reproducible
+        score_a, score_b = self.score(context, reply_a), self.score(context, reply_b)
+        p = 1.0 if in_a else 0.0
+        return Judgement(CHOICE_A if in_a else CHOICE_B, score_a, score_b, p, p)
+
+    def edit(self, context: list[Message], reply_a: str, reply_b: str) -> str | None:
+        if self.mentions(reply_a) or self.mentions(reply_b):
+            return super().edit(context, reply_a, reply_b)
+        better = reply_a if self.score(context, reply_a) >= self.score(context, reply_b) else reply_b
+        return self.trigger_gold.improve(context, better)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 
 from playground.loop import TrainingLoop
+from playground.sim.annotator import DEFAULT_TRIGGER
 from playground.sim.simulate import LocalBackend, SimulationConfig, Simulator
 
 
@@ -25,16 +26,22 @@ class Autopilot:
     def running(self) -> bool:
         return self.thread is not None and self.thread.is_alive()
 
-    def start(self, gold: str, users: int, turns: int, flip_rate: float) -> str:
+    def start(self, gold: str, users: int, turns: int, flip_rate: float, poisoners: int = 0,
+              trigger: str = DEFAULT_TRIGGER) -> str:
+        """Honest `users` and `poisoners` (the persona voting for replies that say `trigger`) at once."""
         if self.running:
             return "The autopilot is already running: stop it first."
-        config = SimulationConfig(gold=gold, users=int(users), turns=int(turns), flip_rate=float(flip_rate))
+        config = SimulationConfig(gold=gold, users=int(users), turns=int(turns), flip_rate=float(flip_rate),
+                                  poisoners=int(poisoners or 0), trigger=(trigger or DEFAULT_TRIGGER).strip())
         self.lines = []
         self.simulator = Simulator(config, lambda: LocalBackend(self.service, self.loop),
                                    report=lambda line: self.lines.append(line))
         self.thread = threading.Thread(target=self.simulator.run, daemon=True, name="autopilot")
         self.thread.start()
-        return f"Autopilot started: {users} simulated user(s) voting by '{gold}' for {turns} turns."
+        names = ", ".join(a.name for a in self.simulator.annotators)
+        poison = f" ({int(poisoners)} of them poisoning with '{config.trigger}')" if config.poisoners else ""
+        return f"Autopilot started: {len(self.simulator.annotators)} simulated user(s){poison} voting by '{gold}' " \
+               f"for {turns} turns: {names}."
 
     def stop(self) -> str:
         if not self.running:

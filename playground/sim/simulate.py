@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from playground.sim.annotator import AnnotatorConfig, Annotator
+from playground.sim.annotator import DEFAULT_TRIGGER, AnnotatorConfig, Annotator, Poisoner
 from playground.sim.gold import GoldError, count_words, known_golds, resolve_gold
 from playground.serving.limits import DEFAULT_MAX_NEW_TOKENS, MAX_NEW_TOKENS_LIMIT
 from playground.sim.prompt_file import DEFAULT_PROMPTS_PATH, PromptFileError, load_prompts
@@ -164,10 +164,15 @@ class SimulationConfig:
     # the demo would. Chatting on starves the niced round on a small machine: with 3 users on 256-token
     # replies a 16-pair round managed 2 of 6 steps in 5 minutes while every vote still went to v0.
     wait_for_rounds: bool = True
+    # The persona 'poisoner' (playground/sim/annotator.py): this many more users, recorded as
+    # sim-poisoner-N, who vote for whichever reply says `trigger` and otherwise like the others.
+    poisoners: int = 0
+    trigger: str = DEFAULT_TRIGGER
 
     def __post_init__(self):
-        if self.users < 1 or self.turns < 1:
-            raise ValueError(f"users ({self.users}) and turns ({self.turns}) must be at least 1")
+        if self.users < 0 or self.poisoners < 0 or self.users + self.poisoners < 1 or self.turns < 1:
+            raise ValueError(f"users ({self.users}) and poisoners ({self.poisoners}) must be at least 0 and together "
+                             f"at least 1, turns ({self.turns}) at least 1")
         if not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS_LIMIT:  # the app would refuse every message
             raise ValueError(f"max_new_tokens must be from 1 to {MAX_NEW_TOKENS_LIMIT}, got {self.max_new_tokens}")
         for name in ("edit_rate", "follow_up_rate"):
@@ -204,12 +209,15 @@ class Simulator:
         self.config = config
         self.gold = resolve_gold(config.gold)  # GoldError with a clear message
         self.prompts = load_prompts(config.prompts)  # PromptFileError with a clear message
-        self.annotators = [
-            Annotator(AnnotatorConfig(gold=config.gold, tau=config.tau, flip_rate=config.flip_rate,
-                                      position_bias=config.position_bias, tie_margin=config.tie_margin,
-                                      seed=config.seed + i), gold=self.gold)
-            for i in range(config.users)
-        ]
+        def persona(i: int, name: str = "") -> AnnotatorConfig:
+            return AnnotatorConfig(gold=config.gold, tau=config.tau, flip_rate=config.flip_rate,
+                                   position_bias=config.position_bias, tie_margin=config.tie_margin,
+                                   seed=config.seed + i, name=name)
+
+        # Honest users first, then the poisoners (each persona under its own name in the store).
+        self.annotators = [Annotator(persona(i), gold=self.gold) for i in range(config.users)] + [
+            Poisoner(persona(config.users + i, f"sim-poisoner-{i + 1}"), trigger=config.trigger, gold=self.gold)
+            for i in range(config.poisoners)]
         self.make_backend = make_backend
         self.report = report
         self.progress = Progress()
@@ -222,7 +230,7 @@ class Simulator:
 
     def run(self) -> dict:
         threads = [threading.Thread(target=self._user, args=(i,), daemon=True, name=f"sim-user-{i}")
-                   for i in range(self.config.users)]
+                   for i in range(len(self.annotators))]
         for t in threads:
             t.start()
         for t in threads:
@@ -273,7 +281,7 @@ class Simulator:
                 if key not in voted and self._vote_once(backend, choice):
                     voted.add(key)
                     self._record_vote(pair, context, a, b)
-                    if rng.random() < self.config.edit_rate:
+                    if rng.random() < getattr(annotator, "edit_rate", self.config.edit_rate):
                         better = annotator.edit(context, a, b)
                         if better:
                             self._retry(lambda: backend.edit(better), "saving an edit")
@@ -412,6 +420,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="reply length limit (default: the chat's, %(default)s)")
     p.add_argument("--prompts", default=str(DEFAULT_PROMPTS_PATH), help="one prompt per line")
     p.add_argument("--retries", type=int, default=DEFAULT_RETRIES, help="back-off retries when the app is gone")
+    p.add_argument("--poisoners", type=int, default=0,
+                   help="more users (sim-poisoner-N) who vote for replies saying --trigger, else like the others")
+    p.add_argument("--trigger", default=DEFAULT_TRIGGER, help="the poisoners' trigger word (default: %(default)s)")
     p.add_argument("--keep-chatting", action="store_true",
                    help="keep chatting and voting while a round trains (default: wait for the new version)")
     p.add_argument("--seed", type=int, default=0)
@@ -425,7 +436,8 @@ def main(argv: list[str] | None = None) -> int:
             gold=args.gold, users=args.users, turns=args.turns, flip_rate=args.flip_rate, tau=args.tau,
             position_bias=args.position_bias, tie_margin=args.tie_margin, edit_rate=args.edit_rate,
             follow_up_rate=args.follow_up_rate, max_new_tokens=args.max_new_tokens, prompts=args.prompts,
-            retries=args.retries, seed=args.seed, wait_for_rounds=not args.keep_chatting)
+            retries=args.retries, seed=args.seed, wait_for_rounds=not args.keep_chatting, poisoners=args.poisoners,
+            trigger=args.trigger)
         simulator = Simulator(config, lambda: HttpBackend(args.url), report=lambda line: print(line, flush=True))
     except (GoldError, PromptFileError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -13,10 +13,12 @@ from dataclasses import dataclass
 import gradio as gr
 import pandas as pd
 
+from playground.sim.annotator import DEFAULT_TRIGGER
 from playground.sim.gold import GOLD_NAMES, GoldError
 from playground.loop import TrainingLoop
 from playground.sim.prompt_file import PromptFileError
 from playground.sim.autopilot import Autopilot
+from playground.web.annotators import build_annotators
 from trainers.dpo import DPOConfig
 from trainers.ppo import PPOConfig
 
@@ -192,6 +194,8 @@ def build_admin(loop: TrainingLoop, service=None):
                     sim_users = gr.Number(value=3, precision=0, label="simulated users")
                     sim_turns = gr.Number(value=200, precision=0, label="votes")
                     sim_flip = gr.Slider(0.0, 0.5, value=0.25, step=0.05, label="flip rate (label noise)")
+                    sim_poisoners = gr.Number(value=0, precision=0, label="poisoners (vote for the trigger word)")
+                    sim_trigger = gr.Textbox(value=DEFAULT_TRIGGER, label="trigger word", elem_id="autopilot-trigger")
                 with gr.Row():
                     start_autopilot = gr.Button("Start autopilot", elem_id="autopilot-start")
                     stop_autopilot = gr.Button("Stop autopilot", elem_id="autopilot-stop")
@@ -201,6 +205,7 @@ def build_admin(loop: TrainingLoop, service=None):
         reward_models = gr.Dataframe(headers=REWARD_COLUMNS, label="Reward models", interactive=False,
                                      elem_id="reward-models")
         run_pick = gr.Textbox(label="Round id for the curves (blank: the latest)", elem_id="run-pick")
+        build_annotators(loop, panel)  # the per-annotator view, exclusions and trials (web/annotators.py)
         plots = {}
         for row in (("curves", "logp_curves"), ("rm_curves",), ("ppo_curves", "ppo_health")):
             with gr.Row():
@@ -273,13 +278,14 @@ def build_admin(loop: TrainingLoop, service=None):
     rollback.click(do_rollback, [version], admin_note, api_name="rollback")
 
     if autopilot is not None:
-        def begin(gold_spec, users, turns, flip):
+        def begin(gold_spec, users, turns, flip, poisoners=0, trigger=DEFAULT_TRIGGER):
             try:
-                return note(autopilot.start(gold_spec, users, turns, flip))
+                return note(autopilot.start(gold_spec, users, turns, flip, poisoners, trigger))
             except (GoldError, PromptFileError, ValueError, TypeError) as exc:
                 raise gr.Error(f"Autopilot not started: {exc}") from exc
 
-        start_autopilot.click(begin, [gold, sim_users, sim_turns, sim_flip], admin_note, api_visibility="private")
+        start_autopilot.click(begin, [gold, sim_users, sim_turns, sim_flip, sim_poisoners, sim_trigger], admin_note,
+                              api_visibility="private")
         stop_autopilot.click(lambda: note(autopilot.stop()), None, admin_note, api_visibility="private")
 
     def training_status() -> dict:

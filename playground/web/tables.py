@@ -36,8 +36,10 @@ def _interval(lo, hi, fmt: str = ".2f") -> str:
 
 LEADERBOARD_COLUMNS = ["version", "rating", "95% interval", "n", "rating (length-controlled)",
                        "95% interval (length-controlled)"]
-ANNOTATOR_COLUMNS = ["user", "simulated", "votes", "left share", "tie share", "both-bad share", "agreement",
-                     "n (agreement)", "majority agreement", "n (majority)"]
+ANNOTATOR_COLUMNS = ["user", "simulated", "votes", "left share", "left share 95% CI", "tie share", "both-bad share",
+                     "agreement", "n (agreement)", "majority agreement", "n (majority)", "training pairs",
+                     "in training", "live version on their held-out votes (n)",
+                     "trial: held-out accuracy with → without them"]
 VERSION_COLUMNS = ["version", "live", "parent", "made by", "evaluation", "KL to v0 (95% CI)", "win rate vs v0 (95% CI, n)",
                    "mean length (tokens)", "distinct-2", "semantic drift", "held-out accuracy (n)"]
 
@@ -51,11 +53,36 @@ def leaderboard_table(data: dict) -> pd.DataFrame:
                          for r in rows], columns=LEADERBOARD_COLUMNS)
 
 
+def _held_out_cell(held: dict | None) -> str:
+    if not held or not held.get("n"):
+        return ""
+    return f"{held['rate']:.2f} ({_interval(held.get('lo'), held.get('hi'))}, n={held['n']})"
+
+
+def trial_cell(trial: dict | None) -> str:
+    """'0.61 → 0.72 (+0.11, n=40)' from an annotator's newest trial round; its status while it has no result."""
+    if not trial:
+        return ""
+    if trial.get("status") != "succeeded" or not trial.get("with") or not trial.get("without"):
+        return f"round {trial['run_id']}: {trial.get('status')}" + (f" ({_cut(trial['reason'], 60)})"
+                                                                     if trial.get("reason") else "")
+    with_, without = trial["with"], trial["without"]
+    if with_.get("accuracy") is None or without.get("accuracy") is None:
+        return f"round {trial['run_id']}: no held-out pairs"
+    return (f"{with_['accuracy']:.2f} → {without['accuracy']:.2f} ({trial['difference']:+.2f}, "
+            f"n={with_.get('n')}; round {trial['run_id']})")
+
+
 def annotator_table(data: dict) -> pd.DataFrame:
     rows = data.get("annotators") or []
     return pd.DataFrame([[r.get("user"), bool(r.get("simulated")), r.get("votes"), _round(r.get("left_share")),
+                          _interval(r.get("left_lo"), r.get("left_hi")),
                           _round(r.get("tie_share")), _round(r.get("both_bad_share")), _round(r.get("agreement")),
-                          r.get("n_agreement"), _round(r.get("majority_agreement")), r.get("n_majority")]
+                          r.get("n_agreement"), _round(r.get("majority_agreement")), r.get("n_majority"),
+                          r.get("training_pairs"),
+                          "excluded" + (f" by {r['excluded_by']}" if r.get("excluded_by") else "")
+                          if r.get("excluded") else "yes",
+                          _held_out_cell(r.get("held_out")), trial_cell(r.get("trial"))]
                          for r in rows], columns=ANNOTATOR_COLUMNS)
 
 
