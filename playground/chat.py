@@ -9,7 +9,7 @@ Limits are per person: with accounts the account, without them the session (`lim
 (sends and regenerates) and judgments each have a per-minute limit (playground/ratelimit.py), and the
 same key is the request's owner in the shared decode loop, which admits owners fairly and caps what one
 owner may have queued. The moderation hook (playground/moderation.py) checks each message before
-generation and each reply before it is shown.
+generation (and each better reply before it is saved) and each reply before it is shown.
 """
 
 from __future__ import annotations
@@ -54,7 +54,8 @@ class ChatError(Exception):
 
 
 class MessageRefused(ChatError):
-    """The moderation hook refused the message: nothing was generated, the refusal is recorded on a turn."""
+    """The moderation hook refused the person's text (a message: nothing was generated; a better reply:
+    not saved); the refusal is recorded on the turn."""
 
 
 def limit_key(session: "ChatSession") -> str:
@@ -271,6 +272,25 @@ class ChatService:
         raise MessageRefused(f"Your message was not sent: {said}. Nothing was generated; change it and send "
                              f"again.{unrecorded}")
 
+    def _moderate_edit(self, session: ChatSession, pair: Pair, text: str) -> None:
+        """A better reply is the person's own text and becomes the chosen side of training pairs: the hook
+        is asked about it as about a message (role "user"); a refusal is recorded on the turn and raised."""
+        if self.moderation is None:
+            return
+        reason, failed = self.moderation.check(text, "user")
+        if reason is None:
+            return
+        unrecorded = ""
+        try:
+            self.store.add_moderation(pair.turn_id, [{"role": "user", "pair": pair.index, "edit": True,
+                                                      "reason": reason, "hook": self.moderation.name,
+                                                      "failed": failed}])
+        except StoreError as exc:
+            log.error("a refused better reply could not be recorded: %s", exc)
+            unrecorded = f" (The refusal itself could not be recorded: {exc}.)"
+        said = reason if failed else f"the moderation check refused it: {reason}"
+        raise MessageRefused(f"Your better reply was not saved: {said}. Change it and save again.{unrecorded}")
+
     def _moderate_replies(self, pair: Pair) -> None:
         """Check each finished reply before it is shown; a refused one is withheld (the pair is then not
         judgeable)."""
@@ -472,6 +492,7 @@ class ChatService:
             raise ChatError(f"The better reply is over {MAX_STORED_MESSAGE_CHARS:,} characters; nothing saved.")
         pair = self._judgeable(session)
         self._admit(self.judgment_limiter, session, JUDGMENTS_LIMITED)
+        self._moderate_edit(session, pair, text)
         # Its length in tokens (end of turn included), as a sampled reply's: its pairs' length limit reads it.
         n_tokens = len(self.policy.base.tokenizer(text, add_special_tokens=False)["input_ids"]) + 1
         self._record(lambda: self.store.record_edit(pair.turn_id, pair.index, text, session.user, session.session_id,

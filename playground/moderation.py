@@ -8,8 +8,9 @@ The protocol, for a hook's author:
 
     def check(text: str, role: str) -> str | None
 
-- `role` is "user" for a person's message (called once per send, before generation) and "assistant" for
-  one reply (called once per reply when it is finished, before it is shown; a pair's two replies are
+- `role` is "user" for a person's text: a message (called once per send, before generation) or a
+  better reply they wrote (before it is saved: it becomes the chosen side of training pairs); and
+  "assistant" for one reply (called once per reply when it is finished, before it is shown; a pair's two replies are
   checked one after the other, A first).
 - Return None to allow the text, or a non-empty string to refuse it: the string is the reason, shown to
   the person and stored with the turn (`turns.moderation_json`), so write it for them ("it contains a
@@ -22,6 +23,7 @@ The protocol, for a hook's author:
 What a refusal does:
 - A refused message is stored as a turn with no replies and its refusal, nothing is generated, the
   person is told why, and the message box keeps what they typed.
+- A refused better reply is not saved (the refusal is recorded on the turn); the pair can still be voted on.
 - A refused reply is stored (for the audit) but never shown: its panel says it was withheld and why.
   A pair with a withheld reply cannot be judged (no vote, thumb or better reply), so it produces no
   training pair; Regenerate gives a new pair. Its other reply, if allowed, is what the conversation

@@ -2,7 +2,8 @@
 
 A mixin of `Store`. A turn's `moderation_json` is a JSON list, one record per refusal, oldest first:
 `{"role": "user", "reason", "hook", "failed", "at"}` for a refused message (its turn has no replies) and
-`{"role": "assistant", "pair", "slot", "reason", "hook", "failed", "at"}` for a withheld reply; `failed`
+`{"role": "assistant", "pair", "slot", "reason", "hook", "failed", "at"}` for a withheld reply, and
+`{"role": "user", "pair", "edit": true, ...}` for a better reply the hook refused (not saved); `failed`
 is true when the hook itself broke and the text was refused for that (the hook fails closed). A pair
 with a withheld reply takes no judgment: `check_not_withheld` refuses it inside the judgment's own
 transaction, so it can produce no training pair.
@@ -31,8 +32,9 @@ class ModerationQueries:
             }).last_pk)
 
     def add_moderation(self, turn_id: int, refusals: list[dict[str, Any]]) -> None:
-        """Append withheld replies' refusals to their turn (call inside `batch()` with the pair's write)."""
-        records = [self._moderation_record(r, "assistant") for r in refusals]
+        """Append refusals to their turn: withheld replies (role "assistant", the default; call inside
+        `batch()` with the pair's write) or a refused better reply (role "user" with `pair`)."""
+        records = [self._moderation_record(r, r.get("role", "assistant")) for r in refusals]
         with self._write("the moderation record") as db:
             rows = list(db.query("select moderation_json from turns where id = ?", [turn_id]))
             if not rows:
@@ -63,6 +65,8 @@ class ModerationQueries:
         return None
 
     def _moderation_record(self, refusal: dict[str, Any], role: str) -> dict[str, Any]:
+        if role not in MODERATION_ROLES:
+            raise ValueError(f"unknown role {role!r}: use one of {MODERATION_ROLES}")
         if not str(refusal.get("reason") or "").strip():
             raise ValueError("a refusal needs its reason")
         record = {"role": role, **{k: v for k, v in refusal.items() if k != "role"}, "at": self._now()}

@@ -192,6 +192,26 @@ def test_a_withheld_reply_is_stored_never_shown_and_its_pair_cannot_be_judged(ma
     assert [r["pair"] for r in service.store.moderation_for_turn(pair.turn_id)] == [0]
 
 
+def test_a_refused_better_reply_is_not_saved_and_the_pair_can_still_be_judged(make_service):
+    from tests.moderation_hooks import strict
+
+    def strict_but_replies_allowed(text, role):
+        return strict(text, role) if role == "user" else None
+
+    service = make_service(strict_but_replies_allowed)
+    session = ChatSession()
+    pair = send(service, session, "hello")
+    with pytest.raises(MessageRefused, match="Your better reply was not saved: the moderation check refused it: "
+                                             "it mentions the forbidden topic"):
+        service.edit(session, "a forbidden better reply")
+    assert pair.edit is None and service.store.stats()["feedback"] == 0
+    (record,) = service.store.moderation_for_turn(pair.turn_id)
+    assert (record["role"], record["pair"], record["edit"]) == ("user", 0, True)
+    service.vote(session, "a")  # a refused better reply does not withhold the pair
+    service.edit(session, "a fine better reply")
+    assert service.store.stats()["current_feedback"] == {"choice": {"a": 1}, "edit": {"text": 1}}
+
+
 def test_with_both_replies_withheld_the_turn_leaves_the_conversation(make_service):
     from tests.moderation_hooks import strict
 
