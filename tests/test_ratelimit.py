@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from playground.chat import ChatError, ChatService, ChatSession, limit_key
-from playground.ratelimit import SWEEP_EVERY, RateLimiter, wait_text
+from playground.ratelimit import DEFAULT_VOTES_PER_MINUTE, SWEEP_EVERY, RateLimiter, wait_text
 from playground.serving.generation import SamplingSettings
 from playground.serving.policy import PolicyHolder
 from store import Store
@@ -182,3 +182,20 @@ def test_a_flood_through_the_server_is_refused_in_words_and_others_carry_on(tiny
         assert stats["turns"] == 4 and stats["current_feedback"] == {"choice": {"b": 1, "a": 1}}
         clock.t += 60
         assert flooder.predict("after a minute", api_name="/send", max_new_tokens=4)["saved"]
+
+
+@pytest.mark.parametrize("flag", ["--rate-limit-messages", "--rate-limit-votes"])
+def test_a_negative_limit_stops_the_start_and_zero_turns_a_limit_off(flag, capsys):
+    from app import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args([flag, "-1"])
+    assert f"{flag} -1 must be 0 (no limit) or more" in capsys.readouterr().err
+    assert getattr(parse_args([flag, "0"]), flag[2:].replace("-", "_")) == 0
+
+
+def test_with_a_limit_off_the_service_gets_no_limiter(tiny_loaded, tmp_path):
+    from tests.servers import running_app
+
+    with running_app(tiny_loaded, tmp_path / "off.db", extra_args=("--rate-limit-messages", "0")) as (_, service):
+        assert service.message_limiter is None and service.judgment_limiter.limit == DEFAULT_VOTES_PER_MINUTE
