@@ -445,7 +445,8 @@ class ChatService:
                     )
                 if pair.withheld:
                     self.store.add_moderation(turn_id, self._withheld_records(pair, index))
-            session.conversation_id, pair.turn_id, pair.index, pair.reply_ids = conversation_id, turn_id, index, reply_ids
+            session.conversation_id = conversation_id
+            pair.turn_id, pair.index, pair.reply_ids = turn_id, index, reply_ids
             session.notes = [n for n in session.notes if not n.startswith(UNSAVED_NOTE)]
         except StoreError as exc:
             # The pair stays on screen; the next judgment tries to save it again before recording itself.

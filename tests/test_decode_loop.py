@@ -194,14 +194,15 @@ def test_requests_of_one_owner_or_of_none_keep_their_order(tiny_loaded, gate, mo
     places = [latest(w) for w in waiting]
     # x has nothing decoding and the unowned "r" is: x1 goes first, then the two take turns.
     assert places == [1, 0, 3, 2]
-    assert places[texts.index("n1")] < places[texts.index("n2")] and places[texts.index("x1")] < places[texts.index("x2")]
+    place = dict(zip(texts, places))
+    assert place["n1"] < place["n2"] and place["x1"] < place["x2"]
     gate.set()
     for stream in [running, *waiting]:
         finished(stream)
     by_prompt = {tuple(prompt(tokenizer, t)): t for t in texts}
     admitted = [by_prompt[ids] for ids in order[1:]]
     assert admitted.index("n1") < admitted.index("n2") and admitted.index("x1") < admitted.index("x2")
-    assert admitted == sorted(texts, key=lambda t: places[texts.index(t)])  # served in the order shown
+    assert admitted == sorted(texts, key=place.get)  # served in the order shown
     loop.close()
 
 

@@ -244,7 +244,8 @@ class DecodeLoop:
             if len(self._waiting) >= self.max_waiting and not self._has_room(queued_rows):
                 raise DecodeLoopBusy(f"{len(self._waiting)} requests are waiting already; try again in a moment")
             if request.owner is not None:
-                in_flight = sum(1 for r in self._waiting + self._active if r.owner == request.owner)
+                # A cancelled one (a closed tab) leaves at the next step: it does not count against a new tab.
+                in_flight = sum(1 for r in self._waiting + self._active if r.owner == request.owner and not r.cancelled)
                 if in_flight >= self.max_per_owner:
                     raise OwnerBusy(in_flight, self.max_per_owner)
             self._seq += 1
