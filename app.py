@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from playground.chat import DEFAULT_ARENA_RATE
+from playground.moderation import DEFAULT_HOOK as DEFAULT_MODERATION
+from playground.ratelimit import DEFAULT_MESSAGES_PER_MINUTE, DEFAULT_VOTES_PER_MINUTE
 from playground.evaluation.defaults import DEFAULT_PROBES, DEFAULT_SAMPLES_PER_PROMPT, MAX_SAMPLES_PER_PROMPT
 from playground.serving.decode_loop import DEFAULT_MAX_BATCH_ROWS
 from playground.serving.limits import DEFAULT_MAX_CONTEXT_TOKENS
@@ -89,6 +91,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              f" {MAX_BEST_OF_N}; default: %(default)s)")
     parser.add_argument("--threads", type=int, default=0,
                         help="CPU threads for torch; 0 keeps torch's choice (default: %(default)s)")
+    parser.add_argument("--rate-limit-messages", type=int, default=DEFAULT_MESSAGES_PER_MINUTE,
+                        help="messages (sends and regenerates) one person may send a minute; 0: no limit "
+                             "(default: %(default)s)")
+    parser.add_argument("--rate-limit-votes", type=int, default=DEFAULT_VOTES_PER_MINUTE,
+                        help="judgments (votes, thumbs, better replies) one person may make a minute; 0: no limit "
+                             "(default: %(default)s)")
+    parser.add_argument("--moderation", default=DEFAULT_MODERATION, metavar="MODULE:FUNCTION",
+                        help="a hook fn(text, role) -> reason or None, asked about each message before generation "
+                             "and each reply before it is shown (README, 'Moderation hook'; default: %(default)s,"
+                             " which allows everything)")
     args = parser.parse_args(argv)
     if not 1 <= args.port <= 65535:
         parser.error(f"--port {args.port} is not a port number (1-65535)")
@@ -107,6 +119,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.best_of_n * 2 > args.max_batch_rows:
         parser.error(f"--best-of-n {args.best_of_n} needs {args.best_of_n * 2} rows per pair; --max-batch-rows is "
                      f"{args.max_batch_rows}")
+    for flag in ("rate_limit_messages", "rate_limit_votes"):
+        if getattr(args, flag) < 0:
+            parser.error(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be 0 (no limit) or more")
     if args.max_context_tokens < 64:
         parser.error(f"--max-context-tokens {args.max_context_tokens} is too small (at least 64)")
     return args
@@ -143,12 +158,16 @@ def build_services(args: argparse.Namespace, loaded=None, busy_timeout_ms: int |
     from playground.dashboard import Dashboard
     from playground.evaluation.evaluator import EvalSettings, Evaluator
     from playground.loop import LoopSettings, TrainingLoop
+    from playground.moderation import load_hook
+    from playground.ratelimit import RateLimiter
     from playground.serving.decode_loop import DecodeLoop
     from playground.serving.embeddings import SharedEmbedder, model_folder
     from playground.serving.models import load_model
     from playground.serving.policy import PolicyHolder
     from store import Store
 
+    # The hook first: a broken --moderation stops the start before the model loads.
+    moderation = load_hook(args.moderation)
     if args.threads:
         torch.set_num_threads(args.threads)
     if loaded is None:
@@ -184,7 +203,10 @@ def build_services(args: argparse.Namespace, loaded=None, busy_timeout_ms: int |
             logging.getLogger("app").warning("--best-of-n %d: %s; plain pairs until there is one", args.best_of_n,
                                              best_of_n.status()["reason"])
         chat = ChatService(policy, store, max_context_tokens=args.max_context_tokens, on_feedback=loop.nudge,
-                           decode_loop=decode_loop, arena_rate=args.arena_rate, best_of_n=best_of_n)
+                           decode_loop=decode_loop, arena_rate=args.arena_rate, best_of_n=best_of_n,
+                           message_limiter=RateLimiter(args.rate_limit_messages) if args.rate_limit_messages else None,
+                           judgment_limiter=RateLimiter(args.rate_limit_votes) if args.rate_limit_votes else None,
+                           moderation=moderation)
         if evaluator is not None:
             evaluator.start()  # v0 and the live version, if this probe set has not evaluated them
         loop.start()
@@ -202,12 +224,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from playground.evaluation import ProbeFileError
     from playground.serving.embeddings import EmbedderUnavailable
+    from playground.moderation import ModerationHookError
     from playground.serving.models import ModelLoadError
     from store import StoreError
 
     try:
         services = build_services(args)
-    except (ModelLoadError, StoreError, ProbeFileError, EmbedderUnavailable) as exc:
+    except (ModelLoadError, StoreError, ProbeFileError, EmbedderUnavailable, ModerationHookError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     from playground.web.ui import build_ui, launch

@@ -2,7 +2,14 @@
 
 `ChatSession` is plain per-session data (it lives in a `gr.State`); `ChatService` holds the shared
 pieces (policy, store, limits) and implements each action once, for the browser UI and the public API
-alike. Actions raise `ChatError` with a message meant for the person; nothing is written when they do.
+alike. Actions raise `ChatError` with a message meant for the person; nothing is written when they do,
+except the record of a message the moderation hook refused (`MessageRefused`).
+
+Limits are per person: with accounts the account, without them the session (`limit_key`). Messages
+(sends and regenerates) and judgments each have a per-minute limit (playground/ratelimit.py), and the
+same key is the request's owner in the shared decode loop, which admits owners fairly and caps what one
+owner may have queued. The moderation hook (playground/moderation.py) checks each message before
+generation (and each better reply before it is saved) and each reply before it is shown.
 """
 
 from __future__ import annotations
@@ -14,10 +21,12 @@ import secrets
 import threading
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from playground.best_of_n import BestOfN, BestOfNUnavailable
-from playground.serving.decode_loop import DecodeFailed, DecodeLoop, DecodeLoopBusy
+from playground.moderation import Moderator
+from playground.ratelimit import RateLimiter, wait_text
+from playground.serving.decode_loop import DecodeFailed, DecodeLoop, DecodeLoopBusy, OwnerBusy
 from playground.serving.generation import SampledReply, SamplingSettings, sample_pair
 from playground.serving.limits import DEFAULT_MAX_CONTEXT_TOKENS, MAX_STORED_MESSAGE_CHARS
 from playground.serving.policy import PolicyHolder, PolicySnapshot, version_order
@@ -34,10 +43,28 @@ BEST_OF_N_NOTE = "Best-of-n"
 # The share of turns whose pair is a blind arena pair (the live version against an earlier one) unless
 # `--arena-rate` says otherwise: enough votes to rate versions, few enough that most votes train.
 DEFAULT_ARENA_RATE = 0.15
+MESSAGES_LIMITED = ("You can send {limit} messages a minute (a regenerate counts as one); try again in {wait}. "
+                    "Nothing was sent.")
+JUDGMENTS_LIMITED = ("You can judge {limit} times a minute (votes, thumbs and better replies together); try "
+                     "again in {wait}. Nothing was recorded.")
 
 
 class ChatError(Exception):
     """An action that cannot be done as asked; the message says why and what to do instead."""
+
+
+class MessageRefused(ChatError):
+    """The moderation hook refused the person's text (a message: nothing was generated; a better reply:
+    not saved); the refusal is recorded on the turn."""
+
+
+def limit_key(session: "ChatSession") -> str:
+    """Who a session's limits and decode-queue share belong to. With accounts, the account: all of a
+    person's tabs and scripts share one allowance. Without them every browser is "anonymous", and
+    limiting that name would make one person's flood lock everyone out: the session is the most that can
+    be told apart (a script can open new sessions, so without accounts the global queue limit is what
+    holds it)."""
+    return f"user:{session.user}" if session.user != DEFAULT_USER else f"session:{session.session_id}"
 
 
 @dataclass
@@ -64,6 +91,11 @@ class Pair:
     reward_model: str | None = None
     reward_scores: tuple[float, ...] = ()  # the kept replies' scores, per slot
     candidate_scores: tuple[float, ...] = ()  # every candidate's score, rows a, b, a, b, ... (not stored)
+    # Moderation: `held` while the replies are written but not yet checked (their text is not shown);
+    # `withheld`: slot -> the reason a reply was refused (stored, never shown; the pair cannot be judged).
+    held: bool = False
+    withheld: dict[str, str] = field(default_factory=dict)
+    withheld_failed: dict[str, bool] = field(default_factory=dict)  # slot -> the hook itself failed
 
     def __post_init__(self):
         if not self.versions:
@@ -77,8 +109,12 @@ class Pair:
     def reply(self, slot: str) -> SampledReply:
         return self.replies[SLOTS.index(slot)]
 
-    def continuation(self) -> str:
-        """The assistant turn the conversation goes on from: the chosen reply, else the edit, else A."""
+    def continuation(self) -> str | None:
+        """The assistant turn the conversation goes on from: the chosen reply, else the edit, else A; with a
+        reply withheld, the other one; with both withheld, none."""
+        if self.withheld:
+            allowed = [s for s in SLOTS if s not in self.withheld]
+            return self.reply(allowed[0]).text if allowed else None
         if self.choice in ("a", "b"):
             return self.reply(self.choice).text
         if self.edit:
@@ -91,6 +127,8 @@ class ChatSession:
     session_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     user: str = DEFAULT_USER
     simulated: bool = False  # a simulated annotator (the autopilot), marked as such in the store
+    # The admin's in-process autopilot: no per-minute limits (never set from the API or a browser).
+    limits_exempt: bool = False
     conversation_id: int | None = None
     history: list[dict[str, str]] = field(default_factory=list)  # finished turns, chat-template roles
     user_message: str | None = None  # the current turn's message, exactly as typed
@@ -99,6 +137,9 @@ class ChatSession:
     notes: list[str] = field(default_factory=list)
     pair: Pair | None = None
     system_prompt: str = ""
+    # Turns of this conversation left out of what the model reads (a refused message, a pair with both
+    # replies withheld): stored turns keep distinct positions.
+    left_out: int = 0
     # Guards the idle -> generating transition: two clicks in one session run on two threads.
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
@@ -111,7 +152,7 @@ class ChatSession:
         shown = list(self.history)
         if self.user_message is not None:
             shown.append({"role": "user", "content": self.user_message})
-            if self.pair is not None and not self.pair.generating:
+            if self.pair is not None and not self.pair.generating and self.pair.continuation() is not None:
                 shown.append({"role": "assistant", "content": self.pair.continuation()})
         return shown
 
@@ -119,7 +160,9 @@ class ChatSession:
 class ChatService:
     def __init__(self, policy: PolicyHolder, store: Store, max_context_tokens: int = DEFAULT_MAX_CONTEXT_TOKENS,
                  on_feedback: Callable[[], None] | None = None, decode_loop: DecodeLoop | None = None,
-                 arena_rate: float = 0.0, rng: random.Random | None = None, best_of_n: BestOfN | None = None):
+                 arena_rate: float = 0.0, rng: random.Random | None = None, best_of_n: BestOfN | None = None,
+                 message_limiter: RateLimiter | None = None, judgment_limiter: RateLimiter | None = None,
+                 moderation: Moderator | None = None):
         if not 0.0 <= arena_rate <= 1.0:
             raise ValueError(f"arena_rate {arena_rate} must be between 0 and 1")
         self.policy = policy
@@ -135,6 +178,10 @@ class ChatService:
         # Called after each saved judgment (the loop's nudge: the vote that reaches the threshold starts
         # the round now, not at the next scheduled check). It must be quick and must not raise.
         self.on_feedback = on_feedback
+        # Per-person limits per minute (None: off): sends and regenerates; votes, thumbs and better replies.
+        self.message_limiter, self.judgment_limiter = message_limiter, judgment_limiter
+        # The moderation hook (None or the no-op: nothing checked, replies stream as they are written).
+        self.moderation = moderation if moderation is not None and moderation.active else None
 
     def concurrent_generations(self) -> int:
         """Pairs that may be generating at once: what the shared decode loop takes (rows plus its queue),
@@ -159,10 +206,15 @@ class ChatService:
         snapshot = self.policy.snapshot()
         with session.lock:
             self._check_idle(session)
+            self._admit(self.message_limiter, session, MESSAGES_LIMITED)
             history = session.messages()  # the previous turn's continuation becomes history now
+            left_out = session.left_out
+            if history and history[-1]["role"] == "user":  # both replies were withheld: the turn leaves
+                history, left_out = history[:-1], left_out + 1
             budget = min(self.max_context_tokens, snapshot.context_window - settings.max_new_tokens)
             prompt = build_prompt(snapshot.tokenizer, session.system_prompt, history, message, budget)
-            session.history = history
+            self._moderate_message(session, history, left_out, message, prompt)
+            session.history, session.left_out = history, left_out
             session.user_message = message
             session.context = prompt.messages
             session.prompt_ids = prompt.ids
@@ -176,9 +228,85 @@ class ChatService:
             if session.pair is None:
                 raise ChatError("There is no pair to regenerate yet: send a message first.")
             self._check_idle(session)
+            self._admit(self.message_limiter, session, MESSAGES_LIMITED)
             previous = session.pair
             session.pair = self._new_pair(snapshot, settings, turn_id=previous.turn_id, index=previous.index + 1)
         yield from self._stream(session, snapshot, previous)
+
+    # -- limits and moderation ------------------------------------------------------------------
+
+    def _admit(self, limiter: RateLimiter | None, session: ChatSession, refusal: str) -> None:
+        if limiter is None or session.limits_exempt:
+            return
+        key = limit_key(session)
+        wait = limiter.acquire(key)
+        if wait:
+            log.info("rate limit of %d a minute reached by %s; refused for %.1f s", limiter.limit, key, wait)
+            raise ChatError(refusal.format(limit=limiter.limit, wait=wait_text(wait)))
+
+    def _moderate_message(self, session: ChatSession, history: list[dict[str, str]], left_out: int, message: str,
+                          prompt) -> None:
+        """Ask the hook about a message before anything is generated; a refusal is recorded on a turn of
+        its own (no replies) and raised as MessageRefused. The session is left as it was."""
+        if self.moderation is None:
+            return
+        reason, failed = self.moderation.check(message, "user")
+        if reason is None:
+            return
+        refusal = {"reason": reason, "hook": self.moderation.name, "failed": failed}
+        unrecorded = ""
+        try:
+            with self.store.batch("the refused message"):
+                conversation_id = session.conversation_id or self.store.start_conversation(
+                    session.session_id, session.user, self.policy.model_id, session.system_prompt,
+                    simulated=session.simulated)
+                idx = sum(1 for m in history if m["role"] == "user") + left_out
+                self.store.record_refused_message(conversation_id, idx, prompt.messages, message, refusal,
+                                                  prompt_tokens=len(prompt.ids))
+            session.conversation_id, session.left_out = conversation_id, session.left_out + 1
+        except StoreError as exc:
+            log.error("a refused message could not be recorded: %s", exc)
+            unrecorded = f" (The refusal itself could not be recorded: {exc}.)"
+        log.info("the moderation hook refused a message of %s: %s", limit_key(session), reason)
+        said = reason if failed else f"the moderation check refused it: {reason}"
+        raise MessageRefused(f"Your message was not sent: {said}. Nothing was generated; change it and send "
+                             f"again.{unrecorded}")
+
+    def _moderate_edit(self, session: ChatSession, pair: Pair, text: str) -> None:
+        """A better reply is the person's own text and becomes the chosen side of training pairs: the hook
+        is asked about it as about a message (role "user"); a refusal is recorded on the turn and raised."""
+        if self.moderation is None:
+            return
+        reason, failed = self.moderation.check(text, "user")
+        if reason is None:
+            return
+        unrecorded = ""
+        try:
+            self.store.add_moderation(pair.turn_id, [{"role": "user", "pair": pair.index, "edit": True,
+                                                      "reason": reason, "hook": self.moderation.name,
+                                                      "failed": failed}])
+        except StoreError as exc:
+            log.error("a refused better reply could not be recorded: %s", exc)
+            unrecorded = f" (The refusal itself could not be recorded: {exc}.)"
+        said = reason if failed else f"the moderation check refused it: {reason}"
+        raise MessageRefused(f"Your better reply was not saved: {said}. Change it and save again.{unrecorded}")
+
+    def _moderate_replies(self, pair: Pair) -> None:
+        """Check each finished reply before it is shown; a refused one is withheld (the pair is then not
+        judgeable)."""
+        pair.held = False
+        if self.moderation is None:
+            return
+        for reply in pair.replies:
+            reason, failed = self.moderation.check(reply.text, "assistant")
+            if reason is not None:
+                pair.withheld[reply.slot], pair.withheld_failed[reply.slot] = reason, failed
+                log.info("the moderation hook withheld reply %s: %s", reply.slot, reason)
+
+    def _withheld_records(self, pair: Pair, index: int) -> list[dict]:
+        return [{"pair": index, "slot": slot, "reason": reason, "hook": self.moderation.name if self.moderation
+                 else None, "failed": pair.withheld_failed.get(slot, False)}
+                for slot, reason in sorted(pair.withheld.items())]
 
     # -- the blind arena --------------------------------------------------------------------------
 
@@ -209,6 +337,14 @@ class ChatService:
 
     def _stream(self, session: ChatSession, snapshot: PolicySnapshot, previous: Pair | None) -> Iterator[Pair]:
         pair = session.pair
+        # With a moderation hook a reply is shown only once it is finished and allowed: the panels get
+        # the replies without their text while they are written.
+        pair.held = self.moderation is not None
+
+        def shown(replies):
+            return [replace(r, text="") for r in replies] if pair.held else replies
+
+        owner = limit_key(session)
         try:
             scorer = self._best_of_n_scorer(session, pair)
             # Best-of-n: n candidates per slot, rows a, b, a, b, ...; the first of each streams meanwhile.
@@ -219,7 +355,7 @@ class ChatService:
                 for replies in sample_pair(snapshot.model, snapshot.tokenizer, session.prompt_ids, pair.settings,
                                            seeds):
                     candidates = replies
-                    pair.replies = replies[: len(SLOTS)]
+                    pair.replies = shown(replies[: len(SLOTS)])
                     yield pair
             else:
                 rows = None
@@ -228,18 +364,22 @@ class ChatService:
                     rows = [(resident[v].adapter, resident[v].lora) for v in pair.versions]
                 for update in self.decode_loop.stream(snapshot.model, snapshot.tokenizer, session.prompt_ids,
                                                       pair.settings, seeds, adapter=snapshot.adapter,
-                                                      lora=snapshot.lora, row_adapters=rows):
+                                                      lora=snapshot.lora, row_adapters=rows, owner=owner):
                     candidates = update.replies
-                    pair.replies, pair.ahead = update.replies[: len(SLOTS)], update.ahead
+                    pair.replies, pair.ahead = shown(update.replies[: len(SLOTS)]), update.ahead
                     yield pair
+            pair.replies = list(candidates[: len(SLOTS)])
             if scorer is not None:
                 self._keep_best(session, pair, scorer, snapshot, candidates)
+            self._moderate_replies(pair)
         except BaseException as exc:
             # A failed or abandoned generation leaves no pair behind: a regenerate falls back to the
             # pair it replaced, a new turn to the conversation before it.
             session.pair = previous
             if previous is None:
                 session.user_message = None
+            if isinstance(exc, OwnerBusy):
+                raise ChatError(f"Not sent: {exc}. Nothing was saved.") from exc
             if isinstance(exc, DecodeLoopBusy):
                 raise ChatError(f"The model is busy ({exc}). Nothing was sent; try again in a moment.") from exc
             if isinstance(exc, DecodeFailed):
@@ -286,20 +426,27 @@ class ChatService:
         """Store a finished pair; on a database error keep it on screen, unsaved, with a note."""
         rows = [_reply_row(r, pair, self.policy.model_id) for r in pair.replies]
         try:
-            if session.conversation_id is None:
-                session.conversation_id = self.store.start_conversation(
+            # One transaction: a withheld reply is never stored without the record that withholds it.
+            with self.store.batch("the pair"):
+                conversation_id = session.conversation_id or self.store.start_conversation(
                     session.session_id, session.user, self.policy.model_id, session.system_prompt,
                     simulated=session.simulated,
                 )
-            if pair.turn_id is not None:  # a regenerated pair of a stored turn
-                pair.index, pair.reply_ids = self.store.record_regenerated_pair(pair.turn_id, rows)
-            else:
-                idx = sum(1 for m in session.history if m["role"] == "user")
-                pair.turn_id, pair.reply_ids = self.store.record_turn(
-                    session.conversation_id, idx, session.context, session.user_message, rows,
-                    note=" ".join(n for n in session.notes if not n.startswith(BEST_OF_N_NOTE)) or None,
-                    prompt_tokens=len(session.prompt_ids),
-                )
+                if pair.turn_id is not None:  # a regenerated pair of a stored turn
+                    turn_id = pair.turn_id
+                    index, reply_ids = self.store.record_regenerated_pair(pair.turn_id, rows)
+                else:
+                    idx = sum(1 for m in session.history if m["role"] == "user") + session.left_out
+                    index = pair.index
+                    turn_id, reply_ids = self.store.record_turn(
+                        conversation_id, idx, session.context, session.user_message, rows,
+                        note=" ".join(n for n in session.notes if not n.startswith(BEST_OF_N_NOTE)) or None,
+                        prompt_tokens=len(session.prompt_ids),
+                    )
+                if pair.withheld:
+                    self.store.add_moderation(turn_id, self._withheld_records(pair, index))
+            session.conversation_id = conversation_id
+            pair.turn_id, pair.index, pair.reply_ids = turn_id, index, reply_ids
             session.notes = [n for n in session.notes if not n.startswith(UNSAVED_NOTE)]
         except StoreError as exc:
             # The pair stays on screen; the next judgment tries to save it again before recording itself.
@@ -321,6 +468,7 @@ class ChatService:
         if choice not in CHOICES:
             raise ChatError(f"Unknown choice {choice!r}: use one of {', '.join(CHOICES)}.")
         pair = self._judgeable(session)
+        self._admit(self.judgment_limiter, session, JUDGMENTS_LIMITED)
         self._record(lambda: self.store.record_choice(pair.turn_id, pair.index, choice, session.user, session.session_id))
         pair.choice = choice
         return pair
@@ -332,6 +480,7 @@ class ChatService:
         if rating not in RATINGS:
             raise ChatError(f"Unknown rating {rating!r}: use 'up' or 'down'.")
         pair = self._judgeable(session)
+        self._admit(self.judgment_limiter, session, JUDGMENTS_LIMITED)
         reply_id = pair.reply_ids[SLOTS.index(slot)]
         self._record(lambda: self.store.record_rating(reply_id, rating, session.user, session.session_id))
         pair.ratings[slot] = rating
@@ -343,6 +492,8 @@ class ChatService:
         if len(text) > MAX_STORED_MESSAGE_CHARS:
             raise ChatError(f"The better reply is over {MAX_STORED_MESSAGE_CHARS:,} characters; nothing saved.")
         pair = self._judgeable(session)
+        self._admit(self.judgment_limiter, session, JUDGMENTS_LIMITED)
+        self._moderate_edit(session, pair, text)
         # Its length in tokens (end of turn included), as a sampled reply's: its pairs' length limit reads it.
         n_tokens = len(self.policy.base.tokenizer(text, add_special_tokens=False)["input_ids"]) + 1
         self._record(lambda: self.store.record_edit(pair.turn_id, pair.index, text, session.user, session.session_id,
@@ -373,12 +524,17 @@ class ChatService:
         session.prompt_ids = []
         session.notes = []
         session.pair = None
+        session.left_out = 0
 
     def _judgeable(self, session: ChatSession) -> Pair:
         if session.pair is None:
             raise ChatError("There is nothing to judge yet: send a message first.")
         if session.pair.generating:
             raise ChatError("The replies are still being written: wait until both have finished.")
+        if session.pair.withheld:
+            which = " and ".join(s.upper() for s in sorted(session.pair.withheld))
+            raise ChatError(f"This pair cannot be judged: reply {which} was withheld by the moderation check. "
+                            "Regenerate for a new pair, or send your next message.")
         return self._ensure_saved(session)
 
     def _check_idle(self, session: ChatSession) -> None:
@@ -439,13 +595,17 @@ def pair_summary(session: ChatSession) -> dict:
         "ratings": dict(pair.ratings),
         "edit": pair.edit,
         "notes": list(session.notes),
+        # Moderation: a withheld reply's text is never sent (null), its reason is; `held`: the replies
+        # are being written and are shown once checked.
+        "withheld": dict(pair.withheld),
+        "held": pair.held,
         # An arena pair names no version (nor that it is one) until it is voted on: a client cannot know
         # which side is which before judging.
         "arena": pair.arena if pair.revealed else None,
         "replies": {
             r.slot: {
                 "id": pair.reply_ids[i] if pair.reply_ids else None,
-                "text": r.text,
+                "text": None if r.slot in pair.withheld else r.text,
                 "policy_version": pair.versions[i] if pair.revealed else None,
                 "n_tokens": r.n_tokens,
                 "finish_reason": r.finish_reason,

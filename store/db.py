@@ -26,6 +26,7 @@ from store.evaluations import EvaluationQueries
 from store.exports import ExportQueries
 from store.imports import ImportQueries
 from store.insights import InsightQueries
+from store.moderation import ModerationQueries
 from store.rewards import RewardQueries
 from store.training import TrainingQueries
 
@@ -85,7 +86,7 @@ def _explain(exc: sqlite3.Error) -> str:
 
 
 class Store(TrainingQueries, EvaluationQueries, InsightQueries, RewardQueries, AnnotatorQueries, ExportQueries,
-            ImportQueries):
+            ImportQueries, ModerationQueries):
     def __init__(self, path: str | Path, busy_timeout_ms: int = BUSY_TIMEOUT_MS):
         # A "file:...?mode=ro" URI opens read-only (the read-only test and read-only mounts use it).
         is_uri = str(path).startswith("file:")
@@ -251,6 +252,8 @@ class Store(TrainingQueries, EvaluationQueries, InsightQueries, RewardQueries, A
             raise FeedbackError(f"turn {turn_id} has no pair {pair}")
         if any(r["superseded"] for r in rows):
             raise FeedbackError("that pair was regenerated; judge the new pair instead")
+        if self.check_not_withheld(db, turn_id, pair) is not None:
+            raise FeedbackError("a reply of that pair was withheld by the moderation check; it cannot be judged")
 
     def _insert_feedback(
         self, db: Database, turn_id: int, pair: int, reply_id: int | None, kind: str, value: str,

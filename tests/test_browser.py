@@ -299,3 +299,35 @@ def test_the_dashboard_tab_draws_the_demo_store(tiny_loaded, tmp_path, artifacts
         assert "v3" in page.locator("#dashboard-table-leaderboard").inner_text()
         page.screenshot(path=os.path.join(artifacts_dir, "dashboard.png"), full_page=True)
         page.close()
+
+
+def test_a_refused_message_keeps_the_box_and_a_withheld_pair_shows_why_not_its_text(tiny_loaded, tmp_path, browser,
+                                                                                   artifacts_dir):
+    args = ("--moderation", "tests.moderation_hooks:strict")
+    with running_app(tiny_loaded, tmp_path / "moderated.db", extra_args=args) as (url, service):
+        page = browser.new_page(viewport={"width": 1280, "height": 1100})
+        try:
+            page.goto(url)
+            box = page.locator("#message textarea")
+            box.fill("Tell me something forbidden")
+            page.locator("#send").click()
+            page.wait_for_function("[...document.querySelectorAll('.toast-body')].some(t => t.innerText.includes("
+                                   "'it mentions the forbidden topic'))", timeout=30_000)
+            assert box.input_value() == "Tell me something forbidden"  # nothing typed is lost
+            assert [t["user_message"] for t in service.store.refused_turns()] == ["Tell me something forbidden"]
+
+            box.fill("hello")
+            page.locator("#send").click()
+            page.wait_for_function("document.querySelector('#notice').innerText.includes('cannot be judged')",
+                                   timeout=60_000)
+            for slot in ("a", "b"):
+                assert "Withheld by the moderation check: replies are withheld on this test server" in \
+                    page.locator(f"#reply-{slot}").inner_text()
+                assert page.locator(f"#vote-{slot}").is_disabled()
+            assert page.locator("#regenerate").is_enabled()
+            stored = [r["text"] for r in service.store.replies_for_turn(service.store.latest_turn()["id"])]
+            shown = page.locator("#reply-a").inner_text() + page.locator("#reply-b").inner_text()
+            assert all(text.strip() not in shown for text in stored if len(text.strip()) > 3)
+            page.screenshot(path=os.path.join(artifacts_dir, "moderation_withheld.png"), full_page=True)
+        finally:
+            page.close()

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from playground.serving.decode_loop import DecodeFailed, DecodeLoop, DecodeLoopBusy
+from playground.serving.decode_loop import DecodeFailed, DecodeLoop, DecodeLoopBusy, OwnerBusy
 from playground.serving.generation import SamplingSettings, engine_for, sample_pair
 
 SETTINGS = SamplingSettings(temperature=1.0, top_p=0.95, max_new_tokens=12)
@@ -138,6 +138,117 @@ def test_a_full_queue_refuses_at_once_and_starts_nothing(tiny_loaded, gate):
     gate.set()
     finished(first)
     loop.close()
+
+
+def record_prefills(monkeypatch, engine) -> list[tuple[int, ...]]:
+    """The prompts the engine prefills, in order: the order the loop admitted their requests."""
+    order = []
+    real = engine.prefill
+
+    def recording(prompt_ids, *args, **kwargs):
+        order.append(tuple(prompt_ids))
+        return real(prompt_ids, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "prefill", recording)
+    return order
+
+
+def latest(stream):
+    """The place a waiting stream shows now (its next update: at once when it moved, else the heartbeat's)."""
+    return next(stream).ahead
+
+
+def test_one_owners_backlog_does_not_starve_another(tiny_loaded, gate, monkeypatch):
+    loop = DecodeLoop(max_batch_rows=2, max_waiting=16)  # one pair at a time
+    model, tokenizer = tiny_loaded.model, tiny_loaded.tokenizer
+    order = record_prefills(monkeypatch, engine_for(model))
+    prompts = {name: prompt(tokenizer, name) for name in ["x0", "x1", "x2", "x3", "x4", "x5", "x6", "y"]}
+    running = loop.stream(model, tokenizer, prompts["x0"], SETTINGS, (1, 2), owner="x")
+    decoding(running)
+    backlog = [loop.stream(model, tokenizer, prompts[f"x{i}"], SETTINGS, (3 + i, 30 + i), owner="x")
+               for i in range(1, 7)]
+    assert [latest(b) for b in backlog] == [0, 1, 2, 3, 4, 5]
+    other = loop.stream(model, tokenizer, prompts["y"], SETTINGS, (9, 10), owner="y")
+    assert latest(other) == 0  # next, ahead of the six x queued before it
+    assert [latest(b) for b in backlog] == [1, 2, 3, 4, 5, 6]  # each one place further back, and told so
+    assert loop.load()["waiting"] == 7
+    gate.set()
+    for stream in [running, other, *backlog]:
+        assert all(r.done for r in finished(stream).replies)
+    names = {ids: name for name, ids in ((n, tuple(p)) for n, p in prompts.items())}
+    assert [names[ids] for ids in order] == ["x0", "y", "x1", "x2", "x3", "x4", "x5", "x6"]
+    loop.close()
+
+
+def test_requests_of_one_owner_or_of_none_keep_their_order(tiny_loaded, gate, monkeypatch):
+    loop = DecodeLoop(max_batch_rows=2, max_waiting=8)
+    model, tokenizer = tiny_loaded.model, tiny_loaded.tokenizer
+    order = record_prefills(monkeypatch, engine_for(model))
+    running = loop.stream(model, tokenizer, prompt(tokenizer, "r"), SETTINGS, (1, 2))
+    decoding(running)
+    texts = ["n1", "x1", "n2", "x2"]
+    waiting = [loop.stream(model, tokenizer, prompt(tokenizer, t), SETTINGS, (3 + i, 9 + i),
+                           owner="x" if t.startswith("x") else None) for i, t in enumerate(texts)]
+    for w in waiting:
+        next(w)  # submitted, in this order
+    places = [latest(w) for w in waiting]
+    # x has nothing decoding and the unowned "r" is: x1 goes first, then the two take turns.
+    assert places == [1, 0, 3, 2]
+    place = dict(zip(texts, places))
+    assert place["n1"] < place["n2"] and place["x1"] < place["x2"]
+    gate.set()
+    for stream in [running, *waiting]:
+        finished(stream)
+    by_prompt = {tuple(prompt(tokenizer, t)): t for t in texts}
+    admitted = [by_prompt[ids] for ids in order[1:]]
+    assert admitted.index("n1") < admitted.index("n2") and admitted.index("x1") < admitted.index("x2")
+    assert admitted == sorted(texts, key=place.get)  # served in the order shown
+    loop.close()
+
+
+def test_an_owner_past_its_cap_is_refused_and_others_still_get_in(tiny_loaded, gate):
+    loop = DecodeLoop(max_batch_rows=2, max_waiting=8, max_per_owner=2)
+    model, tokenizer = tiny_loaded.model, tiny_loaded.tokenizer
+    running = loop.stream(model, tokenizer, prompt(tokenizer, "x0"), SETTINGS, (1, 2), owner="x")
+    decoding(running)
+    queued = loop.stream(model, tokenizer, prompt(tokenizer, "x1"), SETTINGS, (3, 4), owner="x")
+    assert latest(queued) == 0
+    with pytest.raises(OwnerBusy, match=r"2 of your requests are already waiting or being written \(at most 2"):
+        next(loop.stream(model, tokenizer, prompt(tokenizer, "x2"), SETTINGS, (5, 6), owner="x"))
+    other = loop.stream(model, tokenizer, prompt(tokenizer, "y0"), SETTINGS, (7, 8), owner="y")
+    assert latest(other) == 0 and loop.load()["waiting"] == 2
+    gate.set()
+    for stream in (running, queued, other):
+        finished(stream)
+    # Once x's requests are done, x may send again.
+    assert all(r.done for r in finished(loop.stream(model, tokenizer, prompt(tokenizer, "x3"), SETTINGS, (9, 10),
+                                                    owner="x")).replies)
+    loop.close()
+
+
+def test_the_chat_passes_the_person_as_owner_so_an_account_shares_one_cap(tiny_loaded, tmp_path, gate):
+    from playground.chat import ChatError, ChatService, ChatSession
+    from playground.serving.policy import PolicyHolder
+    from store import Store
+
+    store = Store(tmp_path / "owners.db")
+    loop = DecodeLoop(max_batch_rows=2, max_waiting=8, max_per_owner=1)
+    service = ChatService(PolicyHolder(tiny_loaded), store, decode_loop=loop)
+    first_tab, second_tab, bob = ChatSession(user="alice"), ChatSession(user="alice"), ChatSession(user="bob")
+    writing = service.send(first_tab, "from alice's first tab", SETTINGS)
+    while next(writing).ahead is not None or not any(r.token_ids for r in first_tab.pair.replies):
+        pass  # until it decodes (held at the gate): it holds both rows
+    with pytest.raises(ChatError, match=r"Not sent: 1 of your requests are already waiting or being written"):
+        list(service.send(second_tab, "from alice's second tab", SETTINGS))
+    assert second_tab.pair is None and second_tab.user_message is None
+    waiting = service.send(bob, "from bob", SETTINGS)
+    assert next(waiting).ahead == 0  # bob is another owner: queued behind alice's one pair
+    gate.set()
+    *_, alice_pair = writing
+    *_, bob_pair = waiting
+    assert alice_pair.reply_ids and bob_pair.reply_ids
+    loop.close()
+    store.close()
 
 
 def test_a_reader_that_goes_away_frees_its_rows(tiny_loaded):

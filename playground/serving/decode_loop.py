@@ -17,6 +17,16 @@ Limits: at most `max_batch_rows` rows decode at once (`--max-batch-rows`); past 
 their readers learn how many requests are ahead of them; past `max_waiting` waiting requests a new one
 is refused with `DecodeLoopBusy` (nothing was started). An exception inside a step fails the requests
 of that step with the error and the loop goes on with the others.
+
+Fairness: a request may name its `owner` (a plain string: the chat passes the account, or the session
+without accounts). The queue is ordered by start-time fair queueing, not arrival: each request is
+tagged with the later of the loop's virtual time (the tag of the request admitted last) and the end of
+its owner's previous request (tag + its rows), and waits in tag order (arrival breaks ties). So one
+owner with a backlog of six gets one turn per round while someone who just came gets the next free
+rows; requests of a single owner, and of no owner, keep their arrival order. The place a reader is
+shown is its index in that order: a newcomer with an earlier tag can move ahead of a backlog. An owner
+may have at most `max_per_owner` requests waiting or decoding; past that a new one is refused with
+`OwnerBusy`, so no one person can fill the whole queue and turn everyone else away as "busy".
 """
 
 from __future__ import annotations
@@ -24,7 +34,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
@@ -49,6 +58,9 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_BATCH_ROWS = 16
 # Requests allowed to wait for rows; past this a new request is refused ("busy, try again").
 DEFAULT_MAX_WAITING = 32
+# Requests one owner may have waiting or decoding at once: a person has one pair in each open tab, so 8
+# is several tabs' worth, and a quarter of the queue at most, so one script cannot fill it alone.
+DEFAULT_MAX_REQUESTS_PER_OWNER = 8
 # Tokens decoded again before the newest ones when streaming text, so a character split across tokens
 # (emoji, accents) is shown whole once its last token arrives.
 DETOKENIZE_WINDOW = 6
@@ -58,6 +70,15 @@ HEARTBEAT_S = 0.5
 
 class DecodeLoopBusy(RuntimeError):
     """Too many requests are waiting already; nothing was started."""
+
+
+class OwnerBusy(DecodeLoopBusy):
+    """This request's owner has `max_per_owner` requests waiting or decoding already; nothing was started."""
+
+    def __init__(self, in_flight: int, limit: int):
+        super().__init__(f"{in_flight} of your requests are already waiting or being written (at most {limit} "
+                         "at once); wait for one to finish")
+        self.in_flight, self.limit = in_flight, limit
 
 
 class DecodeFailed(RuntimeError):
@@ -83,6 +104,9 @@ class _Request:
     engine: object
     # Per row: (the version's LoRA in the engine, None: the model itself; its weights and config).
     row_adapters: tuple = ()
+    owner: str | None = None  # whose request it is, for fair admission (None: the app's own)
+    seq: int = 0  # arrival order
+    tag: float = 0.0  # its fair-queueing start tag: the queue is kept in (tag, seq) order
     replies: list[SampledReply] = field(default_factory=list)
     generators: list[torch.Generator] = field(default_factory=list)
     # One engine state per run of consecutive rows on the same adapter (one for an ordinary pair).
@@ -105,15 +129,22 @@ class _Request:
 
 
 class DecodeLoop:
-    def __init__(self, max_batch_rows: int = DEFAULT_MAX_BATCH_ROWS, max_waiting: int = DEFAULT_MAX_WAITING):
+    def __init__(self, max_batch_rows: int = DEFAULT_MAX_BATCH_ROWS, max_waiting: int = DEFAULT_MAX_WAITING,
+                 max_per_owner: int = DEFAULT_MAX_REQUESTS_PER_OWNER):
         if max_batch_rows < len(SLOTS):
             raise ValueError(f"max_batch_rows {max_batch_rows} cannot hold one pair ({len(SLOTS)} rows)")
         if max_waiting < 0:
             raise ValueError(f"max_waiting {max_waiting} must be >= 0")
+        if max_per_owner < 1:
+            raise ValueError(f"max_per_owner {max_per_owner} must be >= 1")
         self.max_batch_rows = max_batch_rows
         self.max_waiting = max_waiting
+        self.max_per_owner = max_per_owner
         self._cv = threading.Condition()
-        self._waiting: deque[_Request] = deque()
+        self._waiting: list[_Request] = []  # in fair order: (tag, seq)
+        self._seq = 0
+        self._virtual = 0.0  # the tag of the request admitted last
+        self._owner_end: dict[str | None, float] = {}  # per owner: where its next request's tag starts
         self._active: list[_Request] = []
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -125,14 +156,16 @@ class DecodeLoop:
     def stream(self, model, tokenizer, prompt_ids: list[int], settings: SamplingSettings,
                seeds: tuple[int, ...], stop_ids: set[int] | None = None, adapter: str | None = None,
                lora: tuple | None = None, row_adapters: list[tuple[str | None, tuple | None]] | None = None,
-               ) -> Iterator[Update]:
+               owner: str | None = None) -> Iterator[Update]:
         """Yield an `Update` after every step the request is in (and while it waits); the last one has
         every reply finished. Closing the iterator cancels the request. `adapter`: a LoRA resident in
         `model`'s engine, applied to this request's rows; `lora` (its weights and config) registers it
         again should the engine have been rebuilt. `row_adapters`: instead, one (adapter, lora) per row,
         so the rows of one pair decode different versions (a blind arena turn: v0 against the live
-        version); each row's tokens are those it would get on its own version alone. Raises
-        DecodeLoopBusy at once when too many requests wait, DecodeFailed when its step failed."""
+        version); each row's tokens are those it would get on its own version alone. `owner`: whose request
+        it is (fair admission and the per-owner cap; see the module docstring). Raises DecodeLoopBusy at
+        once when too many requests wait (OwnerBusy when the owner has too many), DecodeFailed when its
+        step failed."""
         stop_ids = stop_token_ids(tokenizer, model) if stop_ids is None else stop_ids
         if row_adapters is None:
             row_adapters = [(adapter, lora)] * len(seeds)
@@ -155,7 +188,7 @@ class DecodeLoop:
                 yield Update(replies)
             return
         request = _Request(model, tokenizer, list(prompt_ids), settings, tuple(int(s) for s in seeds),
-                           stop_ids, engine, row_adapters=tuple(row_adapters))
+                           stop_ids, engine, row_adapters=tuple(row_adapters), owner=owner)
         self._submit(request)
         try:
             seen = -1
@@ -181,9 +214,10 @@ class DecodeLoop:
                         self._publish_positions()
                     self._cv.notify_all()
 
-    def sample_pair(self, model, tokenizer, prompt_ids, settings, seeds, stop_ids=None) -> Iterator[list[SampledReply]]:
+    def sample_pair(self, model, tokenizer, prompt_ids, settings, seeds, stop_ids=None,
+                    owner: str | None = None) -> Iterator[list[SampledReply]]:
         """`generation.sample_pair`'s interface over the shared loop (replies only, no queue notes)."""
-        for update in self.stream(model, tokenizer, prompt_ids, settings, seeds, stop_ids):
+        for update in self.stream(model, tokenizer, prompt_ids, settings, seeds, stop_ids, owner=owner):
             yield update.replies
 
     def load(self) -> dict:
@@ -209,7 +243,17 @@ class DecodeLoop:
             queued_rows = sum(r.rows for r in self._waiting) + request.rows
             if len(self._waiting) >= self.max_waiting and not self._has_room(queued_rows):
                 raise DecodeLoopBusy(f"{len(self._waiting)} requests are waiting already; try again in a moment")
+            if request.owner is not None:
+                # A cancelled one (a closed tab) leaves at the next step: it does not count against a new tab.
+                in_flight = sum(1 for r in self._waiting + self._active if r.owner == request.owner and not r.cancelled)
+                if in_flight >= self.max_per_owner:
+                    raise OwnerBusy(in_flight, self.max_per_owner)
+            self._seq += 1
+            request.seq = self._seq
+            request.tag = max(self._virtual, self._owner_end.get(request.owner, 0.0))
+            self._owner_end[request.owner] = request.tag + request.rows
             self._waiting.append(request)
+            self._waiting.sort(key=lambda r: (r.tag, r.seq))
             self._publish_positions()
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, daemon=True, name="decode-loop")
@@ -219,6 +263,13 @@ class DecodeLoop:
     def _has_room(self, rows: int) -> bool:
         """Whether `rows` more rows fit beside the active ones now."""
         return sum(r.rows for r in self._active) + rows <= self.max_batch_rows
+
+    def _admitted(self, request: _Request) -> None:
+        """Virtual time moves to the admitted request's tag; owners whose last request ends before it
+        start from it again (their entries are dropped, so the map holds only owners with a backlog)."""
+        self._virtual = max(self._virtual, request.tag)
+        for owner in [o for o, end in self._owner_end.items() if end <= self._virtual]:
+            del self._owner_end[owner]
 
     def _publish_positions(self) -> None:
         for i, request in enumerate(self._waiting):
@@ -237,7 +288,8 @@ class DecodeLoop:
                     return
                 admitted = []
                 while self._waiting and self._has_room(self._waiting[0].rows):
-                    request = self._waiting.popleft()
+                    request = self._waiting.pop(0)
+                    self._admitted(request)
                     request.ahead = None
                     self._active.append(request)
                     admitted.append(request)
@@ -356,7 +408,7 @@ class DecodeLoop:
     def _drop_cancelled(self) -> None:
         for request in [r for r in self._active if r.cancelled]:
             self._remove(request)
-        kept = deque(r for r in self._waiting if not r.cancelled)
+        kept = [r for r in self._waiting if not r.cancelled]
         if len(kept) != len(self._waiting):
             self._waiting = kept
             self._publish_positions()

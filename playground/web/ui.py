@@ -104,7 +104,8 @@ def conversation(session: ChatSession) -> list[dict]:
     """
     messages = session.messages()
     pair = session.pair
-    pending = pair is not None and not pair.generating and pair.choice is None and pair.edit is None
+    pending = (pair is not None and not pair.generating and pair.choice is None and pair.edit is None
+               and not pair.withheld)  # a pair with a withheld reply takes no vote: nothing to bias
     if pending and session.user_message is not None:
         messages = messages[:-1]  # messages() ends with the pair's continuation exactly then
     return [shown(m["role"], m["content"]) for m in messages]
@@ -114,6 +115,8 @@ def badge(pair: Pair | None, reply: SampledReply | None) -> str:
     """What is known of one reply: its version (for an arena pair only after the vote), length, finish."""
     if pair is None or reply is None:
         return ""
+    if reply.slot in pair.withheld:
+        return "🚫 withheld by the moderation check"
     rating = pair.ratings.get(reply.slot)
     version = pair.versions[SLOTS.index(reply.slot)] if pair.revealed else "version hidden until you vote"
     parts = [f"`{version}`", f"{reply.n_tokens} tokens", FINISH_LABELS.get(reply.finish_reason, "")]
@@ -146,6 +149,13 @@ def notice(session: ChatSession) -> str:
         ahead = "1 request" if pair.ahead == 1 else f"{pair.ahead} requests"
         lines.append(f"⏳ Waiting for the model: {ahead} ahead of you." if pair.ahead else
                      "⏳ Waiting for the model: yours is next.")
+    if pair is not None and pair.generating and pair.held and pair.ahead is None:
+        lines.append("The replies are shown once they are written and checked by the moderation hook.")
+    if pair is not None and not pair.generating and pair.withheld:
+        for slot, reason in sorted(pair.withheld.items()):
+            lines.append(f"🚫 Reply {slot.upper()} was withheld by the moderation check: {reason}")
+        lines.append("This pair cannot be judged: Regenerate for a new pair, or send your next message.")
+        return "\n\n".join(lines)
     if pair is not None and not pair.generating:
         if pair.choice:
             lines.append(f"Saved: {CHOICE_LABELS[pair.choice]}. Send your next message to continue.")
@@ -237,22 +247,30 @@ def build_ui(service: ChatService, loop: TrainingLoop | None = None, title: str 
         view_outputs = [history, panels["a"], panels["b"], badges["a"], badges["b"], note, status,
                         *judge_buttons, regenerate, send, new_chat]
 
+        def panel(pair: Pair | None, reply: SampledReply | None) -> list:
+            if reply is None:
+                return []
+            if reply.slot in pair.withheld:  # never shown: only why
+                return [shown("assistant", f"🚫 Withheld by the moderation check: {pair.withheld[reply.slot]}")]
+            return [shown("assistant", reply.text)]
+
         def view(state: ChatSession) -> list:
             pair = state.pair
             busy = pair is not None and pair.generating
-            judgeable = pair is not None and not busy
+            judgeable = pair is not None and not busy and not pair.withheld
             replies = {r.slot: r for r in pair.replies} if pair else {}
             out = [
                 conversation(state),
-                [shown("assistant", replies["a"].text)] if "a" in replies else [],
-                [shown("assistant", replies["b"].text)] if "b" in replies else [],
+                panel(pair, replies.get("a")),
+                panel(pair, replies.get("b")),
                 badge(pair, replies.get("a")),
                 badge(pair, replies.get("b")),
                 notice(state),
                 by_line(model_id, pair),
             ]
             out += [gr.Button(interactive=judgeable) for _ in judge_buttons]
-            out += [gr.Button(interactive=judgeable), gr.Button(interactive=not busy), gr.Button(interactive=not busy)]
+            out += [gr.Button(interactive=pair is not None and not busy), gr.Button(interactive=not busy),
+                    gr.Button(interactive=not busy)]
             return out
 
         def settings_of(temp, p, max_tokens) -> SamplingSettings:
