@@ -21,6 +21,7 @@ from sqlite_utils import Database
 
 from store import migrations
 from store.pairs import index_rows, judged_groups
+from store.accounts import AccountQueries
 from store.evaluations import EvaluationQueries
 from store.insights import InsightQueries
 from store.rewards import RewardQueries
@@ -81,7 +82,7 @@ def _explain(exc: sqlite3.Error) -> str:
     return f"database error: {exc}"
 
 
-class Store(TrainingQueries, EvaluationQueries, InsightQueries, RewardQueries):
+class Store(TrainingQueries, EvaluationQueries, InsightQueries, RewardQueries, AccountQueries):
     def __init__(self, path: str | Path, busy_timeout_ms: int = BUSY_TIMEOUT_MS):
         # A "file:...?mode=ro" URI opens read-only (the read-only test and read-only mounts use it).
         is_uri = str(path).startswith("file:")
