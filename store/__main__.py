@@ -2,6 +2,7 @@
 
     python -m store stats                  # table counts as JSON
     python -m store migrate                # upgrade a database in place
+    python -m store users add NAME --role admin   # accounts for `python app.py --auth` (list, disable, enable)
 """
 
 import argparse
@@ -9,6 +10,7 @@ import json
 import sys
 
 from store.db import DEFAULT_DB, Store, StoreError
+from store.users_command import add_users_command
 
 
 def _stats(store: Store, args: argparse.Namespace) -> int:
@@ -36,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("stats", parents=common, help="table counts as JSON").set_defaults(run=_stats)
     commands.add_parser("migrate", parents=common, help="upgrade the database's schema in place").set_defaults(
         run=_migrate)
+    add_users_command(commands, common)
     # Each further command adds its own subparser (parents=common), with `run(store, args) -> exit code`
     # as its default.
     return parser
