@@ -91,6 +91,7 @@ class ChatSession:
     session_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     user: str = DEFAULT_USER
     simulated: bool = False  # a simulated annotator (the autopilot), marked as such in the store
+    owner: str | None = None  # with --auth, the account this session belongs to (set by the web layer)
     conversation_id: int | None = None
     history: list[dict[str, str]] = field(default_factory=list)  # finished turns, chat-template roles
     user_message: str | None = None  # the current turn's message, exactly as typed

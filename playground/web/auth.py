@@ -30,9 +30,6 @@ import gradio as gr
 if TYPE_CHECKING:
     from store import Store
 
-# How long a sign-in lasts; past it the cookie is refused and the person signs in again (`--session-hours`).
-DEFAULT_SESSION_HOURS = 12.0
-MAX_SESSION_HOURS = 24.0 * 30
 AUTH_MESSAGE = ("Sign in with your RLHF Playground account. An admin creates accounts with "
                 "<code>python -m store users add NAME --role annotator</code>.")
 ADMIN_ONLY = "Only an admin can do this: you are signed in as an annotator."
@@ -60,6 +57,7 @@ class SessionTokens(dict):
         self._lock = threading.Lock()
 
     def __setitem__(self, token: str, user: str) -> None:
+        self.purge()  # each sign-in clears the expired ones, so the table holds only live sessions
         with self._lock:
             self._since[token] = self.clock()
             super().__setitem__(token, user)
@@ -73,6 +71,21 @@ class SessionTokens(dict):
             self._since.pop(token, None)
         if user is not None:
             self.on_drop(user, "expired")
+
+    def purge(self) -> None:
+        for token in list(super().keys()):
+            self._expire(token)
+
+    def keys(self):  # Gradio's /logout walks the keys, then reads each: only live ones
+        self.purge()
+        return super().keys()
+
+    def __iter__(self):
+        return iter(self.keys())
+
+    def items(self):
+        self.purge()
+        return super().items()
 
     def get(self, token, default=None):
         self._expire(token)
@@ -100,10 +113,10 @@ class Accounts:
     """The app's door with `--auth`: Gradio calls it with what was typed on the login page. Each sign-in
     and each refusal is logged in the store (`auth_events`) and the app log, never with the password."""
 
-    def __init__(self, store: "Store", session_hours: float = DEFAULT_SESSION_HOURS,
-                 clock: Callable[[], float] = time.time):
-        if not 0 < session_hours <= MAX_SESSION_HOURS:
-            raise ValueError(f"session hours {session_hours} must be above 0 and at most {MAX_SESSION_HOURS:g}")
+    def __init__(self, store: "Store", session_hours: float, clock: Callable[[], float] = time.time):
+        """`session_hours`: how long a sign-in lasts (app.py's --session-hours); `clock`: seconds, for the tests."""
+        if not session_hours > 0:
+            raise ValueError(f"session hours {session_hours} must be above 0")
         self.store = store
         self.session_hours = session_hours
         self.tokens = SessionTokens(session_hours * 3600.0, clock, on_drop=self.record)
@@ -111,8 +124,11 @@ class Accounts:
     def __call__(self, username: str, password: str) -> bool:
         role = self.store.verify(username, password)
         if role is None:
-            # The same answer for an unknown name, a wrong password and a disabled account.
-            self.record(username, "sign_in_refused", "wrong name or password, or the account is disabled")
+            # The person sees one answer for all three. The log names an account only if it exists: what
+            # was typed as a name that is none is often the password, typed in the wrong box.
+            known = isinstance(username, str) and self.store.user(username) is not None
+            self.record(username if known else None, "sign_in_refused",
+                        "wrong password, or the account is disabled" if known else "no account by the name typed")
             return False
         self.record(username, "sign_in", f"role {role}")
         return True
@@ -195,6 +211,20 @@ def bind_session(state: Any, request: gr.Request | None, action: str) -> None:
         state.user = user
     elif owner != user:
         accounts.refuse(user, f"{action} on a session of {owner!r}", NOT_YOUR_SESSION)
+
+
+def claim_name(state: Any, name: str | None, request: gr.Request | None) -> str | None:
+    """The name a new conversation is recorded under. Without auth, whatever the caller says (the one local
+    user, or a script naming its simulated annotators). With auth, only the caller's own account: naming
+    another would record votes under someone else's name."""
+    accounts = accounts_of(request)
+    if accounts is None:
+        return name
+    bind_session(state, request, "new conversation")
+    if name is not None and name.strip() != state.owner:
+        accounts.refuse(state.owner, f"new conversation as {name.strip()[:80]!r}",
+                        f"You are signed in as {state.owner!r}: your votes are recorded under that name only.")
+    return state.owner
 
 
 def admin_only(fn: Callable, action: str | None = None) -> Callable:
