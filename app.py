@@ -245,6 +245,9 @@ def serve(services: Services, args: argparse.Namespace, prevent_thread_lock: boo
             raise SetupError(f"--auth needs an admin account and {args.db} has none. Create one with:\n"
                              f"  python -m store users add NAME --role admin --db {args.db}")
         accounts = Accounts(services.store, args.session_hours, **({"clock": clock} if clock else {}))
+    elif not is_loopback(args.host):
+        logging.getLogger("app").warning("--insecure: listening on %s without sign-in; anyone who can reach port %d "
+                                         "can vote under any name, train, pause and roll back", args.host, args.port)
     demo = build_ui(services.chat, services.loop, dashboard=services.dashboard, auth=accounts is not None)
     launch(demo, args.host, args.port, accounts=accounts, prevent_thread_lock=prevent_thread_lock, show_error=True,
            **launch_kwargs)

@@ -102,7 +102,7 @@ def db_bytes(db: Path) -> bytes:
 def test_a_password_is_stored_as_a_salted_scrypt_hash_and_checks_round_trip(tmp_path):
     stored = hash_password("correct horse")
     scheme, n, r, p, salt, key = stored.split("$")
-    assert (scheme, int(n), int(r), int(p)) == ("scrypt", 2 ** 14, 8, 1)
+    assert (scheme, int(n), int(r), int(p)) == ("scrypt", 2 ** 14, 8, 5)
     assert password_matches("correct horse", stored) and not password_matches("correct horsE", stored)
     assert hash_password("correct horse") != stored  # a fresh salt each time
     assert not password_matches("correct horse", "not a hash") and not password_matches("x", "md5$1$2$3$4$5")
@@ -128,7 +128,7 @@ def test_a_password_is_stored_as_a_salted_scrypt_hash_and_checks_round_trip(tmp_
     assert store.verify("ann", PASSWORDS["ann"]) == "annotator"
     store.close()
     raw = db_bytes(db)
-    assert PASSWORDS["ann"].encode() not in raw and b"scrypt$16384$8$1$" in raw
+    assert PASSWORDS["ann"].encode() not in raw and b"scrypt$16384$8$5$" in raw
 
 
 def test_users_command_adds_lists_disables_and_enables(tmp_path, monkeypatch, capsys):
@@ -354,3 +354,16 @@ def test_an_annotator_is_refused_admin_actions_an_admin_is_not(tiny_loaded, tmp_
         assert "Schedule paused" in root.predict(api_name="/pause") and loop.paused is True
         assert "a round needs" in root.predict(api_name="/train_now")  # no votes yet: no round, but not refused
         assert "v0 is live" in root.predict("v0", api_name="/rollback")
+
+
+def test_readme_client_example_with_auth_runs_against_the_live_app(app):
+    url, service, _ = app
+    block = (REPO / "README.md").read_text().split("<!-- client-example-auth -->", 1)[1]
+    code = block.split("```python", 1)[1].split("```", 1)[0]
+    assert 'auth=("ann", "her password")' in code
+    namespace = {}
+    exec(code.replace("http://127.0.0.1:7860/", url).replace("her password", PASSWORDS["ann"]), namespace)  # noqa: S102
+    conversation = namespace["pair"]["conversation_id"]
+    assert service.store._rows("select c.user, f.value from feedback f join turns t on t.id = f.turn_id join "
+                               "conversations c on c.id = t.conversation_id where c.id = ?",
+                               [conversation]) == [{"user": "ann", "value": "a"}]
