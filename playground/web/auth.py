@@ -44,15 +44,17 @@ log = logging.getLogger("playground.auth")
 
 class SessionTokens(dict):
     """Gradio's table of session cookies (token -> account name), with sign-in times: a token older than
-    the session length is gone. Gradio keeps no expiry of its own, so this replaces its plain dict and
-    every check Gradio makes (`get`, `in`, `[]`) sees an expired token as absent."""
+    the session length, or whose account was disabled since, is gone. Gradio keeps no expiry of its own,
+    so this replaces its plain dict, and every check Gradio makes (`get`, `in`, `[]`) sees such a token
+    as absent: every route then answers as it does to someone who never signed in."""
 
     def __init__(self, session_s: float, clock: Callable[[], float] = time.time,
-                 on_drop: Callable[[str, str], None] | None = None):
+                 on_drop: Callable[[str, str, str | None], None] | None = None, active: Callable[[str], bool] | None = None):
         super().__init__()
         self.session_s = session_s
         self.clock = clock
-        self.on_drop = on_drop or (lambda user, event: None)
+        self.on_drop = on_drop or (lambda user, event, detail: None)
+        self.active = active or (lambda user: True)
         self._since: dict[str, float] = {}
         self._lock = threading.Lock()
 
@@ -64,13 +66,26 @@ class SessionTokens(dict):
 
     def _expire(self, token) -> None:
         with self._lock:
-            since = self._since.get(token)
-            if since is None or self.clock() - since < self.session_s:
+            since, user = self._since.get(token), super().get(token)
+            if since is None or user is None:
                 return
-            user = super().pop(token, None)
+            event = "expired" if self.clock() - since >= self.session_s else None
+        if event is None and not self._active(user):
+            event = "refused"
+        if event is None:
+            return
+        with self._lock:
+            dropped = super().pop(token, None)
             self._since.pop(token, None)
-        if user is not None:
-            self.on_drop(user, "expired")
+        if dropped is not None:
+            self.on_drop(dropped, event, "the account is disabled: its session ended" if event == "refused" else None)
+
+    def _active(self, user: str) -> bool:
+        try:
+            return self.active(user)
+        except Exception as exc:  # a database that cannot be read now signs nobody out; calls still check
+            log.warning("could not check whether %r is still enabled: %s", user, exc)
+            return True
 
     def purge(self) -> None:
         for token in list(super().keys()):
@@ -103,10 +118,7 @@ class SessionTokens(dict):
         with self._lock:
             user = super().pop(token)
             self._since.pop(token, None)
-        self.on_drop(user, "sign_out")
-
-    def signed_in_at(self, token) -> float | None:
-        return self._since.get(token)
+        self.on_drop(user, "sign_out", None)
 
 
 class Accounts:
@@ -119,7 +131,8 @@ class Accounts:
             raise ValueError(f"session hours {session_hours} must be above 0")
         self.store = store
         self.session_hours = session_hours
-        self.tokens = SessionTokens(session_hours * 3600.0, clock, on_drop=self.record)
+        self.tokens = SessionTokens(session_hours * 3600.0, clock, on_drop=self.record,
+                                    active=lambda user: store.role(user) is not None)
 
     def __call__(self, username: str, password: str) -> bool:
         role = self.store.verify(username, password)
