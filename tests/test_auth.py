@@ -156,7 +156,8 @@ def test_users_command_adds_lists_disables_and_enables(tmp_path, monkeypatch, ca
     capsys.readouterr()
     assert store_main(["users", "list", "--json", "--db", str(db)]) == 0
     listed = json.loads(capsys.readouterr().out)
-    assert [(u["name"], u["role"], u["disabled"]) for u in listed] == [("root", "admin", False), ("ann", "annotator", True)]
+    assert [(u["name"], u["role"], u["disabled"]) for u in listed] == [("root", "admin", False),
+                                                                       ("ann", "annotator", True)]
     assert all(set(u) == {"name", "role", "disabled", "created_at", "disabled_at"} for u in listed)
     assert store_main(["users", "list", "--db", str(db)]) == 0
     table = capsys.readouterr().out

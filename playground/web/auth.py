@@ -17,6 +17,7 @@ Whether auth is on is read from the server the request came through (`launch` gi
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import threading
@@ -78,7 +79,8 @@ class SessionTokens(dict):
             dropped = super().pop(token, None)
             self._since.pop(token, None)
         if dropped is not None:
-            self.on_drop(dropped, event, "the account is disabled: its session ended" if event == "refused" else None)
+            detail = "the account is disabled: its session ended" if event == "refused" else None
+            self.on_drop(dropped, event, detail)
 
     def _active(self, user: str) -> bool:
         try:
@@ -218,11 +220,12 @@ def bind_session(state: Any, request: gr.Request | None, action: str) -> None:
     if accounts is None:
         return
     user = accounts.caller(request, action)
-    owner = getattr(state, "owner", None)
-    if owner is None:
-        state.owner = user
-        state.user = user
-    elif owner != user:
+    with getattr(state, "lock", None) or contextlib.nullcontext():  # two first calls at once: one owner
+        owner = getattr(state, "owner", None)
+        if owner is None:
+            state.owner = owner = user
+            state.user = user
+    if owner != user:
         accounts.refuse(user, f"{action} on a session of {owner!r}", NOT_YOUR_SESSION)
 
 

@@ -300,20 +300,24 @@ def build_ui(service: ChatService, loop: TrainingLoop | None = None, title: str 
                 return [state] + view(state)
             return run
 
-        send_args = dict(fn=signed_in(on_send), inputs=[session, message, *sampling], outputs=[session, message, *view_outputs],
+        send_args = dict(fn=signed_in(on_send), inputs=[session, message, *sampling],
+                         outputs=[session, message, *view_outputs],
                          concurrency_id=GENERATE_CONCURRENCY, concurrency_limit=generate_limit,
                          api_visibility="private")
         send.click(**send_args)
         message.submit(**send_args)
-        regenerate.click(signed_in(on_regenerate), [session, temperature, top_p, max_new_tokens], [session, *view_outputs],
+        regenerate.click(signed_in(on_regenerate), [session, temperature, top_p, max_new_tokens],
+                         [session, *view_outputs],
                          concurrency_id=GENERATE_CONCURRENCY, concurrency_limit=generate_limit,
                          api_visibility="private")
         for choice, button in votes.items():
-            button.click(signed_in(judge(service.vote, choice), "vote"), [session], [session, *view_outputs], api_visibility="private")
+            button.click(signed_in(judge(service.vote, choice), "vote"), [session], [session, *view_outputs],
+                         api_visibility="private")
         for (slot, rating), button in thumbs.items():
             button.click(signed_in(judge(service.rate, slot, rating), "rate"), [session], [session, *view_outputs],
                          api_visibility="private")
-        edit_save.click(signed_in(judge(service.edit), "edit"), [session, edit_text], [session, *view_outputs], api_visibility="private")
+        edit_save.click(signed_in(judge(service.edit), "edit"), [session, edit_text], [session, *view_outputs],
+                        api_visibility="private")
 
         def on_new(state):
             guarded(service.new_conversation, state)
