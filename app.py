@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
 import sys
@@ -26,6 +27,8 @@ from trainers.defaults import (DEFAULT_ADAPTERS_DIR, DEFAULT_ALGO, DEFAULT_REWAR
                                SCHEDULE_ALGOS, SCHEDULE_MIN_NEW_PAIRS)
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from playground.best_of_n import BestOfN
     from playground.chat import ChatService
     from playground.dashboard import Dashboard
@@ -37,6 +40,22 @@ if TYPE_CHECKING:
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
+# How long a sign-in lasts with --auth; past it the session cookie is refused and the person signs in again.
+DEFAULT_SESSION_HOURS = 12.0
+MAX_SESSION_HOURS = 24.0 * 30
+
+
+class SetupError(RuntimeError):
+    """The app cannot start as asked (say, --auth with no admin account); the message says what to do."""
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # any other name may resolve to an address others can reach
+        return False
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -49,7 +68,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", choices=DEVICES,
                         help="auto picks a GPU with bf16/fp16 when there is one, else the CPU in float32 "
                              "(default: %(default)s)")
-    parser.add_argument("--host", default=DEFAULT_HOST, help="address to listen on (default: %(default)s)")
+    parser.add_argument("--host", default=DEFAULT_HOST,
+                        help="address to listen on; one other than loopback needs --auth or --insecure "
+                             "(default: %(default)s)")
+    parser.add_argument("--auth", action="store_true",
+                        help="sign-in required: accounts from `python -m store users add NAME --role annotator|admin`;"
+                             " each vote is recorded under its account, admin actions are refused to annotators")
+    parser.add_argument("--insecure", action="store_true",
+                        help="listen on a non-loopback --host without --auth: anyone who can reach the port can use "
+                             "the app, train, pause and roll back")
+    parser.add_argument("--session-hours", type=float, default=DEFAULT_SESSION_HOURS,
+                        help="with --auth, how long a sign-in lasts (default: %(default)s)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="port to listen on (default: %(default)s)")
     parser.add_argument("--db", default=DEFAULT_DB, help="SQLite file for conversations and feedback "
                                                          "(default: %(default)s)")
@@ -104,6 +133,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not 1 <= args.port <= 65535:
         parser.error(f"--port {args.port} is not a port number (1-65535)")
+    if not is_loopback(args.host) and not (args.auth or args.insecure):
+        parser.error(f"--host {args.host} would let anyone who can reach this machine chat, vote as anyone, train, "
+                     f"pause and roll back the model: without --auth the app is for one person on this machine "
+                     f"(127.0.0.1). Add --auth (accounts: python -m store users add NAME --role admin), or "
+                     f"--insecure on a network you trust.")
+    if not 0 < args.session_hours <= MAX_SESSION_HOURS:
+        parser.error(f"--session-hours {args.session_hours} must be above 0 and at most {MAX_SESSION_HOURS:g}")
     if args.train_every <= 0:
         parser.error(f"--train-every {args.train_every} must be a positive number of minutes")
     if args.min_new_pairs < 1:
@@ -217,6 +253,29 @@ def build_services(args: argparse.Namespace, loaded=None, busy_timeout_ms: int |
                     dashboard=dashboard, best_of_n=best_of_n)
 
 
+def serve(services: Services, args: argparse.Namespace, prevent_thread_lock: bool = False,
+          clock: "Callable[[], float] | None" = None, **launch_kwargs):
+    """Build the page on `services` and start the server as `args` say: app.py's `main` and the tests'
+    `running_app` both start it here. With --auth, Gradio's login page checks the store's accounts.
+    `clock`: the sign-in clock (seconds), for a test of session expiry. Returns the Blocks."""
+    from playground.web.auth import Accounts
+    from playground.web.ui import build_ui, launch
+
+    accounts = None
+    if args.auth:
+        if not services.store.has_admin():
+            raise SetupError(f"--auth needs an admin account and {args.db} has none. Create one with:\n"
+                             f"  python -m store users add NAME --role admin --db {args.db}")
+        accounts = Accounts(services.store, args.session_hours, **({"clock": clock} if clock else {}))
+    elif not is_loopback(args.host):
+        logging.getLogger("app").warning("--insecure: listening on %s without sign-in; anyone who can reach port %d "
+                                         "can vote under any name, train, pause and roll back", args.host, args.port)
+    demo = build_ui(services.chat, services.loop, dashboard=services.dashboard, auth=accounts is not None)
+    launch(demo, args.host, args.port, accounts=accounts, prevent_thread_lock=prevent_thread_lock, show_error=True,
+           **launch_kwargs)
+    return demo
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -233,11 +292,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ModelLoadError, StoreError, ProbeFileError, EmbedderUnavailable, ModerationHookError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    from playground.web.ui import build_ui, launch
-
     try:
-        launch(build_ui(services.chat, services.loop, dashboard=services.dashboard), args.host, args.port,
-               show_error=True)
+        serve(services, args)
+    except SetupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     finally:
         services.close()
     return 0

@@ -129,6 +129,7 @@ class ChatSession:
     simulated: bool = False  # a simulated annotator (the autopilot), marked as such in the store
     # The admin's in-process autopilot: no per-minute limits (never set from the API or a browser).
     limits_exempt: bool = False
+    owner: str | None = None  # with --auth, the account this session belongs to (set by the web layer)
     conversation_id: int | None = None
     history: list[dict[str, str]] = field(default_factory=list)  # finished turns, chat-template roles
     user_message: str | None = None  # the current turn's message, exactly as typed

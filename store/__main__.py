@@ -4,6 +4,7 @@
     python -m store migrate                # upgrade a database in place
     python -m store export --format trl --out pairs.jsonl   # data out (trl, kto, hf, csv, arena)
     python -m store import --format trl pairs.jsonl         # data in: seed pairs, marked imported
+    python -m store users add NAME --role admin   # accounts for `python app.py --auth` (list, disable, enable)
 """
 
 import argparse
@@ -12,6 +13,7 @@ import sys
 
 from store import transfer
 from store.db import DEFAULT_DB, Store, StoreError
+from store.users_command import add_users_command
 
 
 def _stats(store: Store, args: argparse.Namespace) -> int:
@@ -40,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("migrate", parents=common, help="upgrade the database's schema in place").set_defaults(
         run=_migrate)
     transfer.add_commands(commands, common)
+    add_users_command(commands, common)
     # Each further command adds its own subparser (parents=common), with `run(store, args) -> exit code`
     # as its default.
     return parser

@@ -22,6 +22,7 @@ from sqlite_utils import Database
 from store import migrations
 from store.pairs import index_rows, judged_groups
 from store.annotators import AnnotatorQueries
+from store.accounts import AccountQueries
 from store.evaluations import EvaluationQueries
 from store.exports import ExportQueries
 from store.imports import ImportQueries
@@ -86,7 +87,7 @@ def _explain(exc: sqlite3.Error) -> str:
 
 
 class Store(TrainingQueries, EvaluationQueries, InsightQueries, RewardQueries, AnnotatorQueries, ExportQueries,
-            ImportQueries, ModerationQueries):
+            ImportQueries, ModerationQueries, AccountQueries):
     def __init__(self, path: str | Path, busy_timeout_ms: int = BUSY_TIMEOUT_MS):
         # A "file:...?mode=ro" URI opens read-only (the read-only test and read-only mounts use it).
         is_uri = str(path).startswith("file:")

@@ -1,15 +1,15 @@
 """Launch the real app in-process on a free loopback port, for the API and browser tests.
 
-The services come from app.py's composition root, `build_services`, so the tests run what ships.
+The services come from app.py's composition root, `build_services`, and the server from its `serve`, so
+the tests run what ships.
 """
 
 from __future__ import annotations
 
 import contextlib
 
-from app import build_services, parse_args
+from app import build_services, parse_args, serve
 from bench.fixtures import free_port
-from playground.web.ui import build_ui, launch
 
 
 def app_args(loaded, db_path, loop_settings: dict | None = None, extra: tuple[str, ...] = ()) -> list[str]:
@@ -37,17 +37,18 @@ def app_args(loaded, db_path, loop_settings: dict | None = None, extra: tuple[st
 
 @contextlib.contextmanager
 def running_app(loaded, db_path, busy_timeout_ms: int = 200, loop_settings: dict | None = None,
-                extra_args: tuple[str, ...] = ()):
+                extra_args: tuple[str, ...] = (), clock=None):
     """Yields (url, service) — or (url, service, loop) when loop_settings are given. `extra_args`: more
-    app.py flags."""
-    services = build_services(parse_args(app_args(loaded, db_path, loop_settings, extra_args)), loaded=loaded,
-                              busy_timeout_ms=busy_timeout_ms)
-    demo = build_ui(services.chat, services.loop, dashboard=services.dashboard)
+    app.py flags (`--auth` puts it behind sign-in); `clock`: the sign-in clock, for session expiry."""
     port = free_port()
+    args = parse_args(app_args(loaded, db_path, loop_settings, (*extra_args, "--port", str(port))))
+    services = build_services(args, loaded=loaded, busy_timeout_ms=busy_timeout_ms)
+    demo = None
     try:
-        launch(demo, "127.0.0.1", port, prevent_thread_lock=True, quiet=True)
+        demo = serve(services, args, prevent_thread_lock=True, clock=clock, quiet=True)  # as app.py's main
         url = f"http://127.0.0.1:{port}/"
         yield (url, services.chat) if loop_settings is None else (url, services.chat, services.loop)
     finally:
-        demo.close()
+        if demo is not None:
+            demo.close()
         services.close()

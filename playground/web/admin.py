@@ -19,6 +19,7 @@ from playground.loop import TrainingLoop
 from playground.sim.prompt_file import PromptFileError
 from playground.sim.autopilot import Autopilot
 from playground.web.annotators import build_annotators
+from playground.web.auth import admin_only, require_admin
 from trainers.dpo import DPOConfig
 from trainers.ppo import PPOConfig
 
@@ -143,9 +144,10 @@ def version_choices(loop: TrainingLoop) -> list[str]:
     return loop.versions()
 
 
-def build_admin(loop: TrainingLoop, service=None):
+def build_admin(loop: TrainingLoop, service=None, visible: bool = True):
     # A tab of the page (build_ui opens the tabs): its tables load when it is chosen, not on every page load.
-    with gr.Tab("Training loop (admin)", id="admin", elem_id="admin") as panel:
+    # Every action that changes something is admin_only: refused to annotators through the UI and the API.
+    with gr.Tab("Training loop (admin)", id="admin", elem_id="admin", visible=visible) as panel:
         with gr.Row():
             train_now = gr.Button("Train now", variant="primary", elem_id="train-now")
             pause = gr.Button("Pause schedule", elem_id="pause")
@@ -205,7 +207,8 @@ def build_admin(loop: TrainingLoop, service=None):
         reward_models = gr.Dataframe(headers=REWARD_COLUMNS, label="Reward models", interactive=False,
                                      elem_id="reward-models")
         run_pick = gr.Textbox(label="Round id for the curves (blank: the latest)", elem_id="run-pick")
-        build_annotators(loop, panel)  # the per-annotator view, exclusions and trials (web/annotators.py)
+        # The per-annotator view, exclusions and trials (web/annotators.py); its actions are admin-only.
+        build_annotators(loop, panel, require_admin=require_admin)
         plots = {}
         for row in (("curves", "logp_curves"), ("rm_curves",), ("ppo_curves", "ppo_health")):
             with gr.Row():
@@ -216,10 +219,11 @@ def build_admin(loop: TrainingLoop, service=None):
     def note(message: str) -> str:
         return f"**{message}**"
 
-    train_now.click(lambda: note(loop.train_now()), None, admin_note, api_name="train_now")
-    pause.click(lambda: (loop.set_paused(True), note("Schedule paused."))[1], None, admin_note, api_name="pause")
-    resume.click(lambda: (loop.set_paused(False), note("Schedule running."))[1], None, admin_note,
-                 api_name="resume")
+    train_now.click(admin_only(lambda: note(loop.train_now()), "train now"), None, admin_note, api_name="train_now")
+    pause.click(admin_only(lambda: (loop.set_paused(True), note("Schedule paused."))[1], "pause"), None, admin_note,
+                api_name="pause")
+    resume.click(admin_only(lambda: (loop.set_paused(False), note("Schedule running."))[1], "resume"), None,
+                 admin_note, api_name="resume")
 
     def apply_settings(algo_value, beta_value, lr, n_epochs, loss_value, ref_value, rm_value, kl_value, ppo_lr_value,
                        iterations_value):
@@ -243,8 +247,9 @@ def build_admin(loop: TrainingLoop, service=None):
         against = f" against {loop.settings.reward_model}" if algo_value == "ppo" and loop.settings.reward_model else ""
         return note(f"The next round trains with {algo_value.upper()}{against}, settings {config}.")
 
-    apply.click(apply_settings, [algo, beta, learning_rate, epochs, loss_type, ref, reward_pick, kl_coef, ppo_lr,
-                                 ppo_iterations], admin_note, api_visibility="private")
+    apply.click(admin_only(apply_settings, "round settings"), [algo, beta, learning_rate, epochs, loss_type, ref,
+                                                               reward_pick, kl_coef, ppo_lr, ppo_iterations],
+                admin_note, api_visibility="private")
 
     def set_best_of(n_value):
         if service is None or service.best_of_n is None:
@@ -256,13 +261,13 @@ def build_admin(loop: TrainingLoop, service=None):
         reason = service.best_of_n.status()["reason"] if service.best_of_n.active else None
         return note(message + (f" For now {reason}: plain samples until there is one." if reason else ""))
 
-    apply_best_of.click(set_best_of, [best_of], admin_note, api_visibility="private")
+    apply_best_of.click(admin_only(set_best_of, "best-of-n"), [best_of], admin_note, api_visibility="private")
 
     def set_arena(include: bool):
         loop.set_include_arena(bool(include))
         return note("Rounds train on arena votes too." if include else "Arena votes only rate versions now.")
 
-    arena.input(set_arena, [arena], admin_note, api_visibility="private")
+    arena.input(admin_only(set_arena, "train on arena votes"), [arena], admin_note, api_visibility="private")
 
     def do_rollback(name: str):
         if not name:
@@ -275,7 +280,7 @@ def build_admin(loop: TrainingLoop, service=None):
             raise gr.Error(f"{name} was not made live: {exc}") from exc
         return note(f"{name} is live (swap took {seconds * 1000:.1f} ms).")
 
-    rollback.click(do_rollback, [version], admin_note, api_name="rollback")
+    rollback.click(admin_only(do_rollback, "rollback"), [version], admin_note, api_name="rollback")
 
     if autopilot is not None:
         def begin(gold_spec, users, turns, flip, poisoners=0, trigger=DEFAULT_TRIGGER):
@@ -284,9 +289,11 @@ def build_admin(loop: TrainingLoop, service=None):
             except (GoldError, PromptFileError, ValueError, TypeError) as exc:
                 raise gr.Error(f"Autopilot not started: {exc}") from exc
 
-        start_autopilot.click(begin, [gold, sim_users, sim_turns, sim_flip, sim_poisoners, sim_trigger], admin_note,
+        start_autopilot.click(admin_only(begin, "start autopilot"),
+                              [gold, sim_users, sim_turns, sim_flip, sim_poisoners, sim_trigger], admin_note,
                               api_visibility="private")
-        stop_autopilot.click(lambda: note(autopilot.stop()), None, admin_note, api_visibility="private")
+        stop_autopilot.click(admin_only(lambda: note(autopilot.stop()), "stop autopilot"), None, admin_note,
+                             api_visibility="private")
 
     def training_status() -> dict:
         """The loop's state: live version, round in progress, next check, new pairs, recent events."""

@@ -19,6 +19,7 @@ from playground.chat import ChatError, ChatService, ChatSession, Pair, pair_summ
 from playground.loop import TrainingLoop
 from playground.serving.generation import SampledReply, SamplingSettings
 from playground.serving.limits import MAX_NEW_TOKENS_LIMIT, MAX_TEMPERATURE, MIN_TEMPERATURE
+from playground.web.auth import AUTH_MESSAGE, LOGOUT_PATH, Accounts, claim_name, is_admin, signed_in, user_of
 from store import SLOTS
 
 if TYPE_CHECKING:
@@ -167,13 +168,18 @@ def notice(session: ChatSession) -> str:
 
 
 def build_ui(service: ChatService, loop: TrainingLoop | None = None, title: str = "RLHF Playground",
-             dashboard: "Dashboard | None" = None) -> gr.Blocks:
-    """The page: tabs for the chat, the drift dashboard (with `dashboard`) and the admin panel (with `loop`)."""
+             dashboard: "Dashboard | None" = None, auth: bool = False) -> gr.Blocks:
+    """The page: tabs for the chat, the drift dashboard (with `dashboard`) and the admin panel (with `loop`).
+    `auth`: the page is served behind sign-in (`launch` with accounts), the admin tab shown to admins only."""
     model_id = service.policy.model_id
     generate_limit = service.concurrent_generations()
     with gr.Blocks(title=title, fill_width=True) as demo:
         session = gr.State(lambda: ChatSession())  # a factory: each browser session gets its own
-        gr.Markdown(f"## {title}")
+        with gr.Row(equal_height=True):
+            gr.Markdown(f"## {title}")
+            # With --auth: who is signed in, and the way out (Gradio's /logout returns to the login page).
+            account = gr.Markdown(elem_id="account", visible=False)
+            sign_out = gr.Button("Sign out", link=LOGOUT_PATH, size="sm", scale=0, visible=False, elem_id="sign-out")
         status = gr.Markdown(elem_id="status")
         loop_status = gr.Markdown(elem_id="loop-status", visible=loop is not None)
         round_progress = gr.Slider(0, 1, value=0, label="Round progress", interactive=False, visible=False,
@@ -240,7 +246,7 @@ def build_ui(service: ChatService, loop: TrainingLoop | None = None, title: str 
             if loop is not None:
                 from playground.web.admin import build_admin
 
-                admin = build_admin(loop, service)  # the third tab
+                admin = build_admin(loop, service, visible=not auth)  # the third tab; with auth, for admins
         sampling = [temperature, top_p, max_new_tokens, system_prompt]
 
         judge_buttons = [*votes.values(), *thumbs.values(), edit_save]
@@ -312,27 +318,47 @@ def build_ui(service: ChatService, loop: TrainingLoop | None = None, title: str 
                 return [state] + view(state)
             return run
 
-        send_args = dict(fn=on_send, inputs=[session, message, *sampling], outputs=[session, message, *view_outputs],
+        send_args = dict(fn=signed_in(on_send), inputs=[session, message, *sampling],
+                         outputs=[session, message, *view_outputs],
                          concurrency_id=GENERATE_CONCURRENCY, concurrency_limit=generate_limit,
                          api_visibility="private")
         send.click(**send_args)
         message.submit(**send_args)
-        regenerate.click(on_regenerate, [session, temperature, top_p, max_new_tokens], [session, *view_outputs],
+        regenerate.click(signed_in(on_regenerate), [session, temperature, top_p, max_new_tokens],
+                         [session, *view_outputs],
                          concurrency_id=GENERATE_CONCURRENCY, concurrency_limit=generate_limit,
                          api_visibility="private")
         for choice, button in votes.items():
-            button.click(judge(service.vote, choice), [session], [session, *view_outputs], api_visibility="private")
-        for (slot, rating), button in thumbs.items():
-            button.click(judge(service.rate, slot, rating), [session], [session, *view_outputs],
+            button.click(signed_in(judge(service.vote, choice), "vote"), [session], [session, *view_outputs],
                          api_visibility="private")
-        edit_save.click(judge(service.edit), [session, edit_text], [session, *view_outputs], api_visibility="private")
+        for (slot, rating), button in thumbs.items():
+            button.click(signed_in(judge(service.rate, slot, rating), "rate"), [session], [session, *view_outputs],
+                         api_visibility="private")
+        edit_save.click(signed_in(judge(service.edit), "edit"), [session, edit_text], [session, *view_outputs],
+                        api_visibility="private")
 
         def on_new(state):
             guarded(service.new_conversation, state)
             return [state, ""] + view(state)
 
-        new_chat.click(on_new, [session], [session, edit_text, *view_outputs], api_visibility="private")
-        demo.load(lambda state: [state] + view(state), [session], [session, *view_outputs], api_visibility="private")
+        new_chat.click(signed_in(on_new), [session], [session, edit_text, *view_outputs], api_visibility="private")
+        demo.load(signed_in(lambda state: [state] + view(state), "page load"), [session], [session, *view_outputs],
+                  api_visibility="private")
+
+        # With auth: who is signed in, the sign-out button, and the admin tab for admins only (hiding it is
+        # for the view: the admin actions refuse annotators on the server, buttons and API alike).
+        admin_tab = [admin["panel"]] if loop is not None else []
+
+        def on_account(request: gr.Request):
+            user = user_of(request)
+            if user is None:
+                return [gr.skip()] * (2 + len(admin_tab))
+            admin_role = is_admin(request)
+            line = f"Signed in as **{escape_prose(user)}** ({'admin' if admin_role else 'annotator'})"
+            return [gr.Markdown(line, visible=True), gr.Button(visible=True)] + [gr.Tab(visible=admin_role)] * len(
+                admin_tab)
+
+        demo.load(on_account, None, [account, sign_out, *admin_tab], api_visibility="private")
 
         # -- the training loop: status every few seconds, a toast when a new version goes live -----
         if loop is not None:
@@ -429,23 +455,25 @@ def build_ui(service: ChatService, loop: TrainingLoop | None = None, title: str 
             guarded(service.edit, state, text)
             return state, pair_summary(state)
 
-        def api_new_conversation(state, user: str | None = None, simulated: bool | None = None):
-            guarded(service.new_conversation, state, user or None, simulated)
+        def api_new_conversation(state, user: str | None = None, simulated: bool | None = None,
+                                 request: gr.Request = None):
+            user = claim_name(state, user or None, request)  # with --auth: only the caller's own name
+            guarded(service.new_conversation, state, user, simulated)
             return state, pair_summary(state)
 
         def api_state(state):
             return state, pair_summary(state)
 
         api = api_trigger.click
-        api(api_send, [session, api_text, api_num1, api_num2, api_num3, api_value], [session, api_out],
+        api(signed_in(api_send), [session, api_text, api_num1, api_num2, api_num3, api_value], [session, api_out],
             api_name="send", concurrency_id=GENERATE_CONCURRENCY, concurrency_limit=generate_limit)
-        api(api_regenerate, [session, api_num1, api_num2, api_num3], [session, api_out],
+        api(signed_in(api_regenerate), [session, api_num1, api_num2, api_num3], [session, api_out],
             api_name="regenerate", concurrency_id=GENERATE_CONCURRENCY, concurrency_limit=generate_limit)
-        api(api_vote, [session, api_value], [session, api_out], api_name="vote")
-        api(api_rate, [session, api_slot, api_value], [session, api_out], api_name="rate")
-        api(api_edit, [session, api_text], [session, api_out], api_name="edit")
+        api(signed_in(api_vote), [session, api_value], [session, api_out], api_name="vote")
+        api(signed_in(api_rate), [session, api_slot, api_value], [session, api_out], api_name="rate")
+        api(signed_in(api_edit), [session, api_text], [session, api_out], api_name="edit")
         api(api_new_conversation, [session, api_slot, api_flag], [session, api_out], api_name="new_conversation")
-        api(api_state, [session], [session, api_out], api_name="state")
+        api(signed_in(api_state), [session], [session, api_out], api_name="state")
         if dashboard is not None:
             # Every plot's series and every table, as the Dashboard tab shows them (`dashboard_data`'s dict).
             api(dashboard.data, None, api_out, api_name="dashboard")
@@ -458,6 +486,15 @@ def build_ui(service: ChatService, loop: TrainingLoop | None = None, title: str 
     return demo
 
 
-def launch(demo: gr.Blocks, host: str, port: int, **kwargs) -> None:
-    """Start the server with the app's CSS (Gradio 6 takes page styling at launch)."""
-    demo.launch(server_name=host, server_port=port, css=CSS, **kwargs)
+def launch(demo: gr.Blocks, host: str, port: int, accounts: Accounts | None = None, prevent_thread_lock: bool = False,
+           **kwargs) -> None:
+    """Start the server with the app's CSS (Gradio 6 takes page styling at launch). With `accounts`: behind
+    Gradio's login page, checked against the store's accounts, each sign-in expiring (auth.SessionTokens)."""
+    if accounts is None:
+        demo.launch(server_name=host, server_port=port, css=CSS, prevent_thread_lock=prevent_thread_lock, **kwargs)
+        return
+    demo.launch(server_name=host, server_port=port, css=CSS, auth=accounts, auth_message=AUTH_MESSAGE,
+                prevent_thread_lock=True, **kwargs)
+    accounts.install(demo.server_app)  # Gradio makes its token table at launch; ours expires sign-ins
+    if not prevent_thread_lock:
+        demo.block_thread()
