@@ -339,15 +339,18 @@ def test_an_annotator_is_refused_admin_actions_an_admin_is_not(tiny_loaded, tmp_
     with roles_app(tiny_loaded, tmp_path) as (url, service, loop):
         ann, root = sign_in(url, "ann"), sign_in(url, "root")
         assert loop.paused is True  # the schedule starts off here: /resume is the change to refuse
-        for endpoint, args in (("/train_now", ()), ("/pause", ()), ("/resume", ()), ("/rollback", ("v0",))):
+        for endpoint, args in (("/train_now", ()), ("/pause", ()), ("/resume", ()), ("/rollback", ("v0",)),
+                               ("/exclude_annotator", ("root", "")), ("/include_annotator", ("root", "")),
+                               ("/train_without", ("root",))):
             refused(lambda: ann.predict(*args, api_name=endpoint), ADMIN_ONLY)
         assert loop.paused is True and loop.runs() == [] and loop.policy.snapshot().version == "v0"
+        assert service.store.excluded_annotators() == [] and service.store.exclusion_log() == []
         refused_actions = {e["detail"] for e in service.store.auth_events("ann") if e["event"] == "refused"}
         assert {"admin action: train now", "admin action: pause", "admin action: rollback"} <= refused_actions
         # The panel's other controls are private events; called as the page calls them, they refuse too.
         settings = ["dpo", 0.2, 1e-4, 1, "sigmoid", "base", None, 0.1, 1e-5, 2]
         for api_name, data in (("apply_settings", settings), ("set_arena", [True]), ("set_best_of", [2]),
-                               ("begin", ["concise", 1, 1, 0.0])):
+                               ("begin", ["concise", 1, 1, 0.0, 0, "marmalade"])):
             result = page_event(url, ann.cookies, api_name, data)
             assert result["success"] is False and result["output"]["error"] == ADMIN_ONLY, (api_name, result)
         assert loop.settings.include_arena is False and loop.next_config().get("beta") != 0.2
