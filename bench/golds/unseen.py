@@ -5,9 +5,10 @@ fixed, and scored only once the defaults were chosen, so it tells whether they h
 
 `plain_words` is a reader who wants plain language: short everyday words rather than long ones. It is
 none of the shipped golds: not length (`concise` counts words, this measures them: a long reply of short
-words scores well), not a keyword, a mood or a layout. SmolLM2-135M-Instruct writes words of about 4.6
-letters on average, and two replies to one prompt differ by a few tenths: --tau 0.3 makes a gap of 0.3
-a 73% preference.
+words scores well), not a keyword, a mood or a layout. Measured on 64 of bench.loop's v0 pairs (bundled
+SmolLM2-135M-Instruct, 96 tokens, temperature 1, 2026-12-01): words of 4.67 letters on average (sd 0.82
+across replies), and the two replies of a pair 0.44 apart at the median (quartiles 0.21 and 0.69). So
+--tau 0.3: a gap of 0.3 is a 73% preference, the median pair about 81%.
 """
 
 from __future__ import annotations
