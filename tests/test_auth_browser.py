@@ -62,7 +62,7 @@ def test_an_annotator_signs_in_chats_and_votes_under_their_name_without_the_admi
 
         sign_in(page, url, "ann", PASSWORDS["ann"])
         page.wait_for_selector("#message textarea")
-        page.wait_for_function("document.querySelector('#account').innerText.includes('Signed in as ann')")
+        page.wait_for_function("(document.querySelector('#account')?.innerText ?? '').includes('Signed in as ann')")
         assert "annotator" in page.locator("#account").inner_text()
         assert page.locator("#sign-out").is_visible()
         assert page.get_by_role("tab", name=ADMIN_TAB).count() == 0
@@ -71,7 +71,7 @@ def test_an_annotator_signs_in_chats_and_votes_under_their_name_without_the_admi
         page.locator("#send").click()
         wait_for_pair(page)
         page.locator("#vote-b").click()
-        page.wait_for_function("document.querySelector('#notice').innerText.includes('Saved: B is better')")
+        page.wait_for_function("(document.querySelector('#notice')?.innerText ?? '').includes('Saved: B is better')")
         rows = service.store._rows("select c.user, f.value from feedback f join turns t on t.id = f.turn_id "
                                    "join conversations c on c.id = t.conversation_id where t.user_message = ?",
                                    ["hello from the browser"])

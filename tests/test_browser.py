@@ -68,7 +68,7 @@ def send_and_wait(page, text):
 
 def wait_for_pair(page):
     # Both replies finished and stored: the notice asks for a vote and the vote buttons come alive.
-    page.wait_for_function("document.querySelector('#notice').innerText.includes('Which reply is better')",
+    page.wait_for_function("(document.querySelector('#notice')?.innerText ?? '').includes('Which reply is better')",
                            timeout=120_000)
     page.wait_for_selector("#vote-a:not([disabled])")
 
@@ -86,7 +86,7 @@ def test_chat_streams_two_replies_and_a_vote_lands_in_sqlite(page_and_app, artif
     assert "v0" in page.locator("#badge-a").inner_text() and "tokens" in page.locator("#badge-b").inner_text()
 
     page.locator("#vote-a").click()
-    page.wait_for_function("document.querySelector('#notice').innerText.includes('Saved: A is better')")
+    page.wait_for_function("(document.querySelector('#notice')?.innerText ?? '').includes('Saved: A is better')")
     stats = service.store.stats()
     assert stats["feedback"] == 1 and stats["current_feedback"] == {"choice": {"a": 1}}
     page.screenshot(path=os.path.join(artifacts_dir, "chat_after_vote.png"), full_page=True)
@@ -129,7 +129,7 @@ def test_enter_sends_shift_enter_adds_a_line_and_the_vote_picks_what_the_convers
     page.screenshot(path=os.path.join(artifacts_dir, "chat_before_vote.png"), full_page=True)
 
     page.locator("#vote-b").click()
-    page.wait_for_function("document.querySelector('#notice').innerText.includes('Saved: B is better')")
+    page.wait_for_function("(document.querySelector('#notice')?.innerText ?? '').includes('Saved: B is better')")
     page.wait_for_function("document.querySelectorAll('#history [data-testid=bot]').length === 1")
     assert page.locator("#history [data-testid=bot]").inner_text().strip() == reply_b
     page.screenshot(path=os.path.join(artifacts_dir, "chat_enter_vote_b.png"), full_page=True)
@@ -155,7 +155,7 @@ def test_markup_is_shown_as_text_and_never_runs(page_and_app, artifacts_dir):
     assert dialogs == []
     assert service.store.latest_turn()["user_message"] == PAYLOAD
     page.locator("#vote-b").click()
-    page.wait_for_function("document.querySelector('#notice').innerText.includes('Saved: B is better')")
+    page.wait_for_function("(document.querySelector('#notice')?.innerText ?? '').includes('Saved: B is better')")
     assert page.evaluate("window.__xss") is None and dialogs == []
     page.screenshot(path=os.path.join(artifacts_dir, "chat_markup.png"), full_page=True)
 
@@ -170,10 +170,10 @@ def test_admin_autopilot_trains_a_version_that_goes_live_in_the_page(tiny_loaded
         page.goto(url)
         page.get_by_role("tab", name="Training loop (admin)").click()
         page.locator("#autopilot-start").click()
-        page.wait_for_function("document.querySelector('#admin-note').innerText.includes('Autopilot started')")
-        page.wait_for_function("document.querySelector('#loop-status').innerText.includes('Live policy v1')",
+        page.wait_for_function("(document.querySelector('#admin-note')?.innerText ?? '').includes('Autopilot started')")
+        page.wait_for_function("(document.querySelector('#loop-status')?.innerText ?? '').includes('Live policy v1')",
                                timeout=180_000)
-        page.wait_for_function("document.querySelector('#autopilot-status').innerText.includes('votes by')")
+        page.wait_for_function("(document.querySelector('#autopilot-status')?.innerText ?? '').includes('votes by')")
         page.wait_for_selector(".toast-body", timeout=10_000)  # the 'new version is live' toast
         page.locator("#autopilot-stop").click()
         # The round's curves are drawn, with a legend naming the metrics (an empty first frame once left
@@ -186,7 +186,7 @@ def test_admin_autopilot_trains_a_version_that_goes_live_in_the_page(tiny_loaded
         page.locator("#version-pick input").fill("v0")
         page.locator("#version-pick input").press("Enter")
         page.locator("#rollback").click()
-        page.wait_for_function("document.querySelector('#admin-note').innerText.includes('v0 is live')")
+        page.wait_for_function("(document.querySelector('#admin-note')?.innerText ?? '').includes('v0 is live')")
         assert loop.policy.snapshot().version == "v0"
         users = {c["user"] for c in service.store.conversations()}
         assert users and all(u.startswith("sim-concise-") for u in users)
@@ -215,20 +215,20 @@ def test_admin_picks_ppo_a_round_goes_live_and_best_of_n_badges_the_replies(tiny
         page.get_by_role("tab", name="Training loop (admin)").click()
         page.locator("#algo").get_by_label("ppo").check()
         page.locator("#apply-settings").click()
-        page.wait_for_function("document.querySelector('#admin-note').innerText.includes('trains with PPO')")
+        page.wait_for_function("(document.querySelector('#admin-note')?.innerText ?? '').includes('trains with PPO')")
         assert loop.settings.algo == "ppo"
         loop.set_next_config(PPO)  # the tiny model's settings (the panel sets a few of them)
         page.locator("#train-now").click()
-        page.wait_for_function("document.querySelector('#loop-status').innerText.includes('Live policy v1')",
+        page.wait_for_function("(document.querySelector('#loop-status')?.innerText ?? '').includes('Live policy v1')",
                                timeout=180_000)
         for plot, metric in (("#ppo-curves", "score/mean"), ("#ppo-health", "clip_fraction")):
             page.wait_for_function(f"document.querySelector('{plot}').textContent.includes('{metric}')",
                                    timeout=20_000)
-        page.wait_for_function("document.querySelector('#reward-models').innerText.includes('r1')")
-        page.wait_for_function("document.querySelector('#runs').innerText.includes('ppo')")
+        page.wait_for_function("(document.querySelector('#reward-models')?.innerText ?? '').includes('r1')")
+        page.wait_for_function("(document.querySelector('#runs')?.innerText ?? '').includes('ppo')")
         page.locator("#best-of-n input").fill("2")
         page.locator("#apply-best-of-n").click()
-        page.wait_for_function("document.querySelector('#admin-note').innerText.includes('best of 2')")
+        page.wait_for_function("(document.querySelector('#admin-note')?.innerText ?? '').includes('best of 2')")
         page.screenshot(path=os.path.join(artifacts_dir, "admin_ppo.png"), full_page=True)
 
         page.get_by_role("tab", name="Chat").click()
@@ -291,7 +291,7 @@ def test_the_dashboard_tab_draws_the_demo_store(tiny_loaded, tmp_path, artifacts
         page = browser.new_page(viewport={"width": 1400, "height": 1200})
         page.goto(url)
         page.get_by_role("tab", name="Dashboard").click()
-        page.wait_for_function("!document.querySelector('#dashboard-headline').innerText.includes('Loading')",
+        page.wait_for_function("!(document.querySelector('#dashboard-headline')?.innerText ?? '').includes('Loading')",
                                timeout=60_000)
         for key in ("kl", "win_rate", "frontier", "length", "diversity", "staleness"):
             page.wait_for_selector(f"#dashboard-{key} img", timeout=30_000)
@@ -318,7 +318,7 @@ def test_a_refused_message_keeps_the_box_and_a_withheld_pair_shows_why_not_its_t
 
             box.fill("hello")
             page.locator("#send").click()
-            page.wait_for_function("document.querySelector('#notice').innerText.includes('cannot be judged')",
+            page.wait_for_function("(document.querySelector('#notice')?.innerText ?? '').includes('cannot be judged')",
                                    timeout=60_000)
             for slot in ("a", "b"):
                 assert "Withheld by the moderation check: replies are withheld on this test server" in \
