@@ -47,6 +47,9 @@ MESSAGES_LIMITED = ("You can send {limit} messages a minute (a regenerate counts
                     "Nothing was sent.")
 JUDGMENTS_LIMITED = ("You can judge {limit} times a minute (votes, thumbs and better replies together); try "
                      "again in {wait}. Nothing was recorded.")
+# A refusal quotes at most this much of the value it refuses: a 10 MB "choice" must not come back whole
+# in the error and in the log.
+MAX_QUOTED_CHARS = 40
 
 
 class ChatError(Exception):
@@ -204,6 +207,8 @@ class ChatService:
                 f"That message has {len(message):,} characters; the limit is {MAX_STORED_MESSAGE_CHARS:,}. "
                 "Nothing was sent."
             )
+        _check_unicode(message, "The message", "Nothing was sent.")
+        _check_unicode(session.system_prompt, "The system prompt", "Nothing was sent.")
         snapshot = self.policy.snapshot()
         with session.lock:
             self._check_idle(session)
@@ -467,7 +472,7 @@ class ChatService:
     def vote(self, session: ChatSession, choice: str) -> Pair:
         choice = (choice or "").strip().lower()
         if choice not in CHOICES:
-            raise ChatError(f"Unknown choice {choice!r}: use one of {', '.join(CHOICES)}.")
+            raise ChatError(f"Unknown choice {_quoted(choice)}: use one of {', '.join(CHOICES)}.")
         pair = self._judgeable(session)
         self._admit(self.judgment_limiter, session, JUDGMENTS_LIMITED)
         self._record(lambda: self.store.record_choice(pair.turn_id, pair.index, choice, session.user, session.session_id))
@@ -477,9 +482,9 @@ class ChatService:
     def rate(self, session: ChatSession, slot: str, rating: str) -> Pair:
         slot, rating = (slot or "").strip().lower(), (rating or "").strip().lower()
         if slot not in SLOTS:
-            raise ChatError(f"Unknown reply {slot!r}: use 'a' or 'b'.")
+            raise ChatError(f"Unknown reply {_quoted(slot)}: use 'a' or 'b'.")
         if rating not in RATINGS:
-            raise ChatError(f"Unknown rating {rating!r}: use 'up' or 'down'.")
+            raise ChatError(f"Unknown rating {_quoted(rating)}: use 'up' or 'down'.")
         pair = self._judgeable(session)
         self._admit(self.judgment_limiter, session, JUDGMENTS_LIMITED)
         reply_id = pair.reply_ids[SLOTS.index(slot)]
@@ -492,6 +497,7 @@ class ChatService:
             raise ChatError("The better reply is empty: write the reply you would have wanted.")
         if len(text) > MAX_STORED_MESSAGE_CHARS:
             raise ChatError(f"The better reply is over {MAX_STORED_MESSAGE_CHARS:,} characters; nothing saved.")
+        _check_unicode(text, "The better reply", "Nothing was saved.")
         pair = self._judgeable(session)
         self._admit(self.judgment_limiter, session, JUDGMENTS_LIMITED)
         self._moderate_edit(session, pair, text)
@@ -554,6 +560,20 @@ class ChatService:
                 self.on_feedback()
             except Exception:  # the judgment is saved; a failed nudge only means waiting for the schedule
                 log.exception("on_feedback failed")
+
+
+def _quoted(value: str) -> str:
+    return repr(value if len(value) <= MAX_QUOTED_CHARS else value[:MAX_QUOTED_CHARS] + "…")
+
+
+def _check_unicode(text: str, what: str, outcome: str) -> None:
+    """JSON may carry a lone surrogate ("\\ud800"), which no tokenizer reads and SQLite cannot store as UTF-8:
+    refuse it in words instead of failing inside the tokenizer with no message."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ChatError(f"{what} holds a character that is not valid Unicode (a lone surrogate at position "
+                        f"{exc.start}). {outcome}") from exc
 
 
 def _reply_row(reply: SampledReply, pair: Pair, model_id: str) -> dict:

@@ -10,6 +10,7 @@ Open WebUI show them), but HTML in it is shown as typed, never rendered or run: 
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import TYPE_CHECKING
 
@@ -24,6 +25,8 @@ from store import SLOTS
 
 if TYPE_CHECKING:
     from playground.dashboard import Dashboard
+
+log = logging.getLogger(__name__)
 
 # Sends and regenerates share one limit: as many at once as the shared decode loop takes (rows and its
 # queue, which tells each person their place); without the loop, one at a time (two separate decode
@@ -300,21 +303,38 @@ def build_ui(service: ChatService, loop: TrainingLoop | None = None, title: str 
 
         # -- browser events -----------------------------------------------------------------------
 
+        def refused(exc: gr.Error) -> None:
+            # A toast that says why, the page left as it was: raised as an error, Gradio would cover every
+            # output (the conversation, both replies, the typed message) with "Error" until the next event.
+            log.info("refused in the page: %s", exc.message)
+            gr.Warning(exc.message)
+
         def on_send(state, text, temp, p, max_tokens, system):
             if state.conversation_id is None and state.pair is None:
                 state.system_prompt = system or ""
-            settings = settings_of(temp, p, max_tokens)
-            for state in streamed(service.send, state, text, settings):
-                # The box is cleared only once the pair is done: a failed send loses nothing typed.
-                yield [state, gr.skip() if state.pair.generating else ""] + view(state)
+            try:
+                settings = settings_of(temp, p, max_tokens)
+                for state in streamed(service.send, state, text, settings):
+                    # The box is cleared only once the pair is done: a failed send loses nothing typed.
+                    yield [state, gr.skip() if state.pair.generating else ""] + view(state)
+            except gr.Error as exc:
+                refused(exc)
+                yield [state, gr.skip()] + view(state)
 
         def on_regenerate(state, temp, p, max_tokens):
-            for state in streamed(service.regenerate, state, settings_of(temp, p, max_tokens)):
+            try:
+                for state in streamed(service.regenerate, state, settings_of(temp, p, max_tokens)):
+                    yield [state] + view(state)
+            except gr.Error as exc:
+                refused(exc)
                 yield [state] + view(state)
 
         def judge(fn, *fixed):
             def run(state, *args):
-                guarded(fn, state, *fixed, *args)
+                try:
+                    guarded(fn, state, *fixed, *args)
+                except gr.Error as exc:
+                    refused(exc)
                 return [state] + view(state)
             return run
 
@@ -338,7 +358,11 @@ def build_ui(service: ChatService, loop: TrainingLoop | None = None, title: str 
                         api_visibility="private")
 
         def on_new(state):
-            guarded(service.new_conversation, state)
+            try:
+                guarded(service.new_conversation, state)
+            except gr.Error as exc:
+                refused(exc)
+                return [state, gr.skip()] + view(state)
             return [state, ""] + view(state)
 
         new_chat.click(signed_in(on_new), [session], [session, edit_text, *view_outputs], api_visibility="private")
