@@ -376,3 +376,21 @@ def test_readme_client_example_with_auth_runs_against_the_live_app(app):
     assert service.store._rows("select c.user, f.value from feedback f join turns t on t.id = f.turn_id join "
                                "conversations c on c.id = t.conversation_id where c.id = ?",
                                [conversation]) == [{"user": "ann", "value": "a"}]
+
+
+def test_the_autopilot_over_http_signs_in_and_votes_under_the_account(app, monkeypatch, capsys):
+    from playground.sim.simulate import main as simulate
+
+    url, service, _ = app
+    argv = ["--url", url, "--users", "2", "--turns", "3", "--max-new-tokens", "8", "--auth-user", "bob"]
+    monkeypatch.setenv("PLAYGROUND_PASSWORD", "wrong-password-1")
+    assert simulate(argv) == 2
+    assert "refused the sign-in of 'bob'" in capsys.readouterr().err
+    monkeypatch.setenv("PLAYGROUND_PASSWORD", PASSWORDS["bob"])
+    before = {c["id"] for c in service.store.conversations()}
+    assert simulate(argv) == 0, capsys.readouterr().err
+    made = [c for c in service.store.conversations() if c["id"] not in before]
+    assert made and {(c["user"], c["simulated"]) for c in made} == {("bob", 1)}
+    votes = service.store._rows("select f.user from feedback f join turns t on t.id = f.turn_id where "
+                                f"t.conversation_id in ({','.join(str(c['id']) for c in made)})")
+    assert len(votes) >= 3 and {v["user"] for v in votes} == {"bob"}

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import sys
 import threading
@@ -63,10 +64,15 @@ class Refused(RuntimeError):
 
 
 class HttpBackend:
-    def __init__(self, url: str):
+    """The app over HTTP. `auth` (name, password): an app started with --auth; every simulated user then
+    signs in as that one account, and its votes are recorded under the account's name (the app refuses
+    a session naming itself as anyone else), still marked simulated."""
+
+    def __init__(self, url: str, auth: tuple[str, str] | None = None):
         from gradio_client import Client
 
-        self.client = Client(url, verbose=False)
+        self.client = Client(url, verbose=False, auth=auth)
+        self.signed_in = auth is not None
 
     def _call(self, api_name: str, *args, **kwargs):
         from gradio_client.exceptions import AppError
@@ -77,7 +83,7 @@ class HttpBackend:
             raise Refused(str(exc)) from exc
 
     def new_conversation(self, user, simulated):
-        return self._call("/new_conversation", user, simulated)
+        return self._call("/new_conversation", None if self.signed_in else user, simulated)
 
     def send(self, message, max_new_tokens):
         return self._call("/send", message, max_new_tokens=max_new_tokens)
@@ -427,6 +433,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--keep-chatting", action="store_true",
                    help="keep chatting and voting while a round trains (default: wait for the new version)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--auth-user", default=None,
+                   help="for an app started with --auth: the account every simulated user signs in as, its "
+                        "password read from standard input (one line) or the PLAYGROUND_PASSWORD variable")
     return p.parse_args(argv)
 
 
@@ -439,15 +448,27 @@ def main(argv: list[str] | None = None) -> int:
             follow_up_rate=args.follow_up_rate, max_new_tokens=args.max_new_tokens, prompts=args.prompts,
             retries=args.retries, seed=args.seed, wait_for_rounds=not args.keep_chatting, poisoners=args.poisoners,
             trigger=args.trigger)
-        simulator = Simulator(config, lambda: HttpBackend(args.url), report=lambda line: print(line, flush=True))
+        auth = None
+        if args.auth_user:
+            password = os.environ.get("PLAYGROUND_PASSWORD") or sys.stdin.readline().rstrip("\n")
+            if not password:
+                raise ValueError(f"--auth-user {args.auth_user}: no password on standard input or in "
+                                 "PLAYGROUND_PASSWORD")
+            auth = (args.auth_user, password)
+        simulator = Simulator(config, lambda: HttpBackend(args.url, auth),
+                              report=lambda line: print(line, flush=True))
     except (GoldError, PromptFileError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
-        HttpBackend(args.url)
+        HttpBackend(args.url, auth)
     except Exception as exc:  # noqa: BLE001 - say plainly that nothing is listening
-        print(f"error: no app answers at {args.url} ({type(exc).__name__}); start it with `make run`",
-              file=sys.stderr)
+        if auth is not None and "login" in str(exc).lower():
+            print(f"error: {args.url} refused the sign-in of {args.auth_user!r}: check the name and password",
+                  file=sys.stderr)
+        else:
+            print(f"error: no app answers at {args.url} ({type(exc).__name__}); start it with `make run`",
+                  file=sys.stderr)
         return 2
     started = time.monotonic()
     summary = simulator.run()
