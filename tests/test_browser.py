@@ -172,15 +172,17 @@ def test_admin_autopilot_trains_a_version_that_goes_live_in_the_page(tiny_loaded
         page.get_by_role("tab", name="Training loop (admin)").click()
         page.locator("#autopilot-start").click()
         page.wait_for_function("(document.querySelector('#admin-note')?.innerText ?? '').includes('Autopilot started')")
+        # The autopilot votes until 6 pairs wait (ties make none), then the round trains: a bound for a loaded
+        # machine, the wait ends when v1 is live.
         page.wait_for_function("(document.querySelector('#loop-status')?.innerText ?? '').includes('Live policy v1')",
-                               timeout=180_000)
+                               timeout=300_000)
         page.wait_for_function("(document.querySelector('#autopilot-status')?.innerText ?? '').includes('votes by')")
         page.wait_for_selector(".toast-body", timeout=10_000)  # the 'new version is live' toast
         page.locator("#autopilot-stop").click()
         # The round's curves are drawn, with a legend naming the metrics (an empty first frame once left
         # the plots with axes but no coloured lines).
         for plot, metric in (("#curves", "rewards/margins"), ("#logp-curves", "logps/rejected")):
-            page.wait_for_function(f"document.querySelector('{plot}').textContent.includes('{metric}')",
+            page.wait_for_function(f"(document.querySelector('{plot}')?.textContent ?? '').includes('{metric}')",
                                    timeout=20_000)
         page.screenshot(path=os.path.join(artifacts_dir, "admin_autopilot.png"), full_page=True)
 
@@ -220,10 +222,12 @@ def test_admin_picks_ppo_a_round_goes_live_and_best_of_n_badges_the_replies(tiny
         assert loop.settings.algo == "ppo"
         loop.set_next_config(PPO)  # the tiny model's settings (the panel sets a few of them)
         page.locator("#train-now").click()
+        # The autopilot votes until 6 pairs wait (ties make none), then the round trains: a bound for a loaded
+        # machine, the wait ends when v1 is live.
         page.wait_for_function("(document.querySelector('#loop-status')?.innerText ?? '').includes('Live policy v1')",
-                               timeout=180_000)
+                               timeout=300_000)
         for plot, metric in (("#ppo-curves", "score/mean"), ("#ppo-health", "clip_fraction")):
-            page.wait_for_function(f"document.querySelector('{plot}').textContent.includes('{metric}')",
+            page.wait_for_function(f"(document.querySelector('{plot}')?.textContent ?? '').includes('{metric}')",
                                    timeout=20_000)
         page.wait_for_function("(document.querySelector('#reward-models')?.innerText ?? '').includes('r1')")
         page.wait_for_function("(document.querySelector('#runs')?.innerText ?? '').includes('ppo')")

@@ -26,7 +26,7 @@ from trainers.data import count_new_pairs, is_held_out
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = {"max_new_tokens": 8, "temperature": 1.0, "top_p": 1.0}
-ROUND_TIMEOUT_S = 180
+ROUND_TIMEOUT_S = 300  # a bound for a loaded machine: the waits end when the state is reached
 
 
 def wait_for(predicate, timeout=ROUND_TIMEOUT_S, every=0.1, what="condition"):

@@ -38,6 +38,10 @@ def pause_once_a_round_starts(loop, done: threading.Event) -> None:
 
 def test_autopilot_votes_land_marked_simulated_and_the_new_version_serves(tiny_loaded, tmp_path):
     settings = loop_settings(tmp_path, min_new_pairs=4)
+    # A taste that never ties on different replies, so the 8 votes make the 4 pairs the round needs whatever
+    # the sampled replies are (with `concise` most of the tiny model's replies tie: once 5 of 8 did, and no
+    # round came).
+    gold = {"gold": "tests.gold_example:characters"}
     with running_app(tiny_loaded, tmp_path / "sim.db", loop_settings=settings) as (url, service, loop):
         # The pairs left after round 1 (edits give two each; votes that land after it read its data) can
         # reach the threshold, and the loop starts the next round the moment v1 goes live: unpaused, the
@@ -45,13 +49,13 @@ def test_autopilot_votes_land_marked_simulated_and_the_new_version_serves(tiny_l
         done = threading.Event()
         one_round = threading.Thread(target=pause_once_a_round_starts, args=(loop, done), daemon=True)
         one_round.start()
-        simulator, lines = simulator_for(url, edit_rate=0.5)
+        simulator, lines = simulator_for(url, edit_rate=0.5, **gold)
         summary = simulator.run()
         assert summary["votes"] == 8 and summary["stopped_because"] is None
         stats = service.store.stats()
         assert stats["current_feedback"]["choice"] and sum(stats["current_feedback"]["choice"].values()) == 8
         users = {(c["user"], c["simulated"]) for c in service.store.conversations()}
-        assert sorted(users) == [("sim-concise-0", 1), ("sim-concise-1", 1)]
+        assert sorted(users) == [("sim-characters-0", 1), ("sim-characters-1", 1)]
         assert any(line.startswith("votes ") and "words)" in line for line in lines)
         # The per-version length the room watches: the mean word count of the pairs the autopilot judged.
         replies = [r["text"] for r in service.store.replies_by_version("v0", simulated=True)]
@@ -64,7 +68,7 @@ def test_autopilot_votes_land_marked_simulated_and_the_new_version_serves(tiny_l
                  what="the autopilot's votes to train v1")
         done.set()
         one_round.join(timeout=5)
-        later, lines = simulator_for(url, turns=4, seed=5)
+        later, lines = simulator_for(url, turns=4, seed=5, **gold)
         summary = later.run()
         assert set(summary["gold_by_version"]) == {"v1"} and summary["votes"] == 4 and summary["live"] == "v1"
         progress = [line for line in lines if line.startswith("votes ")]
