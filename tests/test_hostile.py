@@ -313,14 +313,14 @@ def test_the_page_shows_hostile_text_as_text_runs_no_script_and_refuses_in_words
         box = page.locator("#message textarea")
         box.fill(HOSTILE_MESSAGE)
         page.locator("#send").click()
-        page.wait_for_function("document.querySelector('#notice').innerText.includes('Which reply is better')",
+        page.wait_for_function("(document.querySelector('#notice')?.innerText ?? '').includes('Which reply is better')",
                                timeout=120_000)
         page.get_by_text("Write a better reply").click()
         page.get_by_placeholder("The reply you would have wanted").fill("\n\n".join(XSS))
         page.locator("#save-edit").click()
-        page.wait_for_function("document.querySelector('#notice').innerText.includes('Saved your better reply')")
+        page.wait_for_function("(document.querySelector('#notice')?.innerText ?? '').includes('Saved your better reply')")
         page.locator("#vote-tie").click()
-        page.wait_for_function("document.querySelector('#notice').innerText.includes('Saved: Tie')")
+        page.wait_for_function("(document.querySelector('#notice')?.innerText ?? '').includes('Saved: Tie')")
         page.wait_for_function("document.querySelectorAll('#history [data-testid=bot]').length === 1")
 
         user = page.locator("#history [data-testid=user]").last
