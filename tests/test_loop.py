@@ -7,6 +7,7 @@ import datetime
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -37,6 +38,24 @@ def wait_for(predicate, timeout=ROUND_TIMEOUT_S, every=0.1, what="condition"):
             return value
         time.sleep(every)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def stop_outside_a_write(pid: int, db_path, attempts: int = 200) -> None:
+    """SIGSTOP the trainer at a moment it holds no write lock on the database: stopped inside its write of a
+    step's metrics it would lock every vote out (a fresh-clone run under load once stopped it there)."""
+    for _ in range(attempts):
+        os.kill(pid, signal.SIGSTOP)
+        probe = sqlite3.connect(str(db_path), timeout=0)
+        try:
+            probe.execute("begin immediate")  # takes the write lock only if nobody holds it
+            probe.rollback()
+            return
+        except sqlite3.OperationalError:
+            os.kill(pid, signal.SIGCONT)  # inside a write: let it finish, and stop it again
+            time.sleep(0.02)
+        finally:
+            probe.close()
+    raise AssertionError(f"the trainer held the database's write lock at each of {attempts} stops")
 
 
 def vote_in_new_conversations(client, n, choice="a"):
@@ -76,7 +95,7 @@ def test_a_scheduled_round_goes_live_and_rollback_returns_v0(tiny_loaded, tmp_pa
         # fast the machine is, then it goes on.
         run = wait_for(lambda: (runs := service.store.runs(1)) and runs[0]["step"] and runs[0]["pid"] and runs[0],
                        what="the round's first step")
-        os.kill(run["pid"], signal.SIGSTOP)
+        stop_outside_a_write(run["pid"], tmp_path / "loop.db")
         try:
             late_pairs = vote_in_new_conversations(client, 3, choice="b")
             assert service.store.running_run() is not None  # they landed while the round trained
