@@ -9,7 +9,7 @@ import pytest
 
 from store import Store
 from tests.servers import running_app
-from tests.test_browser import CHROMIUM, CHROMIUM_ARGS, wait_for_pair
+from tests.test_browser import browser, wait_for_pair  # noqa: F401 - browser is the shared fixture
 
 pytestmark = pytest.mark.browser
 PASSWORDS = {"root": "root-Pw-3c81e0aa", "ann": "ann-Pw-9d27b6f4"}
@@ -25,18 +25,6 @@ def auth_app(tiny_loaded, tmp_path_factory):
     store.close()
     with running_app(tiny_loaded, db, extra_args=("--auth",)) as (url, service):
         yield url, service
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not os.path.exists(CHROMIUM):
-        pytest.fail(f"{CHROMIUM} is missing: `make setup-test` installs Debian's chromium")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        yield chromium
-        chromium.close()
 
 
 def sign_in(page, url, name, password):
