@@ -130,7 +130,8 @@ def time_engine_decode(engine, prompt_ids, rows, steps, adapter=None):
 
 def random_adapter(model, seed: int) -> tuple[dict, object]:
     """A LoRA with the trainer's config (trainers/dpo.py defaults) and random A and B, as the state dict
-    and config `engine.read_adapter` gives for a published version (no copy of the model is made)."""
+    and config `engine.read_adapter` gives for a published version (no copy of the model is made): its
+    values rounded to bfloat16 as every round's are (trainers.runtime.round_adapter_to_bf16)."""
     import torch
     from peft import LoraConfig
 
@@ -146,7 +147,7 @@ def random_adapter(model, seed: int) -> tuple[dict, object]:
             key = f"base_model.model.{name}"
             weights[f"{key}.lora_A.weight"] = torch.randn(cfg.lora_r, module.in_features, generator=g) * 0.01
             weights[f"{key}.lora_B.weight"] = torch.randn(module.out_features, cfg.lora_r, generator=g) * 0.01
-    return weights, config
+    return {k: v.to(torch.bfloat16).float() for k, v in weights.items()}, config
 
 
 def merged_copy(model, adapter: tuple[dict, object]):

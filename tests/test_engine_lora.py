@@ -224,3 +224,52 @@ def test_unknown_adapter_raises_before_anything_advances(base, peft_v1, backend)
 def test_dpo_targets_are_the_engine_modules():
     # The engine refuses other modules: the trainer's default must stay within them.
     assert set(ALL_LINEAR) == set(engine_mod.LORA_MODULES)
+
+
+def bf16_valued(model):
+    """The PeftModel with its LoRA values rounded to bfloat16 (float32 tensors): what a trainer saves."""
+    from trainers.runtime import round_adapter_to_bf16
+
+    model = copy.deepcopy(model)
+    round_adapter_to_bf16(model)
+    return model.eval()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bf16_valued_adapter_is_stored_at_half_and_matches_peft(base, peft_v1, backend):
+    rounded = bf16_valued(peft_v1)
+    engine = build(base, backend)
+    exact = engine.add_adapter("v1", peft_v1)
+    half = engine.add_adapter("v1h", rounded)
+    lora_params = sum(p.numel() for n, p in rounded.named_parameters() if "lora_" in n)
+    # Kept as bfloat16 because that loses nothing; the float32 adapter is kept as it came.
+    assert half.nbytes == lora_params * 2 and exact.nbytes == lora_params * 4
+    assert all(t.dtype == torch.bfloat16 for layer in half.mats for pair in layer if pair for t in pair)
+    feed = feeds(base.config.vocab_size, seed=6)
+    assert_close(engine_logits(engine, PROMPT, feed, adapter="v1h"), hf_logits(rounded, PROMPT, feed))
+    # Rounding really changed the adapter (so the match above is not the float32 adapter's).
+    assert (engine_logits(engine, PROMPT, feed, adapter="v1")[-1]
+            - engine_logits(engine, PROMPT, feed, adapter="v1h")[-1]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bf16_and_float32_adapters_mix_in_one_batch(base, peft_v1, peft_v2, backend):
+    engine = build(base, backend)
+    engine.add_adapter("f32", peft_v1)
+    engine.add_adapter("half", bf16_valued(peft_v2))
+    names = ["half", None, "f32", "half"]
+    prompts = [PROMPT, PROMPT[:5], PROMPT[1:], [4, 4, 2]]
+    g = torch.Generator().manual_seed(8)
+    feed = [torch.randint(0, base.config.vocab_size, (STEPS, 1), generator=g) for _ in names]
+    alone = []
+    for prompt, name, f in zip(prompts, names, feed):
+        state, _ = engine.prefill(prompt, 1, len(prompt) + STEPS, adapter=name)
+        alone.append([engine.decode_many([state], tokens) for tokens in f])
+    states = [engine.prefill(p, 1, len(p) + STEPS, adapter=n)[0] for p, n in zip(prompts, names)]
+    for step in range(STEPS):
+        together = engine.decode_many(states, torch.cat([f[step] for f in feed])).split(1)
+        for i, got in enumerate(together):
+            if backend == "native":
+                assert torch.equal(got, alone[i][step]), f"state {i} step {step}"
+            else:
+                assert_close([got], [alone[i][step]])

@@ -42,7 +42,8 @@ import torch.nn.functional as F
 from trainers.fastlora import fast_lora
 from trainers.logprobs import segment_logprobs
 from trainers.pairs import PreferencePair
-from trainers.runtime import ALL_LINEAR, MATMUL_DTYPES, MatmulDtype, device_dtype, matmul_dtype, seeded
+from trainers.runtime import (ALL_LINEAR, MATMUL_DTYPES, MatmulDtype, device_dtype, matmul_dtype,
+                              round_adapter_to_bf16, seeded)
 
 LossType = Literal["sigmoid", "ipo"]
 RefType = Literal["base", "previous"]
@@ -476,6 +477,7 @@ def train_dpo(
                     if on_step is not None:
                         on_step(metrics)
         policy.eval()
+        round_adapter_to_bf16(policy)  # what ships (and is scored below) is what the engine keeps exactly
 
         # 5. Held-out metrics after training, against the same reference.
         eval_after = _held_out(score_pairs(policy, eval_fits, pad_id), ref_eval, eval_fits, config)

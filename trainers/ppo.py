@@ -61,7 +61,8 @@ from trainers import dpo
 # The round's setup is DPO's: the same LoRA targets, matmul-dtype choice and seeding.
 from trainers.fastlora import fast_lora
 from trainers.logprobs import token_logprobs
-from trainers.runtime import ALL_LINEAR, MATMUL_DTYPES, MatmulDtype, device_dtype, matmul_dtype, seeded
+from trainers.runtime import (ALL_LINEAR, MATMUL_DTYPES, MatmulDtype, device_dtype, matmul_dtype,
+                              round_adapter_to_bf16, seeded)
 
 RewardFn = Callable[[list[list[int]], list[list[int]]], Sequence[float]]
 
@@ -674,6 +675,7 @@ def train_ppo(
             if on_step is not None:
                 on_step(metrics)
 
+    round_adapter_to_bf16(policy)  # what ships is what the serving engine keeps exactly (trainers.runtime)
     return PPOResult(
         model=policy, value_head=value_head, config=config, steps=steps, seconds=time.perf_counter() - started,
         generate_seconds=timing["generate"], reward_seconds=timing["reward"], train_seconds=timing["train"],

@@ -345,13 +345,17 @@ class LoraAdapter:
 
     A [segments * rank, K] stacks the A of each module fused in that matrix (zeros for one the adapter
     leaves alone); B [N, rank] holds each output row's B row, in the engine's row order for that matrix
-    (q and k permuted for RoPE, q scaled by 1/sqrt(head_dim), gate/up interleaved when packed) with the
-    LoRA scaling folded in. Row n's update is B[n] . t[segment(n) * rank:][:rank], t = A x.
+    (q and k permuted for RoPE, gate/up interleaved when packed). Row n's update is
+    B[n] . t[segment(n) * rank:][:rank] with t = A x times the segment's scale: the LoRA scaling, and for
+    q also the 1/sqrt(head_dim) that the engine's q rows carry. A and B keep the adapter's own values (no
+    scale folded in), so an adapter whose values are bfloat16 (what the trainers save) is stored as
+    bfloat16 exactly, at half the memory of float32; any other is stored in the engine's dtype.
     """
 
     name: str
     rank: int
     scaling: float
+    q_scale: float  # scaling / sqrt(head_dim): the q segment's scale
     targets: frozenset[str]
     mats: list[list[tuple[torch.Tensor, torch.Tensor] | None]]
     _table: torch.Tensor | None = field(default=None, repr=False)  # native: the pointers of mats
@@ -360,6 +364,12 @@ class LoraAdapter:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for layer in self.mats for pair in layer if pair for t in pair)
+
+
+def _bf16_exact(found: dict) -> bool:
+    """Whether every A and B of a state dict's (float32) tensors is a bfloat16 value, so storing them as
+    bfloat16 changes nothing."""
+    return all(torch.equal(t, t.to(torch.bfloat16).to(t.dtype)) for pair in found.values() for t in pair)
 
 
 def _config_field(config, name: str, default=None):
@@ -635,15 +645,22 @@ class Engine:
             raise ValueError("a state dict needs its LoraConfig (read_adapter(folder) returns both)")
         rank, scaling, targets = _check_lora_config(config)
         found = self._lora_tensors(lora, rank, targets)
-        adapter = LoraAdapter(name=name, rank=rank, scaling=float(scaling), targets=targets,
-                              mats=[self._lora_layer(found, i, rank, scaling) for i in range(len(self.layers))])
+        mats = [self._lora_layer(found, i, rank) for i in range(len(self.layers))]
+        storage = self.dtype
+        if self.dtype in (torch.float32, torch.bfloat16) and _bf16_exact(found):
+            storage = torch.bfloat16
+        mats = [[None if pair is None else tuple(t.to(storage).contiguous() for t in pair) for pair in layer]
+                for layer in mats]
+        adapter = LoraAdapter(name=name, rank=rank, scaling=float(scaling),
+                              q_scale=float(scaling) * self.head_dim**-0.5, targets=targets, mats=mats)
         if self._lib is not None:
             table = []
             for layer in adapter.mats:
                 for pair in layer:
                     table += [0, 0] if pair is None else [pair[0].data_ptr(), pair[1].data_ptr()]
             adapter._table = torch.tensor(table, dtype=torch.int64)
-            adapter._struct = _Lora(rank=rank, mats=adapter._table.data_ptr())
+            adapter._struct = _Lora(rank=rank, mats=adapter._table.data_ptr(), bf16=int(storage == torch.bfloat16),
+                                    scale=adapter.scaling, q_scale=adapter.q_scale)
         self._adapters[name] = adapter
         return adapter
 
@@ -687,13 +704,14 @@ class Engine:
                 raise ValueError(f"adapter has lora_{'A' if 'A' not in pair else 'B'} missing for {where}")
         return {where: (pair["A"], pair["B"]) for where, pair in halves.items()}
 
-    def _lora_layer(self, found: dict, i: int, rank: int, scaling: float) -> list:
-        """Layer i's (A, B) per fused matrix in the engine's row order, or None where nothing is targeted."""
+    def _lora_layer(self, found: dict, i: int, rank: int) -> list:
+        """Layer i's (A, B) per fused matrix in the engine's row order (float32, unscaled), or None where
+        nothing is targeted."""
         hd = self.head_dim
         perm_q = _rope_permutation(self.heads, hd).to(self.device)
         perm_k = _rope_permutation(self.kv_heads, hd).to(self.device)
-        # The row transforms the base weights got in _load (scale as there, then the LoRA scaling).
-        row_map = {"q_proj": lambda b: b[perm_q] * hd**-0.5, "k_proj": lambda b: b[perm_k]}
+        # The row permutations the base weights got in _load; their scales go on t (LoraAdapter).
+        row_map = {"q_proj": lambda b: b[perm_q], "k_proj": lambda b: b[perm_k]}
         mats = []
         for fused in LORA_FUSED:
             modules = [m for m, (f, _) in LORA_MODULES.items() if f == fused]
@@ -704,7 +722,7 @@ class Engine:
             for m in modules:
                 if (i, m) in found:
                     a, b = found[(i, m)]
-                    b = row_map.get(m, lambda t: t)(b) * scaling
+                    b = row_map.get(m, lambda t: t)(b)
                 else:  # fused with a targeted module: zero rows leave its outputs as the base's
                     k = next(found[(i, o)][0].shape[1] for o in modules if (i, o) in found)
                     out = {"q_proj": self.heads * hd, "k_proj": self.kv_heads * hd, "v_proj": self.kv_heads * hd,
@@ -716,7 +734,7 @@ class Engine:
                 B = _interleave_gate_up(*b_parts)
             else:
                 B = torch.cat(b_parts)
-            mats.append((torch.cat(a_parts).to(self.dtype).contiguous(), B.to(self.dtype).contiguous()))
+            mats.append((torch.cat(a_parts), B))
         return mats
 
     def _resolve_adapters(self, names: list[str | None]) -> list[LoraAdapter | None]:
@@ -725,13 +743,19 @@ class Engine:
             raise ValueError(f"unknown adapter(s) {missing} (loaded: {sorted(self._adapters)})")
         return [None if n is None else self._adapters[n] for n in names]
 
-    def _lora_delta(self, x: torch.Tensor, pair: tuple[torch.Tensor, torch.Tensor], slot: int) -> torch.Tensor:
+    def _lora_delta(self, x: torch.Tensor, adapter: LoraAdapter, pair: tuple[torch.Tensor, torch.Tensor],
+                    slot: int) -> torch.Tensor:
         """x [rows, K] -> the update [rows, N] of fused matrix LORA_FUSED[slot], its rows in plain order
         (gate before up: what the torch-op paths see)."""
-        a, b = pair
+        a, b = (t if t.dtype == x.dtype else t.to(x.dtype) for t in pair)  # bfloat16-stored: widen
         rank = b.shape[1]
         t = _linear(x, a)
         fused = LORA_FUSED[slot]
+        if fused == "qkv":  # the q segment also carries the attention's scale (as the engine's q rows)
+            t[:, :rank] *= adapter.q_scale
+            t[:, rank:] *= adapter.scaling
+        else:
+            t *= adapter.scaling
         if fused == "gate_up" and self.packed:  # undo the interleave by blocks of 4 rows
             b = b.view(-1, 2, 4, rank).transpose(0, 1).reshape(-1, rank)
         if fused == "qkv":
@@ -751,9 +775,9 @@ class Engine:
             if pair is None:
                 continue
             if isinstance(rows, slice):
-                y[rows] += self._lora_delta(x[rows], pair, slot)
+                y[rows] += self._lora_delta(x[rows], adapter, pair, slot)
             else:
-                y.index_add_(0, rows, self._lora_delta(x[rows], pair, slot))
+                y.index_add_(0, rows, self._lora_delta(x[rows], adapter, pair, slot))
         return y
 
     # ---- decoding

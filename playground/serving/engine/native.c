@@ -37,10 +37,15 @@ typedef struct {
 // a pair A [segs * rank, K], B [N, rank], row-major, both NULL where the adapter leaves that matrix alone.
 // A fused matrix has one segment per module it fuses (q, k, v: 3; gate, up: 2); B's row n multiplies the
 // rank entries of t = A x that belong to row n's module. B's rows are in the packed matrix's row order
-// (q and k permuted for RoPE, q scaled, gate/up interleaved by 4) with the LoRA scaling folded in.
+// (q and k permuted for RoPE, gate/up interleaved by 4). A and B hold the adapter's own values, no
+// scale folded in, so that a bfloat16 adapter is kept as bfloat16 exactly (half the memory of float32):
+// the LoRA scaling (and for q the attention's 1/sqrt(head_dim)) multiplies t instead.
 typedef struct {
     int64_t rank;
-    const float* const* mats;  // [n_layers][LORA_MATS][2]: a, b
+    const void* const* mats;  // [n_layers][LORA_MATS][2]: a, b; float, or uint16 bfloat16 when bf16
+    int64_t bf16;
+    float scale;    // alpha / r
+    float q_scale;  // alpha / r / sqrt(head_dim): the q segment of LORA_QKV
 } Lora;
 
 enum { LORA_QKV = 0, LORA_O = 1, LORA_GATE_UP = 2, LORA_DOWN = 3, LORA_MATS = 4 };
@@ -68,9 +73,9 @@ typedef struct {
     int64_t t_stride;
 } Epi;
 
-int engine_abi(void) { return 7; }
+int engine_abi(void) { return 8; }
 
-static inline const float* lora_mat(const Lora* a, int64_t layer, int64_t slot, int which) {
+static inline const void* lora_mat(const Lora* a, int64_t layer, int64_t slot, int which) {
     return a->mats[(layer * LORA_MATS + slot) * 2 + which];
 }
 
@@ -84,6 +89,21 @@ static inline float dot(const float* a, const float* b, int64_t n) {
     return _mm512_reduce_add_ps(acc);
 }
 
+// dot() with a in bfloat16: a bfloat16 is the top half of a float32, so widening is a 16-bit shift.
+static inline float dot_bf16(const uint16_t* a, const float* b, int64_t n) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t j = 0; j < n; j += LANES) {
+        const __mmask16 m = n - j >= LANES ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - j)) - 1);
+        const __m512i wide = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, a + j)), 16);
+        acc = _mm512_fmadd_ps(_mm512_castsi512_ps(wide), _mm512_maskz_loadu_ps(m, b + j), acc);
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+
+static inline float lora_dot(const Lora* a, const void* m, int64_t offset, const float* b, int64_t n) {
+    return a->bf16 ? dot_bf16((const uint16_t*)m + offset, b, n) : dot((const float*)m + offset, b, n);
+}
+
 // t_r = A_r x_r for every row with an adapter on this matrix. Every thread computes all rows into its
 // own t (rank-sized work, ~3% of the matrix's): cheaper than a barrier, as for rms_norm_rows.
 static void lora_shrink(const Epi* e, const float* X, int64_t K, int64_t R, float* t) {
@@ -91,16 +111,19 @@ static void lora_shrink(const Epi* e, const float* X, int64_t K, int64_t R, floa
     for (int64_t r = 0; r < R; r++) {
         const Lora* a = e->lora[r];
         if (!a) continue;
-        const float* A = lora_mat(a, e->layer, e->slot, 0);
+        const void* A = lora_mat(a, e->layer, e->slot, 0);
         if (!A) continue;
-        for (int64_t j = 0; j < LORA_SEGS[e->slot] * a->rank; j++) t[r * e->t_stride + j] = dot(A + j * K, X + r * K, K);
+        for (int64_t j = 0; j < LORA_SEGS[e->slot] * a->rank; j++) {
+            const float scale = e->slot == LORA_QKV && j < a->rank ? a->q_scale : a->scale;
+            t[r * e->t_stride + j] = scale * lora_dot(a, A, j * K, X + r * K, K);
+        }
     }
 }
 
 // v[b] += B[n0 + b] . t_r (the part of t_r of row n0 + b's module).
 static inline void lora_expand(const Epi* e, int64_t r, int64_t n0, float* v) {
     const Lora* a = e->lora[r];
-    const float* B = lora_mat(a, e->layer, e->slot, 1);
+    const void* B = lora_mat(a, e->layer, e->slot, 1);
     if (!B) return;
     const int64_t rank = a->rank;
     const float* t = e->t + r * e->t_stride;
@@ -108,7 +131,7 @@ static inline void lora_expand(const Epi* e, int64_t r, int64_t n0, float* v) {
         int64_t seg = 0;
         if (e->mode == EPI_QKV) seg = n0 < e->nq ? 0 : n0 < e->nq + e->nk ? 1 : 2;  // blocks never straddle
         else if (e->mode == EPI_SWIGLU) seg = b < NB / 2 ? 0 : 1;  // 4 gate rows, then 4 up rows
-        v[b] += dot(B + (n0 + b) * rank, t + seg * rank, rank);
+        v[b] += lora_dot(a, B, (n0 + b) * rank, t + seg * rank, rank);
     }
 }
 

@@ -29,7 +29,7 @@ NATIVE_CACHE_ENV = "PLAYGROUND_NATIVE_CACHE"  # where the compiled library goes 
 # -march=native: the library is built on the machine that runs it (the cache key holds the CPU flags).
 # -fno-math-errno: sqrtf compiles to one instruction, with no errno to set on a negative input.
 NATIVE_CFLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fPIC", "-shared")
-NATIVE_ABI = 7  # what engine_abi() in native.c returns; bump both when a signature or struct changes
+NATIVE_ABI = 8  # what engine_abi() in native.c returns; bump both when a signature or struct changes
 COMPILE_TIMEOUT_S = 120
 # The sampling distributions take ~0.1 ms a row on one thread: not worth an OpenMP barrier, which
 # stalls for a scheduler tick when another process holds the second core.
@@ -49,9 +49,10 @@ class _Desc(ctypes.Structure):
 
 
 class _Lora(ctypes.Structure):
-    """The `Lora` struct of native.c: one adapter's rank and its table of A/B pointers."""
+    """The `Lora` struct of native.c: one adapter's rank, its table of A/B pointers, their type and scales."""
 
-    _fields_ = [("rank", ctypes.c_int64), ("mats", ctypes.c_void_p)]
+    _fields_ = [("rank", ctypes.c_int64), ("mats", ctypes.c_void_p), ("bf16", ctypes.c_int64),
+                ("scale", ctypes.c_float), ("q_scale", ctypes.c_float)]
 
 
 _native_lock = threading.Lock()
