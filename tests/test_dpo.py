@@ -310,6 +310,9 @@ def test_warm_start_continues_from_the_saved_adapter(tiny_loaded, tmp_path):
     saved = {k: v for k, v in loaded.state_dict().items() if "lora_" in k}
     trained = {k: v for k, v in first.model.state_dict().items() if "lora_" in k}
     assert saved.keys() == trained.keys() and all(torch.equal(saved[k], trained[k]) for k in saved)
+    # Rounded to bfloat16 values (so the serving engine keeps them as bfloat16 exactly), and trained.
+    assert all(torch.equal(v, v.to(torch.bfloat16).float()) for v in saved.values())
+    assert any(v.abs().max() > 0 for k, v in saved.items() if "lora_B" in k)
 
     # Round 2 starts from those weights: before its first step it scores the held-out pairs exactly as
     # round 1 ended (same reference, the base model), and it trains on from there.
