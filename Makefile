@@ -9,7 +9,7 @@ APT_PACKAGES := chromium fonts-noto-color-emoji
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 TEST_ENV := HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 GRADIO_ANALYTICS_ENABLED=False TOKENIZERS_PARALLELISM=false
 
-.PHONY: setup setup-test run test bench clean
+.PHONY: setup setup-test run test bench bench-peers clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,14 @@ test: setup-test
 # The quick benchmarks (under 10 minutes here), printed as a table; docs/BENCHMARKS.md has the long ones.
 bench: setup-test
 	$(TEST_ENV) $(PY) bench/report.py
+
+# The peer a CPU user would pick instead, llama.cpp, against our decode loop (bench/vs_llamacpp.py). It
+# builds from source (cmake and a C++ compiler; about ten minutes on 2 cores), so it stays out of `make test`.
+LLAMA_CPP_PYTHON := llama-cpp-python==0.3.36
+bench-peers: setup-test
+	$(PY) -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_CURL=OFF" \
+		$(PY) -m pip install -q $(LLAMA_CPP_PYTHON)
+	$(TEST_ENV) $(PY) bench/vs_llamacpp.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache tests/artifacts
