@@ -218,3 +218,14 @@ def test_html_in_text_is_escaped_outside_code_only():
     assert markdown_source(fenced) == "&lt;p>\n```html\n<p>a & b</p>\n```\n&lt;p>"
     assert markdown_source("```\nnever closed <b>") == "```\nnever closed <b>"
     assert markdown_source(r"\<b> is literal, \\<b> is not") == r"\<b> is literal, \\&lt;b> is not"
+
+
+def test_every_training_setting_says_what_it_trades(app):
+    """The admin panel's settings each carry a one-line explanation of what they trade (issue 14)."""
+    url, _, _ = app
+    by_label = {c["props"].get("label"): c["props"] for c in client(url).config["components"]}
+    settings = ("beta (next round)", "learning rate", "epochs", "loss", "reference policy", "algorithm (next rounds)",
+                "PPO KL coefficient", "PPO learning rate", "PPO iterations", "best-of-n in the chat (1: off)")
+    for label in settings:
+        info = by_label[label].get("info")
+        assert info and len(info) > 20 and "\n" not in info, label
