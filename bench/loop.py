@@ -44,6 +44,7 @@ given: its annotator would tie every pair (playground/sim/annotator.py), leaving
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import random
@@ -116,6 +117,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--candidates", type=int, default=DEFAULT_CANDIDATES,
                    help="replies sampled per training prompt when --pair-rule is not random (default: %(default)s)")
     p.add_argument("--workdir", default=None, help="keep the store and adapters here (default: a temp folder)")
+    p.add_argument("--v0-cache", default=None, metavar="DIR",
+                   help="keep v0's held-out replies here and reuse them in later runs of the same model, prompts, "
+                        "seeds and sampling (bench.sweep passes one: two of a 2-round run's four evaluations)")
     p.add_argument("--head-to-head", nargs=2, metavar=("WORKDIR_A", "WORKDIR_B"), default=None,
                    help="score the final version of run A against run B's (each a --workdir of a finished run, "
                         "e.g. the onpolicy and offline arms, Guo et al. 2024) on the eval prompts, and exit")
@@ -223,6 +227,7 @@ class Evaluation:
         self.bench = bench
         self.texts = texts
         self.prompt_ids = [bench.render(t) for t in texts]
+        self._weights: str | None = None  # the base weights' fingerprint, for --v0-cache
 
     def run(self, target, seed_base: int) -> dict:
         """One reply per prompt from `target`: gold and proxy scores, KL to v0 (exact, along the reply), length."""
@@ -243,14 +248,43 @@ class Evaluation:
                 own = target.branch_logits(prompt, [tokens])[0]
             kls[index] = OwnDistribution(own, workspace).kl_to(bench.base.branch_logits(prompt, [tokens])[0])
 
-        seeds = [[sample_seed(seed_base, i, 0)] for i in range(len(self.texts))]
-        replies = [group[0].reply for group in bench.sample(target, self.prompt_ids, seeds, kl)]
-        texts = [r.text for r in replies]
+        cache = self.v0_cache_path(seed_base) if target is bench.base else None
+        if cache is not None and cache.exists():
+            texts, n_tokens = (json.loads(cache.read_text())[k] for k in ("texts", "n_tokens"))
+        else:
+            seeds = [[sample_seed(seed_base, i, 0)] for i in range(len(self.texts))]
+            replies = [group[0].reply for group in bench.sample(target, self.prompt_ids, seeds, kl)]
+            texts, n_tokens = [r.text for r in replies], [r.n_tokens for r in replies]
+            if cache is not None:
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+                tmp.write_text(json.dumps({"texts": texts, "n_tokens": n_tokens}))
+                os.replace(tmp, cache)
         return {"scores": [bench.gold.score(user(p), t) for p, t in zip(self.texts, texts)],
                 "proxy": [bench.annotator.score(user(p), t) for p, t in zip(self.texts, texts)],
                 "texts": texts, "kl": sum(kls) / len(kls),
-                "mean_tokens": sum(r.n_tokens for r in replies) / len(replies),
+                "mean_tokens": sum(n_tokens) / len(n_tokens),
                 "distinct_2": distinct_n(texts, 2)}
+
+    def v0_cache_path(self, seed_base: int) -> Path | None:
+        """Where --v0-cache keeps v0's replies for these prompts and seeds: named by everything they depend
+        on (the model, the prompts, the seeds, the sampling), so a changed one never reads stale replies."""
+        folder = getattr(self.bench.args, "v0_cache", None)
+        if not folder:
+            return None
+        settings = self.bench.settings()
+        if self._weights is None:  # a sample of every tensor: a model changed in place under one path
+            digest = hashlib.sha256()
+            for name, param in self.bench.loaded.model.named_parameters():
+                digest.update(name.encode())
+                digest.update(param.detach().flatten()[:1024].float().cpu().numpy().tobytes())
+            self._weights = digest.hexdigest()
+        key = {"model": self.bench.args.model, "model_id": self.bench.loaded.model_id, "weights": self._weights,
+               "prompts": self.prompt_ids,
+               "seed_base": seed_base, "temperature": settings.temperature, "top_p": settings.top_p,
+               "max_new_tokens": settings.max_new_tokens}
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+        return Path(folder) / f"v0-{digest}.json"
 
 
 def compare(new: dict, old: dict, seed: int) -> dict:

@@ -108,8 +108,12 @@ def read_results(path: Path) -> list[dict]:
 
 def run_one(setting: str, gold: str, args: argparse.Namespace, workdir: Path) -> dict:
     """One bench.loop run; its summary and round lines."""
+    # v0's held-out replies are the same for every setting that samples alike: one folder next to --out
+    # keeps them for every run (bench.loop --v0-cache keys them by model, prompts, seeds and sampling).
+    v0_cache = Path(args.out).with_suffix(".v0-cache")
     command = [sys.executable, "-m", "bench.loop", "--arm", "onpolicy", "--gold", gold, "--seed", str(args.seed),
-               "--workdir", str(workdir), *run_flags(setting, args.rounds, args.labels_per_round), *args.loop_args]
+               "--workdir", str(workdir), "--v0-cache", str(v0_cache),
+               *run_flags(setting, args.rounds, args.labels_per_round), *args.loop_args]
     out = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=os.environ.copy())
     lines = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     if out.returncode != 0 or not lines or not lines[-1].get("summary"):

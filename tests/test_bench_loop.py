@@ -175,3 +175,27 @@ def test_goodhart_proxy_agrees_with_concise_above_its_target_and_not_below():
     assert gold.score(context, words(25)) > gold.score(context, words(8))
     assert proxy.score(context, words(8)) > proxy.score(context, words(25))
     assert proxy.name == "concise-40xlength"
+
+
+def test_v0_cache_is_written_then_read_and_keyed_by_the_sampling(tiny_model_dir, tmp_path):
+    cache = tmp_path / "v0"
+    common = ["--gold", "concise", "--rounds", "1", "--labels-per-round", "4", "--seed", "0", "--model",
+              str(tiny_model_dir), "--config", '{"epochs": 1}', "--v0-cache", str(cache), *TINY]
+    first = bench_loop(*common, "--workdir", str(tmp_path / "a"))
+    assert first.returncode == 0, first.stderr[-2000:]
+    files = sorted(cache.glob("v0-*.json"))
+    assert len(files) == 2  # v0's replies for the baseline seeds and for the reference (v0 against itself)
+    # Replace one file's replies with a marker: the next run must report them, not sample afresh.
+    for path in files:
+        saved = json.loads(path.read_text())
+        assert len(saved["texts"]) == len(saved["n_tokens"]) == EVAL_PROMPTS
+        marked = ["cached" + " word" * i for i in range(EVAL_PROMPTS)]  # scores that differ (a gold must)
+        path.write_text(json.dumps({"texts": marked, "n_tokens": [3] * EVAL_PROMPTS}))
+    second = bench_loop(*common, "--workdir", str(tmp_path / "b"))
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert json_lines(second)[0]["round"] == 0 and json_lines(second)[0]["mean_tokens"] == 3
+    assert json_lines(first)[0]["mean_tokens"] != 3
+    # Other sampling settings are another key: new files, nothing read from the marked ones.
+    other = bench_loop(*[a if a != "8" else "6" for a in common], "--workdir", str(tmp_path / "c"))
+    assert other.returncode == 0, other.stderr[-2000:]
+    assert len(list(cache.glob("v0-*.json"))) == 4 and json_lines(other)[0]["mean_tokens"] != 3

@@ -54,6 +54,9 @@ def test_a_tiny_sweep_runs_end_to_end_and_a_rerun_resumes(tiny_model_dir, tmp_pa
         assert "failed" not in r, r.get("failed")
         assert r["summary"]["labels"] == 8 and r["summary"]["pair_rule"] == (
             "most_different" if r["setting"] == "pairs_most_different" else "random")
+    # Both settings sample v0 alike: the second run read v0's replies from the first's cache.
+    assert len(list(out.with_suffix(".v0-cache").glob("v0-*.json"))) == 2
+    assert rows[0]["rounds"][0]["gold_mean"] == rows[1]["rounds"][0]["gold_mean"]
     final = lines[-1]
     assert set(final["settings"]) == {"base", "pairs_most_different"} and final["golds"] == ["concise"]
     # Again: both runs are in the results already, nothing runs twice.
