@@ -18,7 +18,7 @@ from playground.chat import DEFAULT_ARENA_RATE
 from playground.moderation import DEFAULT_HOOK as DEFAULT_MODERATION
 from playground.ratelimit import DEFAULT_MESSAGES_PER_MINUTE, DEFAULT_VOTES_PER_MINUTE
 from playground.evaluation.defaults import DEFAULT_PROBES, DEFAULT_SAMPLES_PER_PROMPT, MAX_SAMPLES_PER_PROMPT
-from playground.serving.decode_loop import DEFAULT_MAX_BATCH_ROWS
+from playground.serving.decode_loop import DEFAULT_MAX_BATCH_ROWS, DEFAULT_PREFIX_CACHE_MB
 from playground.serving.limits import DEFAULT_MAX_CONTEXT_TOKENS
 from playground.serving.models import BUNDLED, DEFAULT_CACHE_DIR, DEVICES
 from store import DEFAULT_DB
@@ -99,6 +99,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-batch-rows", type=int, default=DEFAULT_MAX_BATCH_ROWS,
                         help="reply rows decoded together in the one decode loop (a pair is 2); past it requests "
                              "wait in a queue and see their place (default: %(default)s)")
+    parser.add_argument("--prefix-cache-mb", type=float, default=DEFAULT_PREFIX_CACHE_MB,
+                        help="memory for keeping finished replies' keys and values, so a conversation's next turn "
+                             "prefills only its new tokens (0: off) (default: %(default)s)")
     parser.add_argument("--arena-rate", type=float, default=DEFAULT_ARENA_RATE,
                         help="share of turns whose pair is a blind arena pair: the live version against an earlier "
                              "one, sides random, versions shown after the vote (default: %(default)s)")
@@ -144,6 +147,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--train-every {args.train_every} must be a positive number of minutes")
     if args.min_new_pairs < 1:
         parser.error(f"--min-new-pairs {args.min_new_pairs} must be at least 1")
+    if args.prefix_cache_mb < 0:
+        parser.error(f"--prefix-cache-mb {args.prefix_cache_mb} must be at least 0 (0 turns it off)")
     if args.max_batch_rows < 2:
         parser.error(f"--max-batch-rows {args.max_batch_rows} cannot hold one pair (at least 2)")
     if not 0.0 <= args.arena_rate <= 1.0:
@@ -233,7 +238,7 @@ def build_services(args: argparse.Namespace, loaded=None, busy_timeout_ms: int |
                              store, policy, on_live=None if evaluator is None else evaluator.schedule)
         # One decode loop for every session's pairs; each saved judgment nudges the schedule (the vote
         # that reaches --min-new-pairs starts the round).
-        decode_loop = DecodeLoop(max_batch_rows=args.max_batch_rows)
+        decode_loop = DecodeLoop(max_batch_rows=args.max_batch_rows, prefix_cache_mb=args.prefix_cache_mb)
         best_of_n = BestOfN(store, policy, n=args.best_of_n)
         if best_of_n.active and best_of_n.status()["reason"]:
             logging.getLogger("app").warning("--best-of-n %d: %s; plain pairs until there is one", args.best_of_n,

@@ -27,6 +27,9 @@ Prints one JSON object:
   copy's pair (engine steps, best of 3); a pair whose rows are on two versions against one on a single
   version; process memory with ten adapters resident against v0 alone; time to first token of the first
   request on a just-added version against requests before it (goals 0.9, 0.85, 1.10, 1.2);
+- prefill_whole_history_s, prefill_from_kept_prefix_s: a conversation's next turn (a 600-token prompt, 10
+  of its tokens new) prefilled whole against from the kept keys of the turn before (the loop's prefix
+  cache), medians of 3;
 - read_bandwidth_gbs, limit_tokens_per_s, weight_bytes, rss_mb (model + engine, before the 1 GB
   bandwidth buffer), engine_build_s, backend, threads.
 
@@ -241,6 +244,29 @@ def versions_measures(model, tokenizer, engine, prompt_ids, settings, steps: int
     }
 
 
+def prefix_measures(engine, history_tokens: int = 600, new_tokens: int = 10, repeats: int = 3) -> dict:
+    """A conversation's next turn: prefilling a `history_tokens` prompt whole against prefilling it from the
+    kept keys of the turn before (all but its last `new_tokens` tokens), as the decode loop's prefix cache
+    does. Medians of `repeats`, interleaved."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(100, engine.vocab_size, (history_tokens,), generator=g).tolist()
+    earlier, _ = engine.prefill(prompt[:-new_tokens], 2, history_tokens + 8)
+    kept = engine.keep_prefix(earlier, 0, prompt[:-new_tokens])
+    whole, cached = [], []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        engine.prefill(prompt, 2, history_tokens + 8)
+        whole.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        engine.prefill(prompt, 2, history_tokens + 8, prefix=kept)
+        cached.append(time.perf_counter() - t)
+    return {"prefill_whole_history_s": round(statistics.median(whole), 4),
+            "prefill_from_kept_prefix_s": round(statistics.median(cached), 4),
+            "prefill_history_tokens": history_tokens, "prefill_new_tokens": new_tokens}
+
+
 def time_concurrent(model, tokenizer, prompt_ids, settings, pairs: int, max_batch_rows: int) -> float:
     """Aggregate tokens/s of `pairs` pairs sent at once through one DecodeLoop (the app's decode loop),
     from the moment they are sent to the last token of the last pair, prefill included."""
@@ -288,6 +314,8 @@ def main(argv=None) -> dict:
     # Before the 1 GB bandwidth buffer exists, so the memory ratio is of the serving process alone.
     versions = versions_measures(model, tokenizer, engine, prompt_ids, settings, min(48, args.new_tokens)) \
         if engine is not None else {}
+    if engine is not None:
+        versions.update(prefix_measures(engine))
     bandwidth = Bandwidth(lm.device)
     bandwidth.measure()
     pair_rates, ttfts, ratios, run_bandwidths = [], [], [], []

@@ -67,6 +67,8 @@ def main() -> None:
     p.add_argument("--messages", type=int, default=6, help="messages each person sends (timed)")
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--max-batch-rows", type=int, default=None, help="the app's --max-batch-rows (default: its own)")
+    p.add_argument("--prefix-cache-mb", type=float, default=None,
+                   help="the app's --prefix-cache-mb (default: its own; 0: every turn prefills its whole history)")
     args = p.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="people-"))
@@ -77,6 +79,8 @@ def main() -> None:
                str(tmp / "adapters"), "--port", str(port), "--no-train", "--arena-rate", "0", "--no-eval"]
     if args.max_batch_rows:
         command += ["--max-batch-rows", str(args.max_batch_rows)]
+    if args.prefix_cache_mb is not None:
+        command += ["--prefix-cache-mb", str(args.prefix_cache_mb)]
     app = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=open(tmp / "app.log", "w"))
     try:
         wait_http(url, 180)

@@ -7,6 +7,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 from playground.serving.decode_loop import DecodeFailed, DecodeLoop, DecodeLoopBusy, OwnerBusy
 from playground.serving.generation import SamplingSettings, engine_for, sample_pair
@@ -441,3 +442,59 @@ def test_versions_share_one_step_on_one_copy_of_the_weights(tiny_loaded, tmp_pat
     assert decode_loop.steps > steps_before
     decode_loop.close()
     store.close()
+
+
+def test_the_next_turn_prefills_only_its_new_tokens_and_decodes_what_a_whole_prefill_would(tiny_loaded):
+    """Prefix caching: turn 2's prompt (turn 1's prompt, the chosen reply, a new message) reuses the kept keys
+    of the chosen row. Its replies are samples of the same distribution a whole prefill gives: every token's
+    log-probability matches teacher-forced scoring of the reply under a fresh prefill."""
+    from playground.serving.prompting import render
+
+    model, tokenizer = tiny_loaded.model, tiny_loaded.tokenizer
+    engine = engine_for(model)
+    settings = SamplingSettings(temperature=1.0, top_p=1.0, max_new_tokens=24)
+    loop = DecodeLoop(max_batch_rows=4)
+    try:
+        messages = [{"role": "user", "content": "tell me a long story about the sea"}]
+        first = finished(loop.sample_pair(model, tokenizer, render(tokenizer, messages), settings, (5, 6)))
+        assert len(loop.prefixes) == 2 and loop.prefixes.hits == 0
+        chosen = first[1]
+        turn2 = messages + [{"role": "assistant", "content": chosen.text}, {"role": "user", "content": "and then?"}]
+        prompt2 = render(tokenizer, turn2)
+        kept = prompt(tokenizer, "tell me a long story about the sea") + list(chosen.token_ids)
+        shared = next((i for i, (a, b) in enumerate(zip(kept, prompt2)) if a != b), min(len(kept), len(prompt2)))
+        assert shared > len(render(tokenizer, messages)), "the test needs a prompt that continues the reply"
+        second = finished(loop.sample_pair(model, tokenizer, prompt2, settings, (7, 8)))
+        assert loop.prefixes.hits == 1 and loop.prefixes.tokens_reused == shared
+        for reply in second:
+            tokens = list(reply.token_ids)
+            logits = engine.score(prompt2 + tokens, start=len(prompt2) - 1)[: len(tokens)]
+            expected = logits.log_softmax(-1).gather(-1, torch.tensor(tokens)[:, None]).sum().item()
+            assert reply.logprob_sum == pytest.approx(expected, abs=1e-4)
+        # The same prompt again (a regenerated pair) continues from turn 1's row again, never from its own
+        # first try's rows: it takes the same path, so it decodes exactly as before.
+        again = finished(loop.sample_pair(model, tokenizer, prompt2, settings, (7, 8)))
+        assert loop.prefixes.hits == 2 and loop.prefixes.tokens_reused == 2 * shared
+        assert [r.token_ids for r in again] == [r.token_ids for r in second]
+    finally:
+        loop.close()
+
+
+def test_the_prefix_cache_keeps_to_its_budget_and_can_be_off(tiny_loaded):
+    from playground.serving.prompting import render
+
+    model, tokenizer = tiny_loaded.model, tiny_loaded.tokenizer
+    off = DecodeLoop(max_batch_rows=4, prefix_cache_mb=0)
+    small = DecodeLoop(max_batch_rows=4, prefix_cache_mb=0.05)  # 52 KB: a row or two of the tiny model
+    try:
+        for i in range(4):
+            p = render(tokenizer, [{"role": "user", "content": f"question number {i} about tides"}])
+            finished(off.sample_pair(model, tokenizer, p, SETTINGS, (i, i + 50)))
+            finished(small.sample_pair(model, tokenizer, p, SETTINGS, (i, i + 50)))
+        assert len(off.prefixes) == 0 and off.prefixes.bytes == 0
+        assert 0 < small.prefixes.bytes <= small.prefixes.max_bytes and len(small.prefixes) < 8
+    finally:
+        off.close()
+        small.close()
+    with pytest.raises(ValueError, match="prefix_cache_mb"):
+        DecodeLoop(prefix_cache_mb=-1)

@@ -273,3 +273,36 @@ def test_bf16_and_float32_adapters_mix_in_one_batch(base, peft_v1, peft_v2, back
                 assert torch.equal(got, alone[i][step]), f"state {i} step {step}"
             else:
                 assert_close([got], [alone[i][step]])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("adapter", [None, "v1"])
+def test_a_kept_prefix_prefills_only_the_new_tokens_and_matches_a_whole_prefill(base, peft_v1, backend, adapter):
+    engine = build(base, backend)
+    engine.add_adapter("v1", peft_v1)
+    # Turn 1: a pair, each row fed its own tokens by decode steps.
+    state, _ = engine.prefill(PROMPT, 2, len(PROMPT) + STEPS, adapter=adapter)
+    feed = feeds(base.config.vocab_size, rows=2, seed=9)
+    for tokens in feed:
+        engine.decode_many([state], tokens)
+    reply = feed[:, 1].tolist()  # row 1's tokens: the reply the next turn continues
+    kept = engine.keep_prefix(state, 1, PROMPT + reply)
+    assert kept.keys.shape[2] == len(PROMPT) + STEPS and kept.adapter == adapter
+    # Turn 2: the conversation so far plus a new message.
+    prompt = PROMPT + reply + [11, 12, 13]
+    fresh, fresh_logits = engine.prefill(prompt, 2, len(prompt) + 4, adapter=adapter)
+    reused, reused_logits = engine.prefill(prompt, 2, len(prompt) + 4, adapter=adapter, prefix=kept)
+    assert (fresh.reused, reused.reused) == (0, len(PROMPT) + STEPS)
+    assert_close([reused_logits], [fresh_logits])
+    for tokens in feeds(base.config.vocab_size, rows=2, seed=10)[:4]:
+        assert_close([engine.decode_many([reused], tokens)], [engine.decode_many([fresh], tokens)])
+    # A prompt that is all prefix still computes its last token; one that shares nothing reuses nothing.
+    whole, whole_logits = engine.prefill(PROMPT + reply, 1, len(PROMPT) + STEPS + 1, adapter=adapter, prefix=kept)
+    assert whole.reused == len(PROMPT) + STEPS - 1
+    assert_close([whole_logits], [engine.prefill(PROMPT + reply, 1, len(PROMPT) + STEPS + 1, adapter=adapter)[1]])
+    assert engine.prefill([7] + PROMPT, 1, 20, adapter=adapter, prefix=kept)[0].reused == 0
+    # Keys of another adapter (or engine) are never mixed in.
+    with pytest.raises(ValueError, match="another engine or adapter"):
+        engine.prefill(prompt, 1, len(prompt) + 1, adapter="v1" if adapter is None else None, prefix=kept)
+    with pytest.raises(ValueError, match="another engine or adapter"):
+        build(base, backend).prefill(prompt, 1, len(prompt) + 1, prefix=engine.keep_prefix(fresh, 0, prompt[:3]))

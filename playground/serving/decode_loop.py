@@ -66,6 +66,13 @@ DEFAULT_MAX_REQUESTS_PER_OWNER = 8
 DETOKENIZE_WINDOW = 6
 # A waiting reader hears from the loop at least this often (the same update again when nothing changed).
 HEARTBEAT_S = 0.5
+# Keys and values of finished requests' rows kept for the conversation's next turn (prefix caching, as
+# vLLM's): the next prompt is the last one plus the chosen reply plus a new message, so its prefill
+# computes only the new tokens. A budget in bytes, least recently used out first (`--prefix-cache-mb`);
+# a bundled-model row costs 46 KB a token, so 256 MB keeps about nine 600-token rows.
+DEFAULT_PREFIX_CACHE_MB = 256
+# A shared prefix shorter than this is computed again: copying it saves less than the lookup costs.
+MIN_PREFIX_TOKENS = 16
 
 
 class DecodeLoopBusy(RuntimeError):
@@ -128,9 +135,58 @@ class _Request:
         return len(self.seeds)
 
 
+class PrefixCache:
+    """Kept prefixes (engine.KVPrefix) of finished rows, least recently used first, within a byte budget.
+
+    Only the decode loop's thread uses it. A prefix is reused only for a prompt that continues past the
+    prompt it was kept from (the next turn: the old prompt, then the reply), never for that prompt
+    itself: a pair regenerated from the same prompt takes the same path as its first try (from the same
+    earlier turn's row, or a whole prefill), so a seed gives the same reply both times."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._entries: dict[int, tuple[object, int]] = {}  # insertion order = use order: (prefix, prompt length)
+        self._next = 0
+        self.bytes = 0
+        self.hits = 0
+        self.tokens_reused = 0
+
+    def find(self, engine, adapter: str | None, prompt_ids: list[int]):
+        best, best_key, best_shared = None, None, MIN_PREFIX_TOKENS - 1
+        for key, (prefix, prompt_len) in list(self._entries.items()):
+            if prefix.owner is None:  # its engine was replaced and freed
+                self._drop(key)
+                continue
+            if prefix.owner is not engine or prefix.adapter != adapter:
+                continue
+            shared = prefix.shared(prompt_ids)
+            if shared > prompt_len and shared > best_shared:
+                best, best_key, best_shared = prefix, key, shared
+        if best is not None:  # used: it goes to the back of the eviction order
+            self._entries[best_key] = self._entries.pop(best_key)
+        return best
+
+    def add(self, prefix, prompt_len: int) -> None:
+        if prefix.nbytes > self.max_bytes:
+            return
+        self._entries[self._next] = (prefix, prompt_len)
+        self._next += 1
+        self.bytes += prefix.nbytes
+        while self.bytes > self.max_bytes:
+            self._drop(next(iter(self._entries)))
+
+    def _drop(self, key: int) -> None:
+        prefix, _ = self._entries.pop(key)
+        self.bytes -= prefix.nbytes
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
 class DecodeLoop:
     def __init__(self, max_batch_rows: int = DEFAULT_MAX_BATCH_ROWS, max_waiting: int = DEFAULT_MAX_WAITING,
-                 max_per_owner: int = DEFAULT_MAX_REQUESTS_PER_OWNER):
+                 max_per_owner: int = DEFAULT_MAX_REQUESTS_PER_OWNER,
+                 prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB):
         if max_batch_rows < len(SLOTS):
             raise ValueError(f"max_batch_rows {max_batch_rows} cannot hold one pair ({len(SLOTS)} rows)")
         if max_waiting < 0:
@@ -150,6 +206,9 @@ class DecodeLoop:
         self._closed = False
         self.steps = 0  # engine steps run, for tests and benchmarks
         self.max_rows_seen = 0
+        if prefix_cache_mb < 0:
+            raise ValueError(f"prefix_cache_mb {prefix_cache_mb} must be >= 0 (0: off)")
+        self.prefixes = PrefixCache(int(prefix_cache_mb * 2**20))
 
     # -- what callers use ---------------------------------------------------------------------------
 
@@ -334,7 +393,11 @@ class DecodeLoop:
         # adapter share one prefill; a pair on two versions runs the prompt once per version.
         request.states, logits = [], []
         for adapter, rows in _runs([a for a, _ in request.row_adapters]):
-            state, first = request.engine.prefill(request.prompt_ids, rows, max_total, adapter=adapter)
+            prefix = self.prefixes.find(request.engine, adapter, request.prompt_ids) if self.prefixes.max_bytes else None
+            state, first = request.engine.prefill(request.prompt_ids, rows, max_total, adapter=adapter, prefix=prefix)
+            if state.reused:
+                self.prefixes.hits += 1
+                self.prefixes.tokens_reused += state.reused
             request.states.append(state)
             logits.append(first)
         request.logits = logits[0] if len(logits) == 1 else torch.cat(logits)
@@ -371,6 +434,8 @@ class DecodeLoop:
             reply.add(int(next_tokens[i]), picked[i], elapsed, request.stop_ids, last=request.step + 1 == max_new)
             reply.text = self._text(request, i, reply)
         request.step += 1
+        if all(r.done for r in request.replies) and not request.cancelled and self.prefixes.max_bytes:
+            self._keep_prefixes(request)
         with self._cv:
             request.done = all(r.done for r in request.replies)
             request.snapshot = [replace(r, token_ids=list(r.token_ids)) for r in request.replies]
@@ -379,6 +444,19 @@ class DecodeLoop:
                 self._remove(request)
             self._cv.notify_all()
         return next_tokens
+
+    def _keep_prefixes(self, request: _Request) -> None:
+        """Keep each row's keys and values (its prompt, then its reply's tokens as fed) for the next turn."""
+        prompt_len = len(request.prompt_ids)
+        row = 0
+        for state in request.states:
+            fed = state.length - prompt_len  # tokens fed after the prompt (a row that stopped early got more)
+            for r in range(state.rows):
+                reply = request.replies[row + r]
+                tokens = request.prompt_ids + list(reply.token_ids[:fed])
+                if len(tokens) > prompt_len:
+                    self.prefixes.add(request.engine.keep_prefix(state, r, tokens), prompt_len)
+            row += state.rows
 
     @staticmethod
     def _text(request: _Request, i: int, reply: SampledReply) -> str:

@@ -67,6 +67,7 @@ from __future__ import annotations
 
 import ctypes
 import re
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -333,6 +334,38 @@ class DecodeState:
     owner: Engine | None = field(default=None, repr=False, compare=False)
     # The LoRA adapter its prefill ran with (None: the base model); decode_many uses it unless told otherwise.
     adapter: str | None = None
+    reused: int = 0  # prompt positions its prefill copied from a kept prefix instead of computing
+
+
+@dataclass
+class KVPrefix:
+    """The keys and values one row of a finished request computed for `tokens` (its prompt and reply), kept
+    so that a later prompt starting with them (the conversation's next turn) prefills only what is new.
+    Valid only for the engine and the adapter that computed them."""
+
+    tokens: tuple[int, ...]
+    keys: torch.Tensor  # [layers, kv_heads, len(tokens), head_dim]
+    values: torch.Tensor
+    adapter: str | None
+    # A weak reference: a kept prefix must not keep a replaced engine (a copy of the weights) alive.
+    owner_ref: object = field(default=None, repr=False, compare=False)
+
+    @property
+    def owner(self) -> Engine | None:
+        return None if self.owner_ref is None else self.owner_ref()
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.keys.numel() * self.keys.element_size()
+
+    def shared(self, prompt_ids: list[int]) -> int:
+        """How many leading tokens of prompt_ids these keys and values are for."""
+        n = 0
+        for a, b in zip(self.tokens, prompt_ids):
+            if a != b:
+                break
+            n += 1
+        return n
 
 
 class AdapterUnsupported(ValueError):
@@ -792,23 +825,51 @@ class Engine:
 
     @torch.inference_mode()
     def prefill(self, prompt_ids: list[int], rows: int, max_total_len: int,
-                adapter: str | None = None) -> tuple[DecodeState, torch.Tensor]:
+                adapter: str | None = None, prefix: KVPrefix | None = None) -> tuple[DecodeState, torch.Tensor]:
         """Run the prompt once and give each of `rows` sequences its cache.
 
         Returns (state, logits [rows, V] after the prompt's last token); `max_total_len` bounds the
         prompt plus every token decode() will be fed. adapter: the name of a LoRA adapter (add_adapter)
         to run with, None for the base model; the state remembers it for decode_many.
+
+        prefix: keys and values kept from an earlier request (`keep_prefix`) on this engine and adapter;
+        the prompt's tokens it shares are copied, not computed (at least the last prompt token is always
+        computed, for the logits), and `state.reused` says how many. The result matches a prefill of the
+        whole prompt to float rounding (~1e-6 relative), not bit for bit: the kept keys came from other
+        matrix shapes (decode steps, a shorter prompt). A prefix of another engine or adapter is refused.
         """
         (lora,) = self._resolve_adapters([adapter])
         ids = self._check_ids(prompt_ids, "prompt")
         n = len(prompt_ids)
         if max_total_len < n:
             raise ValueError(f"max_total_len {max_total_len} is shorter than the prompt ({n})")
+        start = 0
+        if prefix is not None:
+            if prefix.owner is not self or prefix.adapter != adapter:
+                raise ValueError(f"that prefix was computed by another engine or adapter ({prefix.adapter!r}, "
+                                 f"not {adapter!r})")
+            start = min(prefix.shared(prompt_ids), n - 1)
         state = self.new_state(rows, max_total_len)
-        h = self._forward(ids, lora, state)
+        if start:
+            state.keys[:, :, :, :start] = prefix.keys[:, None, :, :start]
+            state.values[:, :, :, :start] = prefix.values[:, None, :, :start]
+        h = self._forward(ids[start:], lora, state, start=start)
         state.length = n
         state.adapter = adapter
+        state.reused = start
         return state, self._head(h[-1:]).expand(rows, -1).contiguous()
+
+    def keep_prefix(self, state: DecodeState, row: int, tokens: list[int]) -> KVPrefix:
+        """A copy of row `row`'s keys and values for its first len(tokens) positions, which must be filled
+        (tokens: what was fed there, the prompt then the reply), for `prefill(prefix=...)` later."""
+        if state.owner is not self:
+            raise ValueError("that state belongs to another engine")
+        if not 0 <= row < state.rows or not 0 < len(tokens) <= state.length:
+            raise ValueError(f"row {row} of {state.rows}, {len(tokens)} tokens of {state.length} filled")
+        n = len(tokens)
+        return KVPrefix(tokens=tuple(int(t) for t in tokens), keys=state.keys[:, row, :, :n].clone(),
+                        values=state.values[:, row, :, :n].clone(), adapter=state.adapter,
+                        owner_ref=weakref.ref(self))
 
     @torch.inference_mode()
     def score(self, ids: list[int], adapter: str | None = None, start: int = 0) -> torch.Tensor:
@@ -872,14 +933,21 @@ class Engine:
         return tokens
 
     def _forward(self, ids: torch.Tensor, lora: LoraAdapter | None, state: DecodeState | None = None,
-                 positions: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+                 positions: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                 start: int = 0) -> torch.Tensor:
         """The decoder over ids [n] at positions 0..n-1: the last hidden states [n, hidden], before the
         final norm. With a state, each layer's keys and values go into its cache (every row alike).
-        positions and mask (bool [n, n], True: may attend) replace the causal layout (score_branches)."""
+        positions and mask (bool [n, n], True: may attend) replace the causal layout (score_branches).
+        start: ids sit at positions start.. and attend to the state's first `start` positions too (they
+        hold a kept prefix: prefill)."""
         n = len(ids)
         heads, kv_heads, hd = self.heads, self.kv_heads, self.head_dim
         q_size, kv_size = heads * hd, kv_heads * hd
         h = self._embed_rows(ids)  # [n, hidden]
+        if start:
+            positions = torch.arange(start, start + n, device=self.device)
+            # Row j (position start + j) sees every kept position and the new ones up to its own.
+            mask = torch.arange(start + n, device=self.device)[None, :] <= positions[:, None]
         rope = self.rope[:n, None, :] if positions is None else self.rope[positions][:, None, :]
         groups = [(lora, slice(None))]
         nqkv, hidden, inter = q_size + 2 * kv_size, self.hidden, self.intermediate
@@ -893,8 +961,10 @@ class Engine:
             k = qk[:, heads:].transpose(0, 1)  # [kv_heads, n, hd]
             v = qkv[:, q_size + kv_size:].reshape(n, kv_heads, hd).transpose(0, 1)
             if state is not None:
-                state.keys[i, :, :, :n] = k
-                state.values[i, :, :, :n] = v
+                state.keys[i, :, :, start:start + n] = k
+                state.values[i, :, :, start:start + n] = v
+            if start:  # attend over the kept prefix and the new positions (every row's cache is alike)
+                k, v = state.keys[i, 0, :, :start + n], state.values[i, 0, :, :start + n]
             a = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, is_causal=mask is None,
                                                scale=1.0, enable_gqa=heads != kv_heads)  # the scale is in the q weights
             a = a[0].transpose(0, 1).reshape(n, q_size)
