@@ -79,12 +79,33 @@ static inline const void* lora_mat(const Lora* a, int64_t layer, int64_t slot, i
     return a->mats[(layer * LORA_MATS + slot) * 2 + which];
 }
 
-// t_r = A_r x_r for every row with an adapter on this matrix, times its segment's scale. Every thread
-// computes all rows into its own t (rank-sized work, ~3% of the matrix's): cheaper than a barrier, as for
-// rms_norm_rows. Eight of t's entries at a time, their dots summed by reduce8 (defined below).
-static inline void reduce8(const __m512 a[8], float out[8]);
-static inline __m512 lora_load(const Lora* a, const void* m, int64_t offset, int64_t n);
+// sum of a[j] * b[j] for j < n: LANES at a time, the tail masked (the same order for any row).
+static inline float dot(const float* a, const float* b, int64_t n) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t j = 0; j < n; j += LANES) {
+        const __mmask16 m = n - j >= LANES ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - j)) - 1);
+        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + j), _mm512_maskz_loadu_ps(m, b + j), acc);
+    }
+    return _mm512_reduce_add_ps(acc);
+}
 
+// dot() with a in bfloat16: a bfloat16 is the top half of a float32, so widening is a 16-bit shift.
+static inline float dot_bf16(const uint16_t* a, const float* b, int64_t n) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t j = 0; j < n; j += LANES) {
+        const __mmask16 m = n - j >= LANES ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - j)) - 1);
+        const __m512i wide = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, a + j)), 16);
+        acc = _mm512_fmadd_ps(_mm512_castsi512_ps(wide), _mm512_maskz_loadu_ps(m, b + j), acc);
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+
+static inline float lora_dot(const Lora* a, const void* m, int64_t offset, const float* b, int64_t n) {
+    return a->bf16 ? dot_bf16((const uint16_t*)m + offset, b, n) : dot((const float*)m + offset, b, n);
+}
+
+// t_r = A_r x_r for every row with an adapter on this matrix. Every thread computes all rows into its
+// own t (rank-sized work, ~3% of the matrix's): cheaper than a barrier, as for rms_norm_rows.
 static void lora_shrink(const Epi* e, const float* X, int64_t K, int64_t R, float* t) {
     if (!e->lora) return;
     for (int64_t r = 0; r < R; r++) {
@@ -92,89 +113,26 @@ static void lora_shrink(const Epi* e, const float* X, int64_t K, int64_t R, floa
         if (!a) continue;
         const void* A = lora_mat(a, e->layer, e->slot, 0);
         if (!A) continue;
-        const float* x = X + r * K;
-        const int64_t n_out = LORA_SEGS[e->slot] * a->rank;
-        for (int64_t j0 = 0; j0 < n_out; j0 += 8) {
-            __m512 acc[8];
-            for (int b = 0; b < 8; b++) acc[b] = _mm512_setzero_ps();
-            for (int64_t k = 0; k < K; k += LANES) {
-                const int64_t n = K - k;
-                const __mmask16 m = n >= LANES ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1);
-                const __m512 xv = _mm512_maskz_loadu_ps(m, x + k);
-                for (int b = 0; b < 8 && j0 + b < n_out; b++)
-                    acc[b] = _mm512_fmadd_ps(lora_load(a, A, (j0 + b) * K + k, n), xv, acc[b]);
-            }
-            float sums[8];
-            reduce8(acc, sums);
-            for (int b = 0; b < 8 && j0 + b < n_out; b++) {
-                const int64_t j = j0 + b;
-                const float scale = e->slot == LORA_QKV && j < a->rank ? a->q_scale : a->scale;
-                t[r * e->t_stride + j] = scale * sums[b];
-            }
+        for (int64_t j = 0; j < LORA_SEGS[e->slot] * a->rank; j++) {
+            const float scale = e->slot == LORA_QKV && j < a->rank ? a->q_scale : a->scale;
+            t[r * e->t_stride + j] = scale * lora_dot(a, A, j * K, X + r * K, K);
         }
     }
 }
 
-// The 8 sums of a[0..7] (each a's 16 lanes added) in one pass of shuffles: ~4x fewer instructions than 8
-// _mm512_reduce_add_ps. The order of the additions is fixed, so every row's sums are the same whatever
-// its neighbours.
-static inline void reduce8(const __m512 a[NB], float out[NB]) {
-    // Interleave pairs and add: each 128-bit lane of s_i holds partial sums of two of the vectors.
-    const __m512 s0 = _mm512_add_ps(_mm512_unpacklo_ps(a[0], a[1]), _mm512_unpackhi_ps(a[0], a[1]));
-    const __m512 s1 = _mm512_add_ps(_mm512_unpacklo_ps(a[2], a[3]), _mm512_unpackhi_ps(a[2], a[3]));
-    const __m512 s2 = _mm512_add_ps(_mm512_unpacklo_ps(a[4], a[5]), _mm512_unpackhi_ps(a[4], a[5]));
-    const __m512 s3 = _mm512_add_ps(_mm512_unpacklo_ps(a[6], a[7]), _mm512_unpackhi_ps(a[6], a[7]));
-    // Each 128-bit lane of u0 (u1) now holds one partial sum of each of vectors 0-3 (4-7), in order.
-    const __m512 u0 = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(s0), _mm512_castps_pd(s1))),
-                                    _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(s0), _mm512_castps_pd(s1))));
-    const __m512 u1 = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(s2), _mm512_castps_pd(s3))),
-                                    _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(s2), _mm512_castps_pd(s3))));
-    // Add the four 128-bit lanes: lanes (0, 2) + (1, 3) of both, then the two halves.
-    const __m512 w = _mm512_add_ps(_mm512_shuffle_f32x4(u0, u1, _MM_SHUFFLE(2, 0, 2, 0)),
-                                   _mm512_shuffle_f32x4(u0, u1, _MM_SHUFFLE(3, 1, 3, 1)));
-    // w's lanes: [0-3 (l0+l1), 0-3 (l2+l3), 4-7 (l0+l1), 4-7 (l2+l3)].
-    const __m512 x = _mm512_add_ps(w, _mm512_shuffle_f32x4(w, w, _MM_SHUFFLE(2, 3, 0, 1)));
-    // x's lanes 0 and 2 hold the sums of vectors 0-3 and 4-7.
-    _mm_storeu_ps(out, _mm512_castps512_ps128(x));
-    _mm_storeu_ps(out + 4, _mm512_extractf32x4_ps(x, 2));
-}
-
-// 16 values of a LoRA matrix (float32, or bfloat16 widened: a bfloat16 is the top half of a float32) from
-// `offset`, the lanes past n zero.
-static inline __m512 lora_load(const Lora* a, const void* m, int64_t offset, int64_t n) {
-    const __mmask16 k = n >= LANES ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1);
-    if (a->bf16) {
-        const __m256i raw = _mm256_maskz_loadu_epi16(k, (const uint16_t*)m + offset);
-        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-    }
-    return _mm512_maskz_loadu_ps(k, (const float*)m + offset);
-}
-
-// v[b] += B[n0 + b] . t_r (the part of t_r of row n0 + b's module), for the block's 8 rows at once: the
-// products go through reduce8 (one shuffle pass for the 8 dots, not a reduction each).
+// v[b] += B[n0 + b] . t_r (the part of t_r of row n0 + b's module).
 static inline void lora_expand(const Epi* e, int64_t r, int64_t n0, float* v) {
     const Lora* a = e->lora[r];
     const void* B = lora_mat(a, e->layer, e->slot, 1);
     if (!B) return;
     const int64_t rank = a->rank;
     const float* t = e->t + r * e->t_stride;
-    __m512 p[NB];
-    for (int b = 0; b < NB; b++) {
-        p[b] = _mm512_setzero_ps();
-        if (n0 + b >= e->N) continue;
+    for (int64_t b = 0; b < NB && n0 + b < e->N; b++) {
         int64_t seg = 0;
         if (e->mode == EPI_QKV) seg = n0 < e->nq ? 0 : n0 < e->nq + e->nk ? 1 : 2;  // blocks never straddle
         else if (e->mode == EPI_SWIGLU) seg = b < NB / 2 ? 0 : 1;  // 4 gate rows, then 4 up rows
-        const float* ts = t + seg * rank;
-        for (int64_t j = 0; j < rank; j += LANES) {
-            const int64_t n = rank - j;
-            const __mmask16 k = n >= LANES ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1);
-            p[b] = _mm512_fmadd_ps(lora_load(a, B, (n0 + b) * rank + j, n), _mm512_maskz_loadu_ps(k, ts + j), p[b]);
-        }
+        v[b] += lora_dot(a, B, (n0 + b) * rank, t + seg * rank, rank);
     }
-    float sums[NB];
-    reduce8(p, sums);
-    for (int b = 0; b < NB && n0 + b < e->N; b++) v[b] += sums[b];
 }
 
 // exp(x) for 16 floats: Cephes' expf polynomial (within 2 ulp of expf), 2^n applied by scalef.
@@ -284,8 +242,7 @@ static void gemv_block(const float* restrict wb, const float* restrict X, int64_
                 a1[b] = _mm512_fmadd_ps(wv, xv1, a1[b]);
             }
         }
-        reduce8(a0, v0);
-        reduce8(a1, v1);
+        for (int b = 0; b < NB; b++) { v0[b] = _mm512_reduce_add_ps(a0[b]); v1[b] = _mm512_reduce_add_ps(a1[b]); }
         epilogue(e, r, n0, v0);
         epilogue(e, r + 1, n0, v1);
     }
@@ -298,7 +255,7 @@ static void gemv_block(const float* restrict wb, const float* restrict X, int64_
             __m512 xv0 = _mm512_loadu_ps(x0 + kc * LANES);
             for (int b = 0; b < NB; b++) a0[b] = _mm512_fmadd_ps(_mm512_load_ps(w + b * LANES), xv0, a0[b]);
         }
-        reduce8(a0, v0);
+        for (int b = 0; b < NB; b++) v0[b] = _mm512_reduce_add_ps(a0[b]);
         epilogue(e, r, n0, v0);
     }
 }
