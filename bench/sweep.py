@@ -1,6 +1,6 @@
 """The label-efficiency sweep: which settings make a label teach most, on several tastes.
 
-    python -m bench.sweep --golds concise keyword format --out bench/sweep_results.jsonl
+    python -m bench.sweep --golds concise keyword:word=here format --out bench/sweep_results.jsonl
     python -m bench.sweep --report bench/sweep_results.jsonl        # the table and the chosen setting, again
 
 Each setting is bench.loop's on-policy arm with one change from the base (a one-at-a-time screen: the
@@ -45,7 +45,10 @@ SETTINGS: dict[str, list[str]] = {
     "pairs_least_separated": ["--pair-rule", "least_separated"],
     "pairs_most_different": ["--pair-rule", "most_different"],
 }
-DEFAULT_GOLDS = ("concise", "keyword", "format")
+# keyword's own default word ("banana") is in 2 of the bundled model's 256 held-out v0 replies, and every
+# one of 128 training pairs tied on it, so no round ever trained (measured). "here" is in 61 of the 256
+# (bench/sweep_results.v0-cache), so about a third of pairs differ on it.
+DEFAULT_GOLDS = ("concise", "keyword:word=here", "format")
 MAX_KL = 5.0  # nats: a taste learned by drifting far from the base model is not the win we want
 DEFAULT_ROUNDS = 2  # 2 x 64 labels: the goal is significance within 128 labels
 DEFAULT_LABELS_PER_ROUND = 64
