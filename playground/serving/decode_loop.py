@@ -393,7 +393,9 @@ class DecodeLoop:
         # adapter share one prefill; a pair on two versions runs the prompt once per version.
         request.states, logits = [], []
         for adapter, rows in _runs([a for a, _ in request.row_adapters]):
-            prefix = self.prefixes.find(request.engine, adapter, request.prompt_ids) if self.prefixes.max_bytes else None
+            prefix = None
+            if self.prefixes.max_bytes:
+                prefix = self.prefixes.find(request.engine, adapter, request.prompt_ids)
             state, first = request.engine.prefill(request.prompt_ids, rows, max_total, adapter=adapter, prefix=prefix)
             if state.reused:
                 self.prefixes.hits += 1
