@@ -498,3 +498,37 @@ def test_the_prefix_cache_keeps_to_its_budget_and_can_be_off(tiny_loaded):
         small.close()
     with pytest.raises(ValueError, match="prefix_cache_mb"):
         DecodeLoop(prefix_cache_mb=-1)
+
+
+def test_prefix_cache_evicts_least_recently_used_and_forgets_freed_engines():
+    import gc
+    import weakref
+
+    from playground.serving.decode_loop import MIN_PREFIX_TOKENS, PrefixCache
+    from playground.serving.engine import KVPrefix
+
+    class Owner:  # stands in for an engine: only its identity and lifetime matter here
+        pass
+
+    def kept(owner, tokens):
+        kv = torch.zeros(1, 1, len(tokens), 4)  # 16 bytes a token, keys and values: 32 a token
+        return KVPrefix(tuple(tokens), kv, kv.clone(), None, owner_ref=weakref.ref(owner))
+
+    engine, other = Owner(), Owner()
+    n = MIN_PREFIX_TOKENS + 4
+    a, b = list(range(n)), list(range(100, 100 + n))
+    cache = PrefixCache(max_bytes=2 * 32 * n)  # room for two
+    cache.add(kept(engine, a), prompt_len=2)
+    cache.add(kept(engine, b), prompt_len=2)
+    assert cache.find(engine, None, a + [1]) is not None  # a is used: b is now the oldest
+    assert cache.find(other, None, a + [1]) is None  # another engine's keys never match
+    assert cache.find(engine, "v1", a + [1]) is None  # nor another adapter's
+    assert cache.find(engine, None, a[:2] + [7] * n) is None  # shares only the old prompt: not a continuation
+    cache.add(kept(engine, list(range(200, 200 + n))), prompt_len=2)
+    assert len(cache) == 2 and cache.bytes <= cache.max_bytes
+    assert cache.find(engine, None, b + [1]) is None and cache.find(engine, None, a + [1]) is not None
+    cache.add(kept(other, list(range(300, 300 + n))), prompt_len=2)
+    del other
+    gc.collect()
+    cache.find(engine, None, [0])  # a lookup drops the entries of engines that are gone
+    assert len(cache) == 1 and all(prefix.owner is engine for prefix, _ in cache._entries.values())
