@@ -45,9 +45,8 @@ def round_adapter_to_bf16(model) -> int:
     """Round every LoRA A and B of a PEFT model to the nearest bfloat16 value, in place (the tensors keep
     their dtype). A round's adapter is rounded once, after its last step and before anything scores it:
     the serving engine then keeps it as bfloat16 exactly (half the memory of float32, for every version
-    resident), and what the round's own
-    evaluation, the store's log-probs and the engine compute are all the same adapter. The rounding moves
-    each value by at most 2^-9 of itself. Returns the number of values rounded."""
+    resident), and the round's own evaluation, the store's log-probs and the engine all see the same
+    adapter. The rounding moves each value by at most 2^-9 of itself. Returns the number of values rounded."""
     count = 0
     for name, param in model.named_parameters():
         if "lora_A" in name or "lora_B" in name:

@@ -436,10 +436,11 @@ class DecodeLoop:
             reply.add(int(next_tokens[i]), picked[i], elapsed, request.stop_ids, last=request.step + 1 == max_new)
             reply.text = self._text(request, i, reply)
         request.step += 1
-        if all(r.done for r in request.replies) and not request.cancelled and self.prefixes.max_bytes:
+        finished = all(r.done for r in request.replies)
+        if finished and not request.cancelled and self.prefixes.max_bytes:
             self._keep_prefixes(request)
         with self._cv:
-            request.done = all(r.done for r in request.replies)
+            request.done = finished
             request.snapshot = [replace(r, token_ids=list(r.token_ids)) for r in request.replies]
             request.version += 1
             if request.done:

@@ -678,12 +678,10 @@ class Engine:
             raise ValueError("a state dict needs its LoraConfig (read_adapter(folder) returns both)")
         rank, scaling, targets = _check_lora_config(config)
         found = self._lora_tensors(lora, rank, targets)
-        mats = [self._lora_layer(found, i, rank) for i in range(len(self.layers))]
         storage = self.dtype
         if self.dtype in (torch.float32, torch.bfloat16) and _bf16_exact(found):
             storage = torch.bfloat16
-        mats = [[None if pair is None else tuple(t.to(storage).contiguous() for t in pair) for pair in layer]
-                for layer in mats]
+        mats = [self._lora_layer(found, i, rank, storage) for i in range(len(self.layers))]
         adapter = LoraAdapter(name=name, rank=rank, scaling=float(scaling),
                               q_scale=float(scaling) * self.head_dim**-0.5, targets=targets, mats=mats)
         if self._lib is not None:
@@ -737,9 +735,9 @@ class Engine:
                 raise ValueError(f"adapter has lora_{'A' if 'A' not in pair else 'B'} missing for {where}")
         return {where: (pair["A"], pair["B"]) for where, pair in halves.items()}
 
-    def _lora_layer(self, found: dict, i: int, rank: int) -> list:
-        """Layer i's (A, B) per fused matrix in the engine's row order (float32, unscaled), or None where
-        nothing is targeted."""
+    def _lora_layer(self, found: dict, i: int, rank: int, dtype: torch.dtype) -> list:
+        """Layer i's (A, B) per fused matrix in the engine's row order (unscaled, stored as dtype), or None
+        where nothing is targeted."""
         hd = self.head_dim
         perm_q = _rope_permutation(self.heads, hd).to(self.device)
         perm_k = _rope_permutation(self.kv_heads, hd).to(self.device)
@@ -767,7 +765,7 @@ class Engine:
                 B = _interleave_gate_up(*b_parts)
             else:
                 B = torch.cat(b_parts)
-            mats.append((torch.cat(a_parts), B))
+            mats.append((torch.cat(a_parts).to(dtype).contiguous(), B.to(dtype).contiguous()))
         return mats
 
     def _resolve_adapters(self, names: list[str | None]) -> list[LoraAdapter | None]:
