@@ -249,22 +249,38 @@ class Evaluation:
             kls[index] = OwnDistribution(own, workspace).kl_to(bench.base.branch_logits(prompt, [tokens])[0])
 
         cache = self.v0_cache_path(seed_base) if target is bench.base else None
-        if cache is not None and cache.exists():
-            texts, n_tokens = (json.loads(cache.read_text())[k] for k in ("texts", "n_tokens"))
+        cached = self.read_v0_cache(cache) if cache is not None else None
+        if cached is not None:
+            texts, n_tokens = cached
         else:
             seeds = [[sample_seed(seed_base, i, 0)] for i in range(len(self.texts))]
             replies = [group[0].reply for group in bench.sample(target, self.prompt_ids, seeds, kl)]
             texts, n_tokens = [r.text for r in replies], [r.n_tokens for r in replies]
             if cache is not None:
                 cache.parent.mkdir(parents=True, exist_ok=True)
-                tmp = cache.with_suffix(f".{os.getpid()}.tmp")
-                tmp.write_text(json.dumps({"texts": texts, "n_tokens": n_tokens}))
-                os.replace(tmp, cache)
+                write_whole(cache, json.dumps({"texts": texts, "n_tokens": n_tokens}))
         return {"scores": [bench.gold.score(user(p), t) for p, t in zip(self.texts, texts)],
                 "proxy": [bench.annotator.score(user(p), t) for p, t in zip(self.texts, texts)],
                 "texts": texts, "kl": sum(kls) / len(kls),
                 "mean_tokens": sum(n_tokens) / len(n_tokens),
                 "distinct_2": distinct_n(texts, 2)}
+
+    def read_v0_cache(self, path: Path) -> tuple[list, list] | None:
+        """(texts, token counts) from a --v0-cache file; None when there is none, or it is unreadable or not
+        one reply per prompt (a copy cut off, edited by hand): those replies are sampled again."""
+        if not path.exists():
+            return None
+        try:
+            saved = json.loads(path.read_text())
+            texts, n_tokens = saved["texts"], saved["n_tokens"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            print(f"warning: {path} is unreadable ({exc}); sampling v0's replies again", file=sys.stderr)
+            return None
+        if not (len(texts) == len(n_tokens) == len(self.texts)):
+            print(f"warning: {path} has {len(texts)} replies for {len(self.texts)} prompts; sampling them again",
+                  file=sys.stderr)
+            return None
+        return texts, n_tokens
 
     def v0_cache_path(self, seed_base: int) -> Path | None:
         """Where --v0-cache keeps v0's replies for these prompts and seeds: named by everything they depend
@@ -285,6 +301,15 @@ class Evaluation:
                "max_new_tokens": settings.max_new_tokens}
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
         return Path(folder) / f"v0-{digest}.json"
+
+
+def write_whole(path: Path, text: str) -> None:
+    """Write text to path through a temporary file and a rename: a reader (or a run cut off) sees the old
+    file or the new one, never half of one. The temporary name holds the process id, so two runs writing
+    the same shared file (--v0-cache) do not write into each other's."""
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def compare(new: dict, old: dict, seed: int) -> dict:
@@ -436,11 +461,8 @@ class LoopBench(Bench):
 
     def save(self, summary: dict | None = None) -> None:
         """WORKDIR/bench-loop.json: the settings and the lines so far (written whole each time, then renamed)."""
-        path = self.work / RUN_FILE
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"args": vars(self.args), "model_id": self.loaded.model_id,
-                                   "lines": self.lines, "summary": summary}, indent=1))
-        os.replace(tmp, path)
+        write_whole(self.work / RUN_FILE, json.dumps({"args": vars(self.args), "model_id": self.loaded.model_id,
+                                                     "lines": self.lines, "summary": summary}, indent=1))
 
     def run(self) -> list[dict]:
         eval_seed = self.args.seed + 1000  # the same seed per prompt every round: differences are the policy's

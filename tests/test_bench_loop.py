@@ -195,6 +195,14 @@ def test_v0_cache_is_written_then_read_and_keyed_by_the_sampling(tiny_model_dir,
     assert second.returncode == 0, second.stderr[-2000:]
     assert json_lines(second)[0]["round"] == 0 and json_lines(second)[0]["mean_tokens"] == 3
     assert json_lines(first)[0]["mean_tokens"] != 3
+    # A cache file cut off or edited by hand is sampled again (and rewritten), not a crash.
+    files[0].write_text('{"texts": ["cut off')
+    files[1].write_text(json.dumps({"texts": ["x"], "n_tokens": [1]}))
+    third = bench_loop(*common, "--workdir", str(tmp_path / "b2"))
+    assert third.returncode == 0, third.stderr[-2000:]
+    assert third.stderr.count("sampling") == 2 and json_lines(third)[0] == {**json_lines(first)[0],
+                                                                            "seconds": json_lines(third)[0]["seconds"]}
+    assert all(len(json.loads(f.read_text())["texts"]) == EVAL_PROMPTS for f in files)
     # Other sampling settings are another key: new files, nothing read from the marked ones.
     other = bench_loop(*[a if a != "8" else "6" for a in common], "--workdir", str(tmp_path / "c"))
     assert other.returncode == 0, other.stderr[-2000:]
