@@ -3,8 +3,9 @@
 Every `train_every` minutes APScheduler calls `check()`, and each saved judgment moves that check to
 now (`nudge()`): when at least `min_new_pairs` new training pairs exist and no round is running, it
 records a round and starts `python -m trainers.run` as a subprocess. A watcher thread waits for it;
-when the round succeeded, the new adapter is verified, made resident in the base model's engine (or
-merged into a copy where the engine cannot apply it: `adapters.version_snapshot`) and made live
+when the round succeeded, the new adapter is verified, made resident in the base model's engine (for a
+model the engine does not run, on the PEFT host; merged into a copy where neither applies:
+`adapters.version_snapshot`) and made live
 (`PolicyHolder.set_live`), which new requests pick up while generations already streaming finish on
 the version they started with. `on_live` (the evaluator) hears of each version that goes live. Rollback is the
 same swap to an older version, recorded as such. A round killed mid-way leaves the live version

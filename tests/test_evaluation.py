@@ -223,14 +223,21 @@ def test_the_fast_kl_is_the_float64_kl(vocab):
         own.kl_to(b[:-1])
 
 
+@pytest.mark.parametrize("served", ["merged", "hosted"])
 def test_models_the_engine_does_not_run_are_evaluated_through_the_hf_forward(world, probe_file, embedder,
-                                                                             tiny_loaded, monkeypatch):
+                                                                             tiny_loaded, monkeypatch, served):
     store, _, _ = world
     engine_rows = samples_of(store, make_evaluator(world, probe_file, embedder).evaluate("v0"))
     from playground.evaluation import targets
+    from playground.serving import generation
+    from playground.serving.peft_host import HostedVersion
 
     monkeypatch.setattr(targets, "engine_for", lambda model: None)
-    policy = PolicyHolder(tiny_loaded)  # versions merged into copies, as served without the engine
+    monkeypatch.setattr(generation, "engine_for", lambda model: None)
+    # merged: versions merged into copies, as served without a decode loop; hosted: adapters on the PEFT
+    # host, as the app serves a model the engine does not support.
+    policy = PolicyHolder(tiny_loaded, per_row_adapters=served == "hosted")
+    assert isinstance(targets.resolve(policy, store, "v1").model, HostedVersion) == (served == "hosted")
     evaluator = make_evaluator((store, policy, None), probe_file, embedder)
     hf_rows = {v: evaluator.evaluate(v) for v in ("v0", "v1")}
     assert {r["status"] for r in hf_rows.values()} == {"succeeded"}

@@ -2,7 +2,8 @@
 
 A version resolves to what the chat serves it with: v0 is `policy.base`, the live version is
 `policy.snapshot()`, any other is loaded from its adapter folder as the loop loads one
-(`adapters.version_snapshot`: resident in the base model's engine where it can be, else a merged copy).
+(`adapters.version_snapshot`: resident in the base model's engine where it can be, on the PEFT host for a
+model the engine does not run, else a merged copy).
 """
 
 from __future__ import annotations

@@ -127,6 +127,7 @@ def merged_model(base_model, folder: Path):
 
 @torch.inference_mode()
 def probe_finite(model) -> None:
+    """Raise AdapterError unless `model` (a causal LM, or a hosted version) gives finite logits on a probe."""
     device = next(model.parameters()).device
     ids = torch.arange(1, 9, device=device)[None, :] % model.config.vocab_size
     logits = model(input_ids=ids).logits
@@ -181,15 +182,47 @@ def resident_snapshot(policy, version: str, folder: Path, manifest: dict):
     return PolicySnapshot(version, base.model, base.tokenizer, policy.model_id, adapter=name, lora=lora)
 
 
+def hosted_snapshot(policy, version: str, folder: Path, manifest: dict):
+    """A verified version as an adapter on the policy's PEFT host (playground/serving/peft_host.py), for a
+    base model the engine does not support: one copy of the base weights for every version, as on the
+    engine. None where the host is not used (`policy.per_row_adapters` off, or the engine supports the
+    model: then `resident_snapshot` serves it, or a merged copy with its engine, which decodes faster than
+    PEFT). Raises AdapterError for an adapter that does not load or gives non-finite logits; nothing of
+    it stays on the host, and the versions already there are untouched."""
+    from playground.serving.generation import engine_for
+    from playground.serving.peft_host import HostError
+    from playground.serving.policy import PolicySnapshot
+
+    base = policy.base
+    if not policy.per_row_adapters or engine_for(base.model) is not None:
+        return None
+    host = policy.peft_host()
+    name = f"{version}_{manifest['files']['adapter_model.safetensors'][:16]}"
+    try:
+        host.add(name, folder)
+    except HostError as exc:
+        raise AdapterError(str(exc)) from exc
+    hosted = host.version(name)
+    try:
+        probe_finite(hosted)
+    except AdapterError:
+        host.remove(name)
+        raise
+    return PolicySnapshot(version, hosted, base.tokenizer, policy.model_id)
+
+
 def version_snapshot(policy, version: str, folder: Path):
     """A published version, verified, as `TrainingLoop` serves it: resident in the base engine where it
-    can be, else a merged copy of the weights (with its engine built). Raises AdapterError."""
+    can be; for a model the engine does not support, an adapter on the PEFT host; else a merged copy of
+    the weights (with its engine built). Raises AdapterError."""
     from playground.serving.generation import engine_for
     from playground.serving.policy import PolicySnapshot
 
     folder = Path(folder)
     manifest = check_files(folder, policy.model_id)
     snapshot = resident_snapshot(policy, version, folder, manifest)
+    if snapshot is None:
+        snapshot = hosted_snapshot(policy, version, folder, manifest)
     if snapshot is None:
         model = merged_model(policy.base.model, folder)
         engine_for(model)

@@ -11,7 +11,7 @@ own positions (`Engine.decode_many`), so a request's tokens are those it would g
 Each row samples with its own `torch.Generator` seeded from the stored seed, as `sample_pair` does, and
 with the same code (`generation.sample_rows`), so a stored seed reproduces its reply whichever way it
 was decoded. Models the engine does not support are decoded by `sample_pair` on the caller's thread,
-as before.
+as before (their versions on the PEFT host: playground/serving/peft_host.py).
 
 Limits: at most `max_batch_rows` rows decode at once (`--max-batch-rows`); past that requests wait and
 their readers learn how many requests are ahead of them; past `max_waiting` waiting requests a new one

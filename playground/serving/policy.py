@@ -24,7 +24,10 @@ def version_order(name: str) -> tuple:
 @dataclass(frozen=True)
 class PolicySnapshot:
     version: str
-    model: object  # what to decode: the base model when `adapter` is set, else this version's own model
+    # What to decode: the base model when `adapter` is set; else this version's own model: a merged copy, or
+    # a `peft_host.HostedVersion` (its adapter on one shared copy of the weights, for models the engine
+    # does not support).
+    model: object
     tokenizer: object
     model_id: str
     # The version's LoRA, resident in the base model's decode engine under this name and applied per row
@@ -42,8 +45,9 @@ class PolicySnapshot:
 class PolicyHolder:
     def __init__(self, loaded: LoadedModel, per_row_adapters: bool = False):
         self.loaded = loaded
-        # Serve versions as adapters on the base model's engine (only where a decode loop decodes them):
-        # the composition root turns this on; otherwise each version is a merged copy of the weights.
+        # Serve versions as adapters on the base model's weights (only where a decode loop decodes them): on
+        # its engine, or on a PEFT host for a model the engine does not support. The composition root turns
+        # this on; otherwise each version is a merged copy of the weights.
         self.per_row_adapters = per_row_adapters
         self._lock = threading.Lock()
         self.base = PolicySnapshot(BASE_VERSION, loaded.model, loaded.tokenizer, loaded.model_id)
@@ -52,6 +56,17 @@ class PolicyHolder:
         # start that is served as an adapter on the base engine): a blind arena turn decodes one of these
         # beside the live version.
         self._resident: dict[str, PolicySnapshot] = {BASE_VERSION: self.base}
+        self._peft_host = None  # versions of a model the engine does not support (`peft_host`)
+
+    def peft_host(self):
+        """The PEFT host for this base model's versions, made on first use (never for a model the engine
+        serves): every version an adapter on one shared copy of the weights (playground/serving/peft_host.py)."""
+        from playground.serving.peft_host import PeftHost
+
+        with self._lock:
+            if self._peft_host is None:
+                self._peft_host = PeftHost(self.loaded.model)
+            return self._peft_host
 
     @property
     def model_id(self) -> str:
