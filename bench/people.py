@@ -14,6 +14,11 @@ Prints one JSON object: `one_person_tokens_per_s`, `people_tokens_per_s`, `e2e_p
 ratio; with the default 4 people it is also printed as `e2e_4_people_vs_1`), `people`, `messages`,
 `max_new_tokens`, `failed_requests` (any failed request is counted, never retried), and each run's
 tokens and wall time.
+
+Then, with the app stopped, the ceiling the app's ratio is read against: the decode engine alone stepping
+2 x people rows against 2 rows, on the same prompt and steps (`engine_rows_ceiling`: the most sharing one
+decode loop can give on this machine, with no prefill, sampling, web server, or requests starting and
+ending at different times), and `e2e_vs_ceiling`, the app's ratio against it. `--no-ceiling` skips it.
 """
 
 from __future__ import annotations
@@ -67,6 +72,7 @@ def main() -> None:
     p.add_argument("--messages", type=int, default=6, help="messages each person sends (timed)")
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--max-batch-rows", type=int, default=None, help="the app's --max-batch-rows (default: its own)")
+    p.add_argument("--no-ceiling", action="store_true", help="skip the engine-alone ceiling")
     p.add_argument("--prefix-cache-mb", type=float, default=None,
                    help="the app's --prefix-cache-mb (default: its own; 0: every turn prefills its whole history)")
     args = p.parse_args()
@@ -105,10 +111,36 @@ def main() -> None:
         }
         if args.people == 4:
             result["e2e_4_people_vs_1"] = ratio
-        print(json.dumps(result))
     finally:
         app.terminate()
         app.wait(timeout=30)
+    if not args.no_ceiling:
+        ceiling = engine_ceiling(args.model, args.people, args.max_new_tokens)
+        result.update(ceiling)
+        if ratio and ceiling.get("engine_rows_ceiling"):
+            result["e2e_vs_ceiling"] = round(ratio / ceiling["engine_rows_ceiling"], 3)
+    print(json.dumps(result))
+
+
+def engine_ceiling(model_spec: str, people: int, steps: int, repeats: int = 3) -> dict:
+    """The decode engine alone: tokens/s of 2 x people rows in one batch against 2 rows (best of `repeats`
+    each, alternated), on the bundled prompt; {} where the engine does not run the model."""
+    from bench.decode import time_engine_decode
+    from playground.serving.generation import engine_for
+    from playground.serving.models import load_model
+    from playground.serving.prompting import render
+
+    loaded = load_model(model_spec, "cpu")
+    engine = engine_for(loaded.model)
+    if engine is None:
+        return {}
+    prompt_ids = render(loaded.tokenizer, [{"role": "user", "content": PROMPTS[0]}])
+    one, many = [], []
+    for _ in range(repeats):
+        one.append(time_engine_decode(engine, prompt_ids, 2, steps))
+        many.append(time_engine_decode(engine, prompt_ids, 2 * people, steps))
+    return {"engine_pair_tokens_per_s": round(max(one), 1), "engine_people_rows_tokens_per_s": round(max(many), 1),
+            "engine_rows_ceiling": round(max(many) / max(one), 3)}
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@ full grid of 12 knobs would be thousands of runs, each minutes long), run on eve
 is `labels_to_significance`: the labels after which vN's paired gold-mean difference to v0 has its 95%
 interval above zero (bench/loop.py), with the KL to v0 there. A setting qualifies when that KL is at
 most --max-kl (5 nats) on every gold; among those the winner reaches significance on every gold in the
-fewest labels (the worst gold counts: a default must hold for every taste), ties going to the lower sum.
+fewest labels (the worst gold counts: a default must hold for every taste), ties going to the lower sum,
+then to the setting whose worst gold came nearest significance (`final_z`, about a z-score of its final
+gold-mean difference: the only order left when no setting reached significance everywhere).
 A gold where a setting never reaches significance counts as the run's labels plus one round (worse than
 any that did).
 
@@ -149,7 +151,8 @@ def table(rows: list[dict], max_kl: float = MAX_KL) -> dict:
         entry["golds"][row["gold"]] = {"labels_to_significance": row["summary"]["labels_to_significance"],
                                        "score": labels, "kl_to_v0": kl,
                                        "final_gold_mean_diff": row["summary"]["final"]["gold_mean_diff"],
-                                       "final_gold_mean_diff_ci": row["summary"]["final"]["gold_mean_diff_ci"]}
+                                       "final_gold_mean_diff_ci": row["summary"]["final"]["gold_mean_diff_ci"],
+                                       "final_z": evidence(row["summary"]["final"])}
     for entry in settings.values():
         results = [entry["golds"].get(g) for g in golds]
         complete = all(r is not None and not r.get("failed") for r in results)
@@ -157,10 +160,24 @@ def table(rows: list[dict], max_kl: float = MAX_KL) -> dict:
         entry["worst"] = max(r["score"] for r in results) if complete else None
         entry["total"] = sum(r["score"] for r in results) if complete else None
         entry["qualifies"] = complete and all(r["kl_to_v0"] is not None and r["kl_to_v0"] <= max_kl for r in results)
+        entry["min_z"] = min(r["final_z"] for r in results) if complete else None
+    # Fewest labels on the worst gold, then in all; then, where that ties (no setting reaching
+    # significance everywhere ties at "never"), the one whose worst gold came closest to it.
     ranked = sorted((name for name, e in settings.items() if e["qualifies"]),
-                    key=lambda name: (settings[name]["worst"], settings[name]["total"], name))
-    return {"golds": golds, "max_kl": max_kl, "settings": settings, "ranking": ranked,
-            "winner": ranked[0] if ranked else None}
+                    key=lambda name: (settings[name]["worst"], settings[name]["total"], -settings[name]["min_z"], name))
+    winner = ranked[0] if ranked else None
+    return {"golds": golds, "max_kl": max_kl, "settings": settings, "ranking": ranked, "winner": winner,
+            "winner_reached_significance_on_every_gold": bool(winner) and all(
+                settings[winner]["golds"][g]["labels_to_significance"] is not None for g in golds)}
+
+
+def evidence(final: dict) -> float:
+    """How far the final gold-mean difference is from zero in units of its interval's half-width over 1.96:
+    about a z-score, above 1.96 where the interval lies above zero. It ranks settings none of which
+    reached significance by how near each came."""
+    low, high = final["gold_mean_diff_ci"]
+    half = (high - low) / 2
+    return round(final["gold_mean_diff"] / half * 1.96, 3) if half > 0 else 0.0
 
 
 def main(argv=None) -> int:

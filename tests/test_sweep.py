@@ -10,11 +10,11 @@ import pytest
 from bench.sweep import SETTINGS, main, run_flags, table
 
 
-def row(setting, gold, reached, kl, labels=128, rounds=2):
+def row(setting, gold, reached, kl, labels=128, rounds=2, diff=0.1, ci=(0.0, 0.2)):
     return {"setting": setting, "gold": gold, "seed": 0,
             "summary": {"labels": labels, "rounds": rounds,
                         "labels_to_significance": None if reached is None else {"labels": reached, "kl_to_v0": kl},
-                        "final": {"kl_to_v0": kl, "gold_mean_diff": 0.1, "gold_mean_diff_ci": [0.0, 0.2]}}}
+                        "final": {"kl_to_v0": kl, "gold_mean_diff": diff, "gold_mean_diff_ci": list(ci)}}}
 
 
 def test_the_winner_is_best_on_its_worst_gold_within_the_kl_limit():
@@ -30,6 +30,19 @@ def test_the_winner_is_best_on_its_worst_gold_within_the_kl_limit():
     # A failed run never qualifies its setting.
     failed = table(rows[:4] + [{"setting": "fast", "gold": "keyword", "seed": 0, "failed": "boom"}])
     assert failed["winner"] == "base" and not failed["settings"]["fast"]["complete"]
+
+
+def test_when_no_setting_reaches_significance_the_nearest_on_its_worst_gold_wins():
+    rows = [row("base", "concise", None, 1.0, diff=0.02, ci=(-0.02, 0.06)),     # z 0.98
+            row("base", "keyword", None, 0.5, diff=-0.01, ci=(-0.11, 0.09)),    # z -0.196: its worst
+            row("bold", "concise", None, 2.0, diff=0.04, ci=(-0.01, 0.09)),     # z 1.568
+            row("bold", "keyword", None, 1.5, diff=0.05, ci=(-0.05, 0.15))]     # z 0.98: its worst
+    result = table(rows)
+    assert result["settings"]["base"]["min_z"] == pytest.approx(-0.196)
+    assert result["settings"]["bold"]["min_z"] == pytest.approx(0.98)
+    assert result["ranking"] == ["bold", "base"] and result["winner"] == "bold"
+    assert result["winner_reached_significance_on_every_gold"] is False
+    assert table([row("a", "concise", 64, 1.0)])["winner_reached_significance_on_every_gold"] is True
 
 
 def test_each_setting_changes_one_thing_at_the_same_labels():
