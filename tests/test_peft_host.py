@@ -72,6 +72,26 @@ def test_a_batch_mixing_v0_v1_and_v2_rows_matches_each_version_alone(gelu_loaded
 
 
 @torch.inference_mode()
+def test_calls_on_one_version_each_switch_to_that_version(gelu_loaded, versions):
+    """A call whose rows are all one version takes PEFT's plain forward on that adapter: in any order of
+    calls, each gives its version's logits (and v0's are the served model's)."""
+    base = gelu_loaded.model
+    host = PeftHost(base)
+    host.add("v1", versions["v1"])
+    host.add("v2", versions["v2"])
+    ids = torch.tensor([PROMPT] * 2)
+    expected = {BASE_ROW: base(input_ids=ids).logits,
+                **{v: peft_alone(base, versions[v])(input_ids=ids).logits for v in ("v1", "v2")}}
+    for name in ("v2", "v1", "v1", BASE_ROW, "v2", "v1"):
+        torch.testing.assert_close(host.forward([name, name], input_ids=ids).logits, expected[name],
+                                   rtol=1e-5, atol=1e-5)
+    host.remove("v1")  # the active adapter goes: the next call on v2 must still be v2
+    torch.testing.assert_close(host.forward(["v2", "v2"], input_ids=ids).logits, expected["v2"], rtol=1e-5, atol=1e-5)
+    with pytest.raises(KeyError, match="v1"):
+        host.forward(["v1", "v1"], input_ids=ids)
+
+
+@torch.inference_mode()
 def test_the_host_copies_no_weight_and_leaves_the_base_model_as_it_was(gelu_loaded, versions):
     base = gelu_loaded.model
     ids = torch.tensor([PROMPT])
@@ -88,6 +108,10 @@ def test_the_host_copies_no_weight_and_leaves_the_base_model_as_it_was(gelu_load
     # The served base model has no LoRA layer in it and gives v0's logits still.
     assert not any("lora" in n for n, _ in base.named_modules())
     torch.testing.assert_close(base(input_ids=ids).logits, before, rtol=0, atol=0)
+    # Switching the active adapter (one version per call) leaves nothing trainable: no graph is built.
+    for name in ("v1", "v2", BASE_ROW, "v1"):
+        host.forward([name], input_ids=ids)
+    assert not any(p.requires_grad for p in host._peft.parameters())
 
 
 def test_a_hosted_version_samples_what_its_merged_copy_samples(gelu_loaded, versions):

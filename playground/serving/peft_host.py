@@ -12,7 +12,9 @@ model's tensors (`shared_copy`): PEFT swaps LoRA layers into the modules it wrap
 served base model itself would change what v0, the trainers and the evaluation see. No weight is copied.
 
 PEFT applies `adapter_names` through forward hooks it registers on the shared LoRA layers for the length
-of one call, so two calls at once would see each other's hooks: every forward holds the host's lock.
+of one call, so two calls at once would see each other's hooks; a call whose rows are all one version
+uses PEFT's plain forward on that adapter (much faster), which switches the model's active adapter. So
+every forward holds the host's lock, except one whose rows are all v0: that is the served model itself.
 Requests on these models are decoded by `generation.sample_pair` on their callers' threads (the shared
 decode loop needs the engine), so they take turns step by step rather than sharing a step.
 """
@@ -50,6 +52,7 @@ class PeftHost:
         self.base_model = base_model
         self._peft = None  # made with the first adapter (a PeftModel needs one)
         self._names: set[str] = set()
+        self._active: str | None = None  # the PeftModel's active adapter (its plain forward's)
         # Held by every forward and by every change of the adapters (see the module docstring).
         self._lock = threading.RLock()
 
@@ -70,6 +73,7 @@ class PeftHost:
             try:
                 if self._peft is None:
                     self._peft = PeftModel.from_pretrained(shared_copy(self.base_model), str(folder), adapter_name=name)
+                    self._active = name  # from_pretrained makes it the active one
                 else:
                     self._peft.load_adapter(str(folder), adapter_name=name)
                 self._peft.eval()  # PEFT refuses adapter_names in training mode
@@ -90,21 +94,34 @@ class PeftHost:
         if self._peft is None:
             return
         if not self._names:
-            self._peft = None  # nothing else lives on it: let the LoRA layers and the module copy go
+            self._peft = self._active = None  # nothing else lives on it: the LoRA layers and module copy go
             return
         try:
             self._peft.delete_adapter(name)
         except (ValueError, KeyError, AttributeError):
             pass  # it never got as far as being registered
+        # Deleting the active adapter makes PEFT pick another: ask for the one wanted on the next forward.
+        self._active = None
 
     def forward(self, adapter_names: list[str], **kwargs):
         """The model's forward with row i decoded by adapter `adapter_names[i]` (BASE_ROW: none)."""
+        names = set(adapter_names)
+        if names == {BASE_ROW}:  # the served model itself: the same weights, and no LoRA layer to hook
+            return self.base_model(**kwargs)
         with self._lock:
-            unknown = {n for n in adapter_names if n != BASE_ROW} - self._names
+            unknown = names - {BASE_ROW} - self._names
             if unknown:
                 raise KeyError(f"adapters not loaded: {', '.join(sorted(unknown))}")
-            if self._peft is None:  # every row on the base model
-                return self.base_model(**kwargs)
+            if len(names) == 1:
+                # Every row on one version (a pair, an evaluation batch): PEFT's plain forward on that
+                # adapter. The mixed-batch path registers a hook on every LoRA layer and gathers each
+                # version's rows in every one, per call: a pair decoded 0.54x as fast that way (bench).
+                (name,) = names
+                if self._active != name:
+                    self._peft.set_adapter(name)
+                    self._peft.requires_grad_(False)  # set_adapter marks the adapter trainable
+                    self._active = name
+                return self._peft(**kwargs)
             return self._peft(adapter_names=list(adapter_names), **kwargs)
 
     def version(self, name: str) -> HostedVersion:
