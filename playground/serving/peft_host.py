@@ -144,15 +144,9 @@ class HostedVersion:
     def parameters(self):
         return self.host.base_model.parameters()
 
-    @property
-    def device(self):
-        return next(self.host.base_model.parameters()).device
-
     def __call__(self, input_ids: torch.Tensor | None = None, **kwargs):
         rows = input_ids.shape[0] if input_ids is not None else kwargs["inputs_embeds"].shape[0]
         return self.host.forward([self.adapter_name] * rows, input_ids=input_ids, **kwargs)
-
-    forward = __call__
 
     def __repr__(self) -> str:
         return f"HostedVersion({self.adapter_name!r})"
