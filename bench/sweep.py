@@ -14,7 +14,9 @@ gold-mean difference: the only order left when no setting reached significance e
 A gold where a setting never reaches significance counts as the run's labels plus one round (worse than
 any that did).
 
-Every finished run appends one JSON line to --out (the setting, the gold, bench.loop's summary and its
+A setting runs on the current winner's weakest gold first, and once its golds so far already rank it
+below the winner (more golds can only rank it lower: `cannot_win`) the rest of it is skipped; --no-prune
+runs everything. Every finished run appends one JSON line to --out (the setting, the gold, bench.loop's summary and its
 round lines); a rerun skips what --out already has, so a sweep stopped half-way goes on where it was.
 """
 
@@ -73,6 +75,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="results, one JSON line per finished run; runs already there are skipped")
     p.add_argument("--workdir", default=None, help="where each run keeps its store and adapters (default: temp)")
     p.add_argument("--report", metavar="RESULTS", default=None, help="only print the table of a results file")
+    p.add_argument("--no-prune", dest="prune", action="store_false",
+                   help="run every setting on every gold, even one that already ranks below the winner on the "
+                        "golds it has run (by default the rest of such a setting is skipped: it cannot win)")
     p.add_argument("loop_args", nargs=argparse.REMAINDER,
                    help="after --: more bench.loop flags for every run (e.g. -- --model PATH --eval-prompts 32)")
     args = p.parse_args(argv)
@@ -164,14 +169,46 @@ def table(rows: list[dict], max_kl: float = MAX_KL) -> dict:
         entry["total"] = sum(r["score"] for r in results) if complete else None
         entry["qualifies"] = complete and all(r["kl_to_v0"] is not None and r["kl_to_v0"] <= max_kl for r in results)
         entry["min_z"] = min(r["final_z"] for r in results) if complete else None
-    # Fewest labels on the worst gold, then in all; then, where that ties (no setting reaching
-    # significance everywhere ties at "never"), the one whose worst gold came closest to it.
     ranked = sorted((name for name, e in settings.items() if e["qualifies"]),
-                    key=lambda name: (settings[name]["worst"], settings[name]["total"], -settings[name]["min_z"], name))
+                    key=lambda name: rank_key(settings[name]["golds"].values()) + (name,))
     winner = ranked[0] if ranked else None
+    for entry in settings.values():
+        # A setting part-way through its golds that already ranks below the winner can only fall
+        # further with more golds (see cannot_win): the sweep skips the rest of it.
+        entry["cannot_win"] = not entry["complete"] and winner is not None and cannot_win(
+            entry["golds"].values(), settings[winner]["golds"].values(), max_kl)
     return {"golds": golds, "max_kl": max_kl, "settings": settings, "ranking": ranked, "winner": winner,
             "winner_reached_significance_on_every_gold": bool(winner) and all(
                 settings[winner]["golds"][g]["labels_to_significance"] is not None for g in golds)}
+
+
+def rank_key(results) -> tuple[float, float, float]:
+    """The order settings rank in, lowest first: fewest labels on the worst gold, then in all; then, where
+    that ties (no setting reaching significance everywhere ties at "never"), the one whose worst gold
+    came closest to it (highest final_z)."""
+    results = list(results)
+    return (max(r["score"] for r in results), sum(r["score"] for r in results), -min(r["final_z"] for r in results))
+
+
+def cannot_win(partial, leader, max_kl: float = MAX_KL) -> bool:
+    """Whether a setting with results on only some golds can no longer rank above `leader` (a complete
+    setting's results). More golds can only raise the worst labels and the total and lower the worst
+    final_z, so each part of the partial rank_key bounds the complete one from below, and a partial key
+    already above the leader's stays above it. A failed run or a KL over the limit disqualifies at once."""
+    partial = list(partial)
+    if any(r.get("failed") or r["kl_to_v0"] is None or r["kl_to_v0"] > max_kl for r in partial):
+        return True
+    return bool(partial) and rank_key(partial) > rank_key(leader)
+
+
+def gold_order(golds: list[str], rows: list[dict], max_kl: float = MAX_KL) -> list[str]:
+    """The golds in the order to run a setting on: the current winner's weakest first (lowest final_z), so
+    a setting that cannot win shows it on its first run."""
+    current = table(rows, max_kl) if rows else None
+    if not current or current["winner"] is None:
+        return list(golds)
+    leader = current["settings"][current["winner"]]["golds"]
+    return sorted(golds, key=lambda g: (leader[g]["final_z"] if g in leader else float("inf"), golds.index(g)))
 
 
 def evidence(final: dict) -> float:
@@ -193,8 +230,13 @@ def main(argv=None) -> int:
     done = done_runs(out)
     base = Path(args.workdir or tempfile.mkdtemp(prefix="sweep-"))
     for setting in args.settings:
-        for gold in args.golds:
+        for gold in gold_order(args.golds, read_results(out) if out.exists() else [], args.max_kl):
             if (setting, gold, args.seed) in done:
+                continue
+            if args.prune and out.exists() and table(read_results(out), args.max_kl)["settings"].get(
+                    setting, {}).get("cannot_win"):
+                print(json.dumps({"setting": setting, "gold": gold, "skipped": "cannot win: ranks below the "
+                                  "winner on the golds it has run"}), flush=True)
                 continue
             workdir = base / f"{setting}-{gold.replace(':', '_').replace('=', '_')}-s{args.seed}"
             row = run_one(setting, gold, args, workdir)

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from bench.sweep import SETTINGS, main, run_flags, table
+from bench.sweep import SETTINGS, gold_order, main, run_flags, table
 
 
 def row(setting, gold, reached, kl, labels=128, rounds=2, diff=0.1, ci=(0.0, 0.2)):
@@ -85,3 +85,36 @@ def test_a_cut_off_results_line_is_a_clear_message(tmp_path):
     bad.write_text('{"setting": "base"')
     with pytest.raises(SystemExit, match="line 1 is not JSON"):
         main(["--report", str(bad)])
+
+
+def test_a_setting_that_already_ranks_below_the_winner_cannot_win_and_is_run_weakest_gold_first():
+    rows = [row("fast", "concise", 64, 1.0, diff=0.2, ci=(0.1, 0.3)),      # z 3.92
+            row("fast", "keyword", 128, 0.5, diff=0.1, ci=(0.01, 0.19)),   # z 2.178: its weakest
+            row("slow", "keyword", None, 0.5),                            # never: 192 > fast's worst 128
+            row("even", "keyword", 128, 0.5),                             # 128 so far: may still win
+            row("drifty", "keyword", 64, 6.0)]                            # KL 6 > 5: never qualifies
+    result = table(rows)
+    assert result["winner"] == "fast"
+    flags = {name: e["cannot_win"] for name, e in result["settings"].items()}
+    assert flags == {"fast": False, "slow": True, "even": False, "drifty": True}
+    assert gold_order(["concise", "keyword"], rows) == ["keyword", "concise"]
+    assert gold_order(["concise", "keyword"], []) == ["concise", "keyword"]
+    # Where nothing reached significance a setting behind on one gold can still win on the total (by
+    # reaching significance on the others), so it is not skipped.
+    never = [row("base", "concise", None, 1.0), row("base", "keyword", None, 0.5),
+             row("behind", "keyword", None, 0.5, diff=-0.1)]
+    assert table(never)["settings"]["behind"]["cannot_win"] is False
+
+
+def test_the_sweep_skips_the_rest_of_a_setting_that_cannot_win(tmp_path, capsys):
+    out = tmp_path / "results.jsonl"
+    rows = [row("base", "concise", 64, 1.0), row("base", "keyword", 64, 0.5),
+            row("lr_1e-4", "keyword", None, 0.5)]
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # lr_1e-4's concise run would start a real bench.loop (and fail on the missing model): it is skipped.
+    assert main(["--golds", "concise", "keyword", "--settings", "base", "lr_1e-4", "--out", str(out),
+                 "--", "--model", str(tmp_path / "no-such-model")]) == 0
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert printed[0] == {"setting": "lr_1e-4", "gold": "concise",
+                          "skipped": "cannot win: ranks below the winner on the golds it has run"}
+    assert len(out.read_text().splitlines()) == 3 and printed[-1]["winner"] == "base"
