@@ -32,10 +32,12 @@ one summary object ({"summary": true, ...}) with the headline number, `labels_to
 labels after which the gold_mean_diff interval first lies above zero, with the KL to v0 there (null if
 never). The runs' settings and lines are kept in WORKDIR/bench-loop.json, which --head-to-head reads.
 
-Which pair the annotator judges: `--pair-rule random` (two samples, the plain loop), `least_separated` or
-`most_different` (each training prompt gets --candidates samples and the rule picks two: the pair the live
-version's implicit reward separates least, or the two sharing the fewest words; playground/metrics/
-pair_choice.py). Every line names its rule.
+Which pair the annotator judges: `--pair-rule random` (two samples, the plain loop), `least_separated`,
+`most_different` or `least_tie` (each training prompt gets --candidates samples and the rule picks two: the
+pair the live version's implicit reward separates least, the two sharing the fewest words, or the two a
+tie model fit on the annotator's votes so far rates least likely to tie; playground/metrics/
+pair_choice.py). Every line names its rule; under `least_tie` each round also names the features the
+tie model found most telling (`round_tie_model_top`).
 
 A gold that gives every one of v0's held-out replies the same score is refused before any label is
 given: its annotator would tie every pair (playground/sim/annotator.py), leaving nothing to learn.
@@ -113,7 +115,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pair-rule", choices=PAIR_RULES, default="random",
                    help="which two of --candidates sampled replies the annotator judges (playground/metrics/"
                         "pair_choice.py): random, least_separated (closest implicit rewards under the live "
-                        "version) or most_different (fewest shared words) (default: %(default)s)")
+                        "version), most_different (fewest shared words) or least_tie (least likely to tie, "
+                        "by a tie model fit on the votes so far) (default: %(default)s)")
     p.add_argument("--candidates", type=int, default=DEFAULT_CANDIDATES,
                    help="replies sampled per training prompt when --pair-rule is not random (default: %(default)s)")
     p.add_argument("--workdir", default=None, help="keep the store and adapters here (default: a temp folder)")
@@ -345,6 +348,8 @@ class LoopBench(Bench):
         self.evaluation = Evaluation(self, eval_texts)
         self.rng = random.Random(args.seed + 1)
         self.labels = 0
+        self.judged: list[tuple[str, str, bool]] = []  # (reply a, reply b, tied) of every vote so far
+        self.tie_model = None  # least_tie's model when the last pairs were chosen
         self.version = "v0"
         self.lines: list[dict] = []
 
@@ -353,9 +358,10 @@ class LoopBench(Bench):
     def sample_pairs(self, target, count: int, seed: int) -> list[tuple[str, str, str]]:
         """`count` training prompts, each with the pair --pair-rule picks among its sampled replies."""
         from playground.evaluation.evaluator import sample_seed
-        from playground.metrics.pair_choice import choose_pair
+        from playground.metrics.pair_choice import TieModel, choose_pair
 
         rule = self.args.pair_rule
+        tie_model = self.tie_model = TieModel.fit(self.judged) if rule == "least_tie" else None
         k = 2 if rule == "random" else self.args.candidates
         texts = [self.rng.choice(self.train_prompts) for _ in range(count)]
         prompt_ids = [self.render(t) for t in texts]
@@ -367,9 +373,16 @@ class LoopBench(Bench):
             rewards = None
             if rule == "least_separated":
                 rewards = self.implicit_rewards(target, ids, [r.token_ids for r in replies])
-            i, j = choose_pair(rule, [r.text for r in replies], rewards)
+            i, j = choose_pair(rule, [r.text for r in replies], rewards, tie_model)
             pairs.append((text, replies[i].text, replies[j].text))
         return pairs
+
+    def tie_model_top(self, count: int = 5) -> list[str] | None:
+        """The features the tie model that chose this round's pairs weighs most toward "judged" (None:
+        no model yet, the first two candidates were shown)."""
+        if self.tie_model is None:
+            return None
+        return sorted(self.tie_model.weights, key=lambda f: (-self.tie_model.weights[f], f))[:count]
 
     def implicit_rewards(self, target, prompt_ids, replies) -> list[float]:
         """log pi(reply) - log pi_v0(reply) of each reply: DPO's implicit reward, up to its beta."""
@@ -389,6 +402,7 @@ class LoopBench(Bench):
         for prompt, a, b in pairs:
             context = user(prompt)
             judgement = self.annotator.judge(context, a, b)
+            self.judged.append((a, b, judgement.choice == CHOICE_TIE))  # what least_tie learns from
             if judgement.choice == CHOICE_TIE:
                 ties += 1
             else:
@@ -497,6 +511,8 @@ class LoopBench(Bench):
             summary = self.train_round(round_index)
             seconds["train"] = time.perf_counter() - t
             labelled = {"round_ties": votes["ties"], "round_label_agreement": votes["agreement"]}
+            if self.args.pair_rule == "least_tie":
+                labelled["round_tie_model_top"] = self.tie_model_top()
             if summary["status"] != "succeeded":
                 # The live version did not change: report it again, with why the round gave nothing.
                 self.report(round_index, last, baseline, seconds,

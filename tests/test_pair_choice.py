@@ -3,11 +3,22 @@ bench.loop's --pair-rule picking, on the tiny model, the pair it claims among th
 
 from __future__ import annotations
 
+import json
+import re
 from itertools import combinations
 
 import pytest
 
-from playground.metrics.pair_choice import PAIR_RULES, choose_pair, least_separated, most_different, word_distance
+from playground.metrics.pair_choice import (
+    PAIR_RULES,
+    TieModel,
+    choose_pair,
+    least_separated,
+    least_tie,
+    most_different,
+    pair_features,
+    word_distance,
+)
 
 
 def test_least_separated_picks_the_two_closest_rewards():
@@ -32,7 +43,7 @@ def test_choose_pair_applies_each_rule_and_refuses_what_it_cannot_do():
     assert choose_pair("random", texts) == (0, 1)
     assert choose_pair("least_separated", texts, rewards) == (1, 2)
     assert choose_pair("most_different", texts) == (0, 2)
-    assert set(PAIR_RULES) == {"random", "least_separated", "most_different"}
+    assert set(PAIR_RULES) == {"random", "least_separated", "most_different", "least_tie"}
     with pytest.raises(ValueError, match="unknown pair rule"):
         choose_pair("closest", texts)
     with pytest.raises(ValueError, match="one implicit reward per candidate"):
@@ -72,3 +83,89 @@ def test_bench_loop_least_separated_shows_the_pair_the_live_version_separates_le
         assert min(gaps[p] for p in shown) == pytest.approx(min(gaps.values()))
         separated += max(gaps.values()) > min(gaps.values())
     assert separated, "v1 gave every candidate the same implicit reward: the rule was not exercised"
+
+
+def keyword_votes():
+    """Votes of a judge who notices only "here": a pair ties unless exactly one reply says it."""
+    replies = ["The answer is here in the text.", "The answer is in the text.", "Look over there, friend.",
+               "Look over here, friend.", "It rains a lot in spring.", "Spring brings much rain.",
+               "Here is what I think.", "This is what I think.", "Dogs like long walks.", "Cats like short naps.",
+               "Start here and go on.", "Start now and go on."]
+    def says(text: str) -> bool:
+        return "here" in re.findall(r"\w+", text.lower())  # the word: "there" does not count
+
+    return [(a, b, says(a) == says(b)) for a, b in zip(replies[0::2], replies[1::2])]
+
+
+def test_the_tie_model_learns_which_difference_the_judge_notices_and_least_tie_shows_it():
+    votes = keyword_votes()
+    assert [t for _, _, t in votes] == [False, False, True, False, True, False]
+    model = TieModel.fit(votes)
+    assert max(model.weights, key=model.weights.get) == "here"
+    candidates = ["A dog runs in the park.", "A dog runs in the yard.", "A dog runs here in the park.",
+                  "Dogs run in parks."]
+    assert least_tie(candidates, model) == (0, 2)  # the first pair where only one says "here"
+    assert model.p_tie(candidates[0], candidates[2]) < model.p_tie(candidates[0], candidates[1])
+    assert choose_pair("least_tie", candidates, tie_model=model) == (0, 2)
+    # Nothing to learn from yet (no votes, only ties, only non-ties): the first two, as random.
+    assert TieModel.fit([]) is None and TieModel.fit([(a, b, True) for a, b, _ in votes]) is None
+    assert TieModel.fit([(a, b, False) for a, b, _ in votes]) is None
+    assert least_tie(candidates, None) == (0, 1) == choose_pair("least_tie", candidates)
+
+
+def test_pair_features_are_what_only_one_reply_has_in_words_and_shape():
+    listed, plain = "Steps:\n- boil water\n- add tea", "Boil water, then add tea."
+    features = pair_features(listed, plain)
+    assert features == pair_features(plain, listed)
+    assert "<list>" in features and "steps" in features and "boil" not in features
+    assert "<question>" in pair_features("Tea?", "Tea.") and not pair_features("Same words.", "same WORDS")
+
+
+def test_bench_loop_least_tie_shows_the_pair_its_tie_model_rates_least_likely_to_tie(tiny_model_dir, tmp_path):
+    from bench.loop import LoopBench, parse_args
+    from playground.evaluation.evaluator import sample_seed
+
+    args = parse_args(["--model", str(tiny_model_dir), "--workdir", str(tmp_path), "--max-new-tokens", "8",
+                       "--eval-prompts", "4", "--pair-rule", "least_tie", "--candidates", "4",
+                       "--labels-per-round", "8"])
+    bench = LoopBench(args)
+    first = bench.sample_pairs(bench.base, 8, seed=1)
+    assert bench.tie_model is None  # no votes yet: the first two candidates
+    bench.label_and_store(first, "v0")
+    assert [(a, b) for a, b, _ in bench.judged] == [(a, b) for _, a, b in first]
+    # The tiny model's replies are random tokens, so the judge's ties are made here: it ties a pair
+    # unless the replies differ in length bucket or line count, which the model must learn.
+    bench.judged = [(a, b, not any(f.startswith("<") for f in pair_features(a, b))) for a, b, _ in bench.judged]
+    bench.judged += keyword_votes()  # both kinds of vote, whatever the random replies were
+    state = bench.rng.getstate()
+    pairs = bench.sample_pairs(bench.base, 6, seed=2)
+    model = bench.tie_model
+    assert model is not None and bench.tie_model_top()
+    bench.rng.setstate(state)
+    texts = [bench.rng.choice(bench.train_prompts) for _ in range(6)]
+    groups = bench.sample(bench.base, [bench.render(t) for t in texts],
+                          [[sample_seed(2, i, j) for j in range(4)] for i in range(6)])
+    for (prompt, a, b), text, group in zip(pairs, texts, groups):
+        replies = [g.reply.text for g in group]
+        p_tie = {(i, j): model.p_tie(replies[i], replies[j]) for i, j in combinations(range(4), 2)}
+        shown = [ij for ij in p_tie if (replies[ij[0]], replies[ij[1]]) == (a, b)]
+        assert prompt == text and shown, "the pair shown is not two of the sampled candidates"
+        assert min(p_tie[ij] for ij in shown) == pytest.approx(min(p_tie.values()))
+
+
+def test_bench_pair_ties_counts_each_rules_ties_on_the_tiny_model(tiny_model_dir, capsys):
+    from bench.pair_ties import main
+
+    assert main(["--golds", "concise", "keyword:word=the", "--candidates", "2", "3", "--prompts", "6", "--",
+                 "--model", str(tiny_model_dir), "--max-new-tokens", "8", "--eval-prompts", "4"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["gold"], r["candidates"]) for r in lines] == [
+        ("concise", 2), ("concise", 3), ("keyword:word=the", 2), ("keyword:word=the", 3)]
+    for r in lines:
+        assert r["prompts"] == 6 and r["second_half"] == 3
+        # No rule can do better than the oracle, and with K = 2 every rule shows the only pair there is.
+        assert r["ties_oracle"] <= min(r["ties_random"], r["ties_most_different"]) <= 6
+        assert 0 <= r["ties_least_tie"] <= 3 and r["ties_random_second_half"] <= r["ties_random"]
+        if r["candidates"] == 2:
+            assert r["ties_oracle"] == r["ties_random"] == r["ties_most_different"]
+            assert r["ties_least_tie"] == r["ties_random_second_half"]
