@@ -51,9 +51,9 @@ SETTINGS: dict[str, list[str]] = {
     # 8 candidates instead of 4: on a taste most pairs tie on (keyword, format: 44-54 of 64 labels were
     # ties in the base runs), more candidates give the rule more chances of a pair that differs.
     "pairs_most_different_8": ["--pair-rule", "most_different", "--candidates", "8"],
-    # Show the pair a tie model fit on the annotator's own votes so far rates least likely to tie: on 48
-    # prompts of 8 v0 samples, one round of votes cut keyword's ties from 38 to 24 and format's from 39
-    # to 31 (bench/pair_ties.py).
+    # Show the pair a tie model fit on the annotator's own votes so far rates least likely to tie: fit on
+    # 48 votes, it cut the ties on 48 other prompts of 8 v0 samples from 31 to 21 (keyword) and from 36
+    # to 28 (format) (python -m bench.pair_ties, docs/BENCHMARKS.md).
     "pairs_least_tie": ["--pair-rule", "least_tie"],
     "pairs_least_tie_8": ["--pair-rule", "least_tie", "--candidates", "8"],
 }
