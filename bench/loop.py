@@ -362,7 +362,10 @@ class LoopBench(Bench):
 
         rule = self.args.pair_rule
         tie_model = self.tie_model = TieModel.fit(self.judged) if rule == "least_tie" else None
-        k = 2 if rule == "random" else self.args.candidates
+        # Without a tie model least_tie shows the first two candidates, so only those two are sampled: the
+        # same replies (the same seeds) at a fraction of the time.
+        first_two = rule == "random" or (rule == "least_tie" and tie_model is None)
+        k = 2 if first_two else self.args.candidates
         texts = [self.rng.choice(self.train_prompts) for _ in range(count)]
         prompt_ids = [self.render(t) for t in texts]
         seeds = [[sample_seed(seed, i, j) for j in range(k)] for i in range(count)]

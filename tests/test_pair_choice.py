@@ -130,7 +130,10 @@ def test_bench_loop_least_tie_shows_the_pair_its_tie_model_rates_least_likely_to
                        "--labels-per-round", "8"])
     bench = LoopBench(args)
     first = bench.sample_pairs(bench.base, 8, seed=1)
-    assert bench.tie_model is None  # no votes yet: the first two candidates
+    assert bench.tie_model is None  # no votes yet: the first two candidates, the very pairs random shows
+    plain = LoopBench(parse_args(["--model", str(tiny_model_dir), "--workdir", str(tmp_path / "random"),
+                                  "--max-new-tokens", "8", "--eval-prompts", "4", "--labels-per-round", "8"]))
+    assert plain.sample_pairs(plain.base, 8, seed=1) == first
     bench.label_and_store(first, "v0")
     assert [(a, b) for a, b, _ in bench.judged] == [(a, b) for _, a, b in first]
     # The tiny model's replies are random tokens, so the judge's ties are made here: it ties a pair
