@@ -11,6 +11,7 @@ import pytest
 
 from playground.metrics.pair_choice import (
     PAIR_RULES,
+    TIE_MODEL_MAX_VOTES,
     TieModel,
     choose_pair,
     least_separated,
@@ -111,6 +112,10 @@ def test_the_tie_model_learns_which_difference_the_judge_notices_and_least_tie_s
     assert TieModel.fit([]) is None and TieModel.fit([(a, b, True) for a, b, _ in votes]) is None
     assert TieModel.fit([(a, b, False) for a, b, _ in votes]) is None
     assert least_tie(candidates, None) == (0, 1) == choose_pair("least_tie", candidates)
+    # Only the latest votes count: older ones beyond the window (all ties here) are not fit.
+    window = [("old", "older", True)] * TIE_MODEL_MAX_VOTES
+    assert TieModel.fit(window + votes).weights == TieModel.fit(window[len(votes):] + votes).weights
+    assert TieModel.fit(votes + window) is None
 
 
 def test_pair_features_are_what_only_one_reply_has_in_words_and_shape():

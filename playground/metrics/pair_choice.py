@@ -35,6 +35,9 @@ LIST_LINE = re.compile(r"^\s*(?:[-*\u2022]|\d+[.)])\s+")
 # and "<list>" as the top features from 48 votes of keyword:word=here and format (bench/pair_ties.py).
 TIE_MODEL_L2 = 0.01
 TIE_MODEL_STEPS = 200  # L-BFGS iterations; a few hundred votes converge well within them
+# The model is fit on the judge's latest votes only: its features are dense in memory (votes x distinct
+# words), and a taste's ties are best told by the replies the policy writes now.
+TIE_MODEL_MAX_VOTES = 512
 LENGTH_BUCKET_WORDS = 15  # reply length is a feature in steps of this many words
 MAX_BUCKET = 6
 
@@ -79,8 +82,8 @@ def pair_features(a: str, b: str) -> frozenset[str]:
 
 class TieModel:
     """P(a judge calls a pair a tie), from the features that differ between its replies: an L2-regularised
-    logistic regression fit on earlier (reply a, reply b, tied) votes. `fit` returns None where the votes
-    hold only ties or only non-ties: nothing to tell apart yet."""
+    logistic regression fit on the latest TIE_MODEL_MAX_VOTES (reply a, reply b, tied) votes. `fit`
+    returns None where those hold only ties or only non-ties: nothing to tell apart yet."""
 
     def __init__(self, weights: dict[str, float], bias: float):
         self.weights, self.bias = weights, bias
@@ -89,6 +92,7 @@ class TieModel:
     def fit(cls, votes: Sequence[tuple[str, str, bool]]) -> TieModel | None:
         import torch
 
+        votes = list(votes)[-TIE_MODEL_MAX_VOTES:]
         tied = [bool(t) for _, _, t in votes]
         if all(tied) or not any(tied):
             return None
