@@ -31,7 +31,8 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# One change from the base per setting: the knobs that decide how much a label teaches (the list).
+# One change from the base per setting: the knobs that decide how much a label teaches (the list);
+# the last ones combine two knobs that each did something on their own (a second stage of the screen).
 # The values bracket the app's defaults (trainers/dpo.py DPOConfig, trainers/defaults.py).
 SETTINGS: dict[str, list[str]] = {
     "base": [],
@@ -56,6 +57,9 @@ SETTINGS: dict[str, list[str]] = {
     # to 28 (format) (python -m bench.pair_ties, docs/BENCHMARKS.md).
     "pairs_least_tie": ["--pair-rule", "least_tie"],
     "pairs_least_tie_8": ["--pair-rule", "least_tie", "--candidates", "8"],
+    # A second stage, two knobs at once: least_tie doubled the judged pairs on format and keyword but the
+    # policy hardly moved on them (KL 0.3 after 128 labels); 2 epochs moved it most on format.
+    "pairs_least_tie_8_epochs_2": ["--pair-rule", "least_tie", "--candidates", "8", "--config", '{"epochs": 2}'],
 }
 # keyword's own default word ("banana") is in 2 of the bundled model's 256 held-out v0 replies, and every
 # one of 128 training pairs tied on it, so no round ever trained (measured). "here" is in 61 of the 256
