@@ -328,9 +328,22 @@ def compare(new: dict, old: dict, seed: int) -> dict:
             "eval_prompts": diff["n"]}
 
 
+def split_prompts(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """(the held-out prompts: the first --eval-prompts of --eval-file, the training prompts: the shipped
+    ones that are not held out)."""
+    from playground.sim.prompt_file import load_prompts
+
+    eval_texts = load_prompts(args.eval_file)[: args.eval_prompts]
+    held_out = set(eval_texts)
+    train = [p for p in load_prompts() if p not in held_out]
+    if not train:
+        raise BenchInputError(f"every training prompt is also in {args.eval_file}: nothing left to train on; "
+                              "pass another --eval-file")
+    return eval_texts, train
+
+
 class LoopBench(Bench):
     def __init__(self, args: argparse.Namespace):
-        from playground.sim.prompt_file import load_prompts
         from store import Store
 
         super().__init__(args, args.gold, args.model)
@@ -339,12 +352,7 @@ class LoopBench(Bench):
         self.store = Store(self.work / "loop.db")
         self.store.ensure_base_version(self.loaded.model_id)
         self.store.record_live(self.loaded.model_id, "v0", "start")
-        eval_texts = load_prompts(args.eval_file)[: args.eval_prompts]
-        held_out = set(eval_texts)
-        self.train_prompts = [p for p in load_prompts() if p not in held_out]
-        if not self.train_prompts:
-            raise BenchInputError(f"every training prompt is also in {args.eval_file}: nothing left to train on; "
-                                  "pass another --eval-file")
+        eval_texts, self.train_prompts = split_prompts(args)
         self.evaluation = Evaluation(self, eval_texts)
         self.rng = random.Random(args.seed + 1)
         self.labels = 0
@@ -383,9 +391,7 @@ class LoopBench(Bench):
     def tie_model_top(self, count: int = 5) -> list[str] | None:
         """The features the tie model that chose this round's pairs weighs most toward "judged" (None:
         no model yet, the first two candidates were shown)."""
-        if self.tie_model is None:
-            return None
-        return sorted(self.tie_model.weights, key=lambda f: (-self.tie_model.weights[f], f))[:count]
+        return None if self.tie_model is None else self.tie_model.top(count)
 
     def implicit_rewards(self, target, prompt_ids, replies) -> list[float]:
         """log pi(reply) - log pi_v0(reply) of each reply: DPO's implicit reward, up to its beta."""

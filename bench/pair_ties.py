@@ -57,15 +57,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def sample_candidates(args: argparse.Namespace, k: int) -> list[tuple[str, list[str]]]:
     """(prompt, k replies of v0) for --prompts training prompts drawn with --seed."""
-    from bench.loop import Bench
+    from bench.loop import Bench, split_prompts
     from bench.loop import parse_args as loop_args
     from playground.evaluation.evaluator import sample_seed
-    from playground.sim.prompt_file import load_prompts
 
     largs = loop_args(["--gold", args.golds[0], *args.loop_args])
     bench = Bench(largs, args.golds[0], largs.model)
-    held_out = set(load_prompts(largs.eval_file)[: largs.eval_prompts])
-    train = [p for p in load_prompts() if p not in held_out]
+    _, train = split_prompts(largs)
     rng = random.Random(args.seed)
     texts = [rng.choice(train) for _ in range(args.prompts)]
     seeds = [[sample_seed(args.seed, i, j) for j in range(k)] for i in range(len(texts))]
@@ -87,7 +85,6 @@ def count_ties(gold_spec: str, prompts: list[tuple[str, list[str]]], k: int) -> 
     half = len(rows) // 2
     model = TieModel.fit([(r[0], r[1], ties(p, r[0], r[1])) for p, r in rows[:half]])
     second = rows[half:]
-    top = sorted(model.weights, key=lambda f: (-model.weights[f], f))[:5] if model else None
     return {"gold": gold_spec, "candidates": k, "prompts": len(rows),
             "ties_random": sum(ties(p, r[0], r[1]) for p, r in rows),
             "ties_most_different": sum(ties(p, *(r[i] for i in most_different(r))) for p, r in rows),
@@ -95,7 +92,7 @@ def count_ties(gold_spec: str, prompts: list[tuple[str, list[str]]], k: int) -> 
             "second_half": len(second),
             "ties_random_second_half": sum(ties(p, r[0], r[1]) for p, r in second),
             "ties_least_tie": sum(ties(p, *(r[i] for i in least_tie(r, model))) for p, r in second),
-            "tie_model_top": top}
+            "tie_model_top": model.top() if model else None}
 
 
 def main(argv=None) -> int:

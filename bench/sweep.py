@@ -111,9 +111,12 @@ def run_flags(setting: str, rounds: int, labels_per_round: int) -> list[str]:
 
 
 def done_runs(path: Path) -> set[tuple[str, str, int]]:
-    if not path.exists():
-        return set()
-    return {(r["setting"], r["gold"], r["seed"]) for r in read_results(path)}
+    return {(r["setting"], r["gold"], r["seed"]) for r in results_so_far(path)}
+
+
+def results_so_far(path: Path) -> list[dict]:
+    """The finished runs in --out; none before the first has finished."""
+    return read_results(path) if path.exists() else []
 
 
 def read_results(path: Path) -> list[dict]:
@@ -239,11 +242,10 @@ def main(argv=None) -> int:
     done = done_runs(out)
     base = Path(args.workdir or tempfile.mkdtemp(prefix="sweep-"))
     for setting in args.settings:
-        for gold in gold_order(args.golds, read_results(out) if out.exists() else [], args.max_kl):
+        for gold in gold_order(args.golds, results_so_far(out), args.max_kl):
             if (setting, gold, args.seed) in done:
                 continue
-            if args.prune and out.exists() and table(read_results(out), args.max_kl)["settings"].get(
-                    setting, {}).get("cannot_win"):
+            if args.prune and table(results_so_far(out), args.max_kl)["settings"].get(setting, {}).get("cannot_win"):
                 print(json.dumps({"setting": setting, "gold": gold, "skipped": "cannot win: ranks below the "
                                   "winner on the golds it has run"}), flush=True)
                 continue

@@ -116,6 +116,10 @@ class TieModel:
         opt.step(closure)
         return cls({name: float(v) for name, v in zip(vocab, w.detach()) if v != 0.0}, float(b.detach()))
 
+    def top(self, count: int = 5) -> list[str]:
+        """The features weighed most toward "judged", highest first (ties by name)."""
+        return sorted(self.weights, key=lambda f: (-self.weights[f], f))[:count]
+
     def p_tie(self, a: str, b: str) -> float:
         logit = self.bias + sum(self.weights.get(f, 0.0) for f in pair_features(a, b))
         return 1.0 / (1.0 + math.exp(min(logit, 700.0)))  # logit is of "judged": P(tie) = sigmoid(-logit)
