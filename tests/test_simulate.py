@@ -200,8 +200,12 @@ def test_simulated_users_wait_while_a_round_trains_then_carry_on(tiny_loaded, tm
 
     settings = loop_settings(tmp_path, enabled=False)
     with running_app(tiny_loaded, tmp_path / "wait.db", loop_settings=settings) as (url, service, loop):
-        warm_up, _ = simulator_for(url, users=1, turns=2, wait_for_rounds=False)
-        assert warm_up.run()["votes"] == 2  # pairs for a round to train on
+        # A taste that never ties on different replies: with `concise` both warm-up votes were once ties (the
+        # tiny model's 8-token replies often have as many words), no pair, and train_now started no round.
+        warm_up, _ = simulator_for(url, users=1, turns=2, wait_for_rounds=False,
+                                   gold="tests.gold_example:characters")
+        assert warm_up.run()["votes"] == 2
+        assert loop.new_pairs() >= 1  # pairs for a round to train on
         loop.settings.next_config = {"epochs": 500}  # a round that runs until it is killed
         assert loop.train_now().startswith("round")
         running = wait_for(lambda: loop.store.running_run(), what="the round to start")
