@@ -65,6 +65,11 @@ SETTINGS: dict[str, list[str]] = {
 # one of 128 training pairs tied on it, so no round ever trained (measured). "here" is in 61 of the 256
 # (bench/sweep_results.v0-cache), so about a third of pairs differ on it.
 DEFAULT_GOLDS = ("concise", "keyword:word=here", "format")
+# The trainer settings the screen started from, the app's defaults of then: every setting is one change
+# from these, whatever the app's defaults are now. The screen's winner, 2 epochs, became the default
+# (trainers/dpo.py); pinning the old one keeps each setting's meaning, and the rows already in
+# bench/sweep_results.jsonl comparable with the runs still to come.
+SCREEN_BASE = {"epochs": 1}
 MAX_KL = 5.0  # nats: a taste learned by drifting far from the base model is not the win we want
 DEFAULT_ROUNDS = 2  # 2 x 64 labels: the goal is significance within 128 labels
 DEFAULT_LABELS_PER_ROUND = 64
@@ -98,8 +103,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def run_flags(setting: str, rounds: int, labels_per_round: int) -> list[str]:
-    """bench.loop's flags for one setting: its change, at the same labels in all (fewer per round, more rounds)."""
+    """bench.loop's flags for one setting: its change from SCREEN_BASE, at the same labels in all (fewer per
+    round, more rounds)."""
     flags = list(SETTINGS[setting])
+    if "--config" in flags:
+        at = flags.index("--config") + 1
+        flags[at] = json.dumps({**SCREEN_BASE, **json.loads(flags[at])})
+    else:
+        flags = ["--config", json.dumps(SCREEN_BASE), *flags]
     factor = 1
     if "--rounds-factor" in flags:
         at = flags.index("--rounds-factor")
