@@ -162,8 +162,8 @@ def build_admin(loop: TrainingLoop, service=None, visible: bool = True):
                                       info="the size of each step: higher moves the policy in fewer votes, and "
                                            "drifts and overshoots sooner")
             epochs = gr.Number(value=defaults.epochs, label="epochs", precision=0,
-                               info="passes over a round's pairs: 2 bought a higher win rate at about 4x the KL "
-                                    "in the loop bench")
+                               info="passes over a round's pairs: 2 (the default) learns more from few votes and "
+                                    "drifts further; 1 halves a round's time")
             loss_type = gr.Radio(["sigmoid", "ipo"], value="sigmoid", label="loss",
                                  info="sigmoid: DPO's loss. ipo: a bounded margin, slower to overfit a few noisy votes")
             ref = gr.Radio(["base", "previous"], value="base", label="reference policy",
