@@ -65,10 +65,9 @@ SETTINGS: dict[str, list[str]] = {
 # one of 128 training pairs tied on it, so no round ever trained (measured). "here" is in 61 of the 256
 # (bench/sweep_results.v0-cache), so about a third of pairs differ on it.
 DEFAULT_GOLDS = ("concise", "keyword:word=here", "format")
-# The trainer settings the screen started from, the app's defaults of then: every setting is one change
-# from these, whatever the app's defaults are now. The screen's winner, 2 epochs, became the default
-# (trainers/dpo.py); pinning the old one keeps each setting's meaning, and the rows already in
-# bench/sweep_results.jsonl comparable with the runs still to come.
+# The trainer settings the screen started from, the app's defaults when it began: every setting is one
+# change from these, whatever the app's defaults become (a winner adopted later must not change what
+# "lr_1e-4" meant), so the rows already in bench/sweep_results.jsonl stay comparable with runs to come.
 SCREEN_BASE = {"epochs": 1}
 MAX_KL = 5.0  # nats: a taste learned by drifting far from the base model is not the win we want
 DEFAULT_ROUNDS = 2  # 2 x 64 labels: the goal is significance within 128 labels

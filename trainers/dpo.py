@@ -84,14 +84,12 @@ class DPOConfig:
     label_smoothing: float = 0.0
     # LoRA wants a far larger step than full fine-tuning (TRL's 1e-6 default would not move a 32-pair round).
     learning_rate: float = 2e-4
-    # Passes over the round's pairs. Two: the label-efficiency sweep's winner (bench/sweep.py, docs/
-    # BENCHMARKS.md): with a few noisy pairs a round, one pass hardly moves the policy, and two reached
-    # significance on concise at 128 labels (+0.067 [+0.017, +0.119], KL 2.98) where one never did, and
-    # scored at least as well on every gold. The price is drift and time: twice the training per round
-    # (vote-to-live, docs/BENCHMARKS.md), and KL to v0 grows faster round after round (the loop's earlier
-    # 2-epoch default, in float32, reached 14.9 nats after 4 rounds of 64 labels); the dashboard's KL
-    # drift shows it, and rollback undoes it.
-    epochs: int = 2
+    # Passes over the round's pairs. One. Two won the label-efficiency sweep's 2-round screen (concise
+    # significant at 128 labels, KL 2.98, where one needed 192), but the loop does not stop there: in 4
+    # rounds of 64 labels two epochs drifted to 7.2 nats after 192 labels and 12.0 after 256, ending
+    # significantly below v0 (-0.048 [-0.088, -0.009]), while one epoch was +0.089 [+0.041, +0.140] at
+    # 2.0 nats (docs/BENCHMARKS.md, the sweep's last subsection). Two also makes a round 1.5x as long.
+    epochs: int = 1
     batch_size: int = 4  # pairs per forward: 4 rows of ~250 tokens already keep a CPU's matmuls busy
     grad_accum: int = 1  # micro-batches per optimizer step
     max_grad_norm: float = 1.0  # clip the LoRA gradient to this norm (the noise of a 4-pair batch is large)

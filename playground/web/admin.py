@@ -162,8 +162,8 @@ def build_admin(loop: TrainingLoop, service=None, visible: bool = True):
                                       info="the size of each step: higher moves the policy in fewer votes, and "
                                            "drifts and overshoots sooner")
             epochs = gr.Number(value=defaults.epochs, label="epochs", precision=0,
-                               info="passes over a round's pairs: 2 (the default) learns more from few votes and "
-                                    "drifts further; 1 makes a round about a third quicker")
+                               info="passes over a round's pairs: 2 learns from fewer votes, then drifts away from "
+                                    "the taste within a few rounds; 1 (the default) holds, and is quicker")
             loss_type = gr.Radio(["sigmoid", "ipo"], value="sigmoid", label="loss",
                                  info="sigmoid: DPO's loss. ipo: a bounded margin, slower to overfit a few noisy votes")
             ref = gr.Radio(["base", "previous"], value="base", label="reference policy",
