@@ -98,6 +98,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.loop_args = args.loop_args[1:]
     if args.rounds < 1 or args.labels_per_round < 2:
         p.error("--rounds >= 1 and --labels-per-round >= 2 are needed")
+    if any(a == "--config" or a.startswith("--config=") for a in args.loop_args):
+        # bench.loop keeps only the last --config: one after -- would silently replace every setting's own
+        # change (and the screen's base), so each run would test that config, not its setting.
+        p.error("--config after -- would replace every setting's trainer settings; add a setting to SETTINGS "
+                "in bench/sweep.py instead")
     return args
 
 

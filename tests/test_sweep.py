@@ -121,3 +121,12 @@ def test_the_sweep_skips_the_rest_of_a_setting_that_cannot_win(tmp_path, capsys)
     assert printed[0] == {"setting": "lr_1e-4", "gold": "concise",
                           "skipped": "cannot win: ranks below the winner on the golds it has run"}
     assert len(out.read_text().splitlines()) == 3 and printed[-1]["winner"] == "base"
+
+
+@pytest.mark.parametrize("extra", [["--config", '{"beta": 0.2}'], ['--config={"beta": 0.2}']])
+def test_a_config_after_the_separator_is_refused_not_left_to_replace_every_setting(extra, capsys):
+    from bench.sweep import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--settings", "lr_5e-4", "--", "--max-new-tokens", "8", *extra])
+    assert "would replace every setting's trainer settings" in capsys.readouterr().err
