@@ -201,6 +201,14 @@ def test_a_round_changes_only_the_lora_and_head_weights(tiny_loaded, monkeypatch
     assert torch.equal(result.head.bias, heads[0]["bias"])
 
 
+def test_the_centring_term_trains_the_head_bias(tiny_loaded):
+    # The bias is frozen without the centring term (round-off in the cancelled gradient would otherwise
+    # move it by AdamW's full step); with the term it is the loss's only way to pull scores to 0.
+    result = train_reward(tiny_loaded.model, random_pairs(tiny_loaded.model.config.vocab_size, 8, seed=1), [],
+                          RewardConfig(**FAST, center_rewards_coefficient=0.5))
+    assert result.head.bias.item() != 0.0
+
+
 def test_too_few_or_too_long_pairs(tiny_loaded):
     model = tiny_loaded.model
     vocab = model.config.vocab_size

@@ -459,7 +459,11 @@ def train_reward(
             policy = get_peft_model(base, lora)
             head = _new_head(hidden_size, getattr(base.config, "initializer_range", 0.02), device)
     decoder = decoder_of(policy)
-    trainable = [p for p in policy.parameters() if p.requires_grad] + list(head.parameters())
+    # The bias's Bradley-Terry gradient is a sum of +g and -g terms that cancels only up to round-off, and
+    # AdamW scales a 1e-9 gradient into a full learning-rate step: without the centring term (the only
+    # loss that reaches it) the bias is frozen, so it stays where it started, as the loss says it should.
+    head.bias.requires_grad_(bool(config.center_rewards_coefficient))
+    trainable = [p for p in [*policy.parameters(), *head.parameters()] if p.requires_grad]
 
     # 2. The loop, on the LoRA layers' faster forward (and bf16 base products where those are fast).
     generator = torch.Generator().manual_seed(config.seed)
