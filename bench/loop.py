@@ -22,7 +22,9 @@ seed per prompt, sampled in batches on the decode engine by the app's evaluation
 own generator, so where vN and v0 still agree they write the same words: the per-prompt difference
 gold(vN) - gold(v0) is mostly the policy's change, not sampling noise. Its mean over prompts,
 `gold_mean_diff`, comes with a paired bootstrap 95% interval (prompts resampled; `gold_mean_diff_ci`)
-next to the win rate and its Wilson interval.
+next to the win rate and its Wilson interval. With --eval-draws K every version answers each prompt K
+times, from the same K seeds for every version, and a prompt's score is the mean of its K: a version that
+has moved away from v0 is then compared with v0's mean over K draws, not with the luck of one.
 
 Prints one JSON object per round (round 0 is v0 against itself from other seeds: what chance looks like
 on this eval set): labels so far, gold win rate of vN against v0 [95% Wilson], gold mean, gold_mean_diff
@@ -67,6 +69,13 @@ DEFAULT_EVAL_FILE = Path(__file__).resolve().parent / "loop_eval_prompts.txt"
 # 128 paired prompts halve that, and pairing narrows the gold-mean difference's interval further.
 DEFAULT_EVAL_PROMPTS = 128
 BOOTSTRAP_SAMPLES = 2000  # resamples of the eval prompts for each gold_mean_diff interval
+# Replies per held-out prompt and version (--eval-draws). One draw pairs vN with v0 exactly where they
+# still agree, but once vN has moved, its reply and v0's are two independent draws, and every version of
+# a run is compared with the same single v0 draw: its luck is shared by all of them (on `format` a second
+# v0 draw scored -0.045 against the first, docs/BENCHMARKS.md). K draws from the same K seeds per prompt
+# keep the pairing and shrink that shared luck by sqrt(K), at K times the evaluation's cost.
+DEFAULT_EVAL_DRAWS = 1
+MAX_EVAL_DRAWS = 8
 # Proxy bonus per 100 words, in units of the gold's own scale. With `concise` (scale 0.25) -40 costs 0.1
 # per word: above the target the proxy ranks pairs as gold does, below it it still wants fewer words
 # while gold wants more - the over-optimisation to watch. (+0.5, the old default, was so small next to
@@ -102,6 +111,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-file", default=str(DEFAULT_EVAL_FILE),
                    help="the held-out prompts, one a line (default: bench/loop_eval_prompts.txt); any that is also "
                         "a training prompt is taken out of training")
+    p.add_argument("--eval-draws", type=int, default=DEFAULT_EVAL_DRAWS,
+                   help="replies per held-out prompt and version, each from its own seed (the same seeds for every "
+                        "version); a prompt's score is their mean. More draws narrow the interval and shrink the "
+                        "luck of v0's one draw, at that many times the evaluation's cost (default: %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (1: the policy itself)")
     p.add_argument("--flip-rate", type=float, default=0.25, help="label noise of the annotator")
@@ -131,6 +144,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--rounds >= 1, --labels-per-round >= 2 and --eval-prompts >= 2 are needed")
     if args.replay_ratio is not None and not args.replay_ratio >= 0:
         p.error(f"--replay-ratio must be 0 or more, got {args.replay_ratio}")
+    if not 1 <= args.eval_draws <= MAX_EVAL_DRAWS:
+        p.error(f"--eval-draws must be between 1 and {MAX_EVAL_DRAWS}, got {args.eval_draws}")
     if not 2 <= args.candidates <= MAX_CANDIDATES:
         p.error(f"--candidates must be between 2 and {MAX_CANDIDATES}, got {args.candidates}")
     if args.tau is not None and not args.tau > 0:
@@ -232,8 +247,14 @@ class Evaluation:
         self.prompt_ids = [bench.render(t) for t in texts]
         self._weights: str | None = None  # the base weights' fingerprint, for --v0-cache
 
+    @property
+    def draws(self) -> int:
+        return getattr(self.bench.args, "eval_draws", DEFAULT_EVAL_DRAWS)
+
     def run(self, target, seed_base: int) -> dict:
-        """One reply per prompt from `target`: gold and proxy scores, KL to v0 (exact, along the reply), length."""
+        """--eval-draws replies per prompt from `target`: each prompt's gold and proxy score (the mean over its
+        draws), KL to v0 (exact, along the reply), length. Draw k of prompt i has the seed
+        sample_seed(seed_base, i, k) for every version, so draw 0 is the one a single-draw run samples."""
         from playground.evaluation.evaluator import sample_seed
         from playground.evaluation.scoring import OwnDistribution, Workspace
         from trainers.metrics import distinct_n
@@ -245,28 +266,38 @@ class Evaluation:
         def kl(index: int, replies: list) -> None:
             if target is bench.base:
                 return
-            prompt, tokens = self.prompt_ids[index], replies[0].reply.token_ids
-            own = replies[0].logits  # the distributions its tokens were drawn from; None on the HF path
-            if own is None:
-                own = target.branch_logits(prompt, [tokens])[0]
-            kls[index] = OwnDistribution(own, workspace).kl_to(bench.base.branch_logits(prompt, [tokens])[0])
+            prompt, total = self.prompt_ids[index], 0.0
+            for probe in replies:
+                tokens = probe.reply.token_ids
+                own = probe.logits  # the distributions its tokens were drawn from; None on the HF path
+                if own is None:
+                    own = target.branch_logits(prompt, [tokens])[0]
+                total += OwnDistribution(own, workspace).kl_to(bench.base.branch_logits(prompt, [tokens])[0])
+            kls[index] = total / len(replies)
 
         cache = self.v0_cache_path(seed_base) if target is bench.base else None
         cached = self.read_v0_cache(cache) if cache is not None else None
         if cached is not None:
             texts, n_tokens = cached
         else:
-            seeds = [[sample_seed(seed_base, i, 0)] for i in range(len(self.texts))]
-            replies = [group[0].reply for group in bench.sample(target, self.prompt_ids, seeds, kl)]
+            seeds = [[sample_seed(seed_base, i, k) for k in range(self.draws)] for i in range(len(self.texts))]
+            # Prompt-major: prompt i's draws are texts[i * draws : (i + 1) * draws].
+            replies = [probe.reply for group in bench.sample(target, self.prompt_ids, seeds, kl) for probe in group]
             texts, n_tokens = [r.text for r in replies], [r.n_tokens for r in replies]
             if cache is not None:
                 cache.parent.mkdir(parents=True, exist_ok=True)
                 write_whole(cache, json.dumps({"texts": texts, "n_tokens": n_tokens}))
-        return {"scores": [bench.gold.score(user(p), t) for p, t in zip(self.texts, texts)],
-                "proxy": [bench.annotator.score(user(p), t) for p, t in zip(self.texts, texts)],
+        prompts = [p for p in self.texts for _ in range(self.draws)]
+        return {"scores": self.per_prompt([bench.gold.score(user(p), t) for p, t in zip(prompts, texts)]),
+                "proxy": self.per_prompt([bench.annotator.score(user(p), t) for p, t in zip(prompts, texts)]),
                 "texts": texts, "kl": sum(kls) / len(kls),
                 "mean_tokens": sum(n_tokens) / len(n_tokens),
                 "distinct_2": distinct_n(texts, 2)}
+
+    def per_prompt(self, scores: list[float]) -> list[float]:
+        """Each prompt's mean over its draws (prompt-major scores): the paired items of the bootstrap."""
+        k = self.draws
+        return [sum(scores[i : i + k]) / k for i in range(0, len(scores), k)]
 
     def read_v0_cache(self, path: Path) -> tuple[list, list] | None:
         """(texts, token counts) from a --v0-cache file; None when there is none, or it is unreadable or not
@@ -279,9 +310,10 @@ class Evaluation:
         except (OSError, ValueError, KeyError, TypeError) as exc:
             print(f"warning: {path} is unreadable ({exc}); sampling v0's replies again", file=sys.stderr)
             return None
-        if not (len(texts) == len(n_tokens) == len(self.texts)):
-            print(f"warning: {path} has {len(texts)} replies for {len(self.texts)} prompts; sampling them again",
-                  file=sys.stderr)
+        expected = len(self.texts) * self.draws
+        if not (len(texts) == len(n_tokens) == expected):
+            print(f"warning: {path} has {len(texts)} replies for {len(self.texts)} prompts x {self.draws} draws; "
+                  "sampling them again", file=sys.stderr)
             return None
         return texts, n_tokens
 
@@ -302,6 +334,8 @@ class Evaluation:
                "prompts": self.prompt_ids,
                "seed_base": seed_base, "temperature": settings.temperature, "top_p": settings.top_p,
                "max_new_tokens": settings.max_new_tokens}
+        if self.draws != 1:  # only then: the files of single-draw runs keep their names
+            key["draws"] = self.draws
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
         return Path(folder) / f"v0-{digest}.json"
 
@@ -454,7 +488,7 @@ class LoopBench(Bench):
         line = {
             "arm": self.args.arm, "gold": self.gold.spec, "pair_rule": self.args.pair_rule,
             "round": round_index, "version": self.version,
-            "labels": self.labels, **compare(result, baseline, self.args.seed),
+            "labels": self.labels, **compare(result, baseline, self.args.seed), "eval_draws": self.evaluation.draws,
             "gold_mean": round(sum(result["scores"]) / len(result["scores"]), 4),
             "kl_to_v0": round(result["kl"], 4), "mean_tokens": round(result["mean_tokens"], 2),
             "distinct_2": round(result["distinct_2"], 4), "seconds": {k: round(v, 2) for k, v in seconds.items()},
@@ -473,7 +507,7 @@ class LoopBench(Bench):
         last = self.lines[-1]
         line = {"summary": True, "arm": self.args.arm, "gold": self.gold.spec, "pair_rule": self.args.pair_rule,
                 "rounds": self.args.rounds,
-                "labels": self.labels, "eval_prompts": last["eval_prompts"],
+                "labels": self.labels, "eval_prompts": last["eval_prompts"], "eval_draws": self.evaluation.draws,
                 "labels_to_significance": labels_to_significance(self.lines),
                 "final": {k: last[k] for k in ("version", "gold_win_rate", "gold_win_rate_ci", "gold_mean_diff",
                                                "gold_mean_diff_ci", "kl_to_v0")},
@@ -582,7 +616,7 @@ def head_to_head(args: argparse.Namespace) -> dict:
                       "gold_mean": round(sum(result["scores"]) / len(result["scores"]), 4),
                       "kl_to_v0": round(result["kl"], 4)})
     line = {"head_to_head": True, "gold": bench.gold.spec, "a": sides[0], "b": sides[1],
-            **compare(results[0], results[1], args.seed)}
+            **compare(results[0], results[1], args.seed), "eval_draws": evaluation.draws}
     print(json.dumps(line), flush=True)
     return line
 

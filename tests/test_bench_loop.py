@@ -207,3 +207,42 @@ def test_v0_cache_is_written_then_read_and_keyed_by_the_sampling(tiny_model_dir,
     other = bench_loop(*[a if a != "8" else "6" for a in common], "--workdir", str(tmp_path / "c"))
     assert other.returncode == 0, other.stderr[-2000:]
     assert len(list(cache.glob("v0-*.json"))) == 4 and json_lines(other)[0]["mean_tokens"] != 3
+
+
+def test_eval_draws_score_each_prompt_by_the_mean_of_draws_from_the_single_draw_seeds(tiny_model_dir, tmp_path):
+    from playground.sim.gold import resolve_gold
+    from playground.sim.prompt_file import load_prompts
+
+    draws = 3
+    common = ["--gold", "concise", "--rounds", "1", "--labels-per-round", "4", "--seed", "0", "--model",
+              str(tiny_model_dir), "--config", '{"epochs": 1}', *TINY]
+    one, many = tmp_path / "one", tmp_path / "many"
+    single = bench_loop(*common, "--v0-cache", str(one), "--workdir", str(tmp_path / "a"))
+    multi = bench_loop(*common, "--v0-cache", str(many), "--eval-draws", str(draws), "--workdir", str(tmp_path / "b"))
+    assert single.returncode == 0 and multi.returncode == 0, (single.stderr + multi.stderr)[-2000:]
+    lines = json_lines(multi)
+    assert all(line["eval_draws"] == draws for line in lines) and json_lines(single)[-1]["eval_draws"] == 1
+    assert lines[-1]["summary"] is True and lines[-1]["eval_prompts"] == EVAL_PROMPTS  # prompts, not replies
+    # Draw 0 of every prompt is the reply a single-draw run samples (the same seed); the others differ.
+    first = {tuple(json.loads(f.read_text())["texts"]) for f in one.glob("v0-*.json")}
+    saved = [json.loads(f.read_text())["texts"] for f in many.glob("v0-*.json")]
+    assert len(first) == len(saved) == 2 and all(len(texts) == EVAL_PROMPTS * draws for texts in saved)
+    assert {tuple(texts[::draws]) for texts in saved} == first
+    assert any(texts[i] != texts[i + 1] for texts in saved for i in range(0, len(texts), draws))
+    # Round 0 (v0's second set of seeds against its first): each side's gold mean is the mean over its
+    # prompts of the mean over their draws.
+    gold, prompts = resolve_gold("concise"), load_prompts(DEFAULT_EVAL_FILE)[:EVAL_PROMPTS]
+    means = sorted(sum(gold.score([{"role": "user", "content": prompts[i // draws]}], t)
+                       for i, t in enumerate(texts)) / len(texts) for texts in saved)
+    zero = lines[0]
+    assert zero["round"] == 0
+    assert means == pytest.approx(sorted([zero["gold_mean"], zero["gold_mean"] - zero["gold_mean_diff"]]), abs=2e-4)
+
+
+@pytest.mark.parametrize("draws", ["0", "9"])
+def test_eval_draws_out_of_range_is_a_clear_message(draws, capsys):
+    from bench.loop import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--eval-draws", draws])
+    assert "--eval-draws must be between 1 and 8" in capsys.readouterr().err
