@@ -266,7 +266,9 @@ def main() -> None:
     from playground.serving.models import load_model
 
     loaded = load_model("bundled", "cpu")
-    config = DPOConfig(matmul_dtype=args.matmul_dtype)
+    # label_smoothing 0: TRL 1.16's 'sigmoid' ignores it, so the app's default cDPO term would make the two
+    # losses differ by design (it costs nothing: the same forward passes, one more logsigmoid).
+    config = DPOConfig(matmul_dtype=args.matmul_dtype, label_smoothing=0.0)
     started = time.perf_counter()
     pairs = build_pairs(loaded, args.pairs_cache)
     sampling_s = time.perf_counter() - started

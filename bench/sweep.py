@@ -68,7 +68,8 @@ DEFAULT_GOLDS = ("concise", "keyword:word=here", "format")
 # The trainer settings the screen started from, the app's defaults when it began: every setting is one
 # change from these, whatever the app's defaults become (a winner adopted later must not change what
 # "lr_1e-4" meant), so the rows already in bench/sweep_results.jsonl stay comparable with runs to come.
-SCREEN_BASE = {"epochs": 1}
+# label_smoothing 0 became explicit when the app's default became 0.25 (trainers/defaults.py).
+SCREEN_BASE = {"epochs": 1, "label_smoothing": 0.0}
 MAX_KL = 5.0  # nats: a taste learned by drifting far from the base model is not the win we want
 DEFAULT_ROUNDS = 2  # 2 x 64 labels: the goal is significance within 128 labels
 DEFAULT_LABELS_PER_ROUND = 64

@@ -348,7 +348,7 @@ def test_an_annotator_is_refused_admin_actions_an_admin_is_not(tiny_loaded, tmp_
         refused_actions = {e["detail"] for e in service.store.auth_events("ann") if e["event"] == "refused"}
         assert {"admin action: train now", "admin action: pause", "admin action: rollback"} <= refused_actions
         # The panel's other controls are private events; called as the page calls them, they refuse too.
-        settings = ["dpo", 0.2, 1e-4, 1, "sigmoid", "base", None, 0.1, 1e-5, 2]
+        settings = ["dpo", 0.2, 1e-4, 1, 0.1, "sigmoid", "base", None, 0.1, 1e-5, 2]
         for api_name, data in (("apply_settings", settings), ("set_arena", [True]), ("set_best_of", [2]),
                                ("begin", ["concise", 1, 1, 0.0, 0, "marmalade"])):
             result = page_event(url, ann.cookies, api_name, data)
@@ -356,6 +356,13 @@ def test_an_annotator_is_refused_admin_actions_an_admin_is_not(tiny_loaded, tmp_
         assert loop.settings.include_arena is False and loop.next_config().get("beta") != 0.2
         assert page_event(url, root.cookies, "set_arena", [True])["success"] is True
         assert loop.settings.include_arena is True
+        # The admin's settings reach the next round: the assumed misclicks with DPO's sigmoid loss, not with
+        # IPO (it has no such term: sent, the round would refuse it).
+        assert page_event(url, root.cookies, "apply_settings", settings)["success"] is True
+        assert (loop.next_config()["beta"], loop.next_config()["label_smoothing"]) == (0.2, 0.1)
+        ipo = [*settings[:5], "ipo", *settings[6:]]
+        assert page_event(url, root.cookies, "apply_settings", ipo)["success"] is True
+        assert loop.next_config()["loss"] == "ipo" and "label_smoothing" not in loop.next_config()
         # Read-only endpoints stay open to a signed-in annotator.
         assert ann.predict(api_name="/training_status")["live"] == "v0"
 

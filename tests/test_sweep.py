@@ -46,15 +46,19 @@ def test_when_no_setting_reaches_significance_the_nearest_on_its_worst_gold_wins
 
 
 def test_each_setting_changes_one_thing_at_the_same_labels():
-    # Every setting is one change from the screen's base (1 epoch), not from the app's defaults of now.
-    assert run_flags("base", 2, 64) == ["--config", '{"epochs": 1}', "--labels-per-round", "64", "--rounds", "2"]
-    assert run_flags("labels_per_round_32", 2, 64) == ["--config", '{"epochs": 1}', "--labels-per-round", "32",
-                                                       "--rounds", "4"]
-    assert json.loads(run_flags("lr_5e-4", 2, 64)[1]) == {"epochs": 1, "learning_rate": 5e-4}
-    assert json.loads(run_flags("epochs_2", 2, 64)[1]) == {"epochs": 2}
-    for name, flags in SETTINGS.items():
-        if "--config" in flags:
-            json.loads(flags[flags.index("--config") + 1])  # every config is valid JSON
+    from trainers.dpo import DPOConfig
+
+    # Every setting is one change from the screen's base (1 epoch, every click trusted), not from the app's
+    # defaults of now (label smoothing 0.25 since the screen chose it).
+    base = '{"epochs": 1, "label_smoothing": 0.0}'
+    assert run_flags("base", 2, 64) == ["--config", base, "--labels-per-round", "64", "--rounds", "2"]
+    assert run_flags("labels_per_round_32", 2, 64) == ["--config", base, "--labels-per-round", "32", "--rounds", "4"]
+    assert json.loads(run_flags("lr_5e-4", 2, 64)[1]) == {"epochs": 1, "label_smoothing": 0.0, "learning_rate": 5e-4}
+    assert json.loads(run_flags("epochs_2", 2, 64)[1]) == {"epochs": 2, "label_smoothing": 0.0}
+    assert json.loads(run_flags("label_smoothing_0.25", 2, 64)[1]) == {"epochs": 1, "label_smoothing": 0.25}
+    for name in SETTINGS:
+        flags = run_flags(name, 2, 64)
+        DPOConfig(**json.loads(flags[flags.index("--config") + 1]))  # every run's config is one DPO takes
 
 
 def test_a_tiny_sweep_runs_end_to_end_and_a_rerun_resumes(tiny_model_dir, tmp_path, capsys):

@@ -13,6 +13,13 @@ SCHEDULE_MIN_NEW_PAIRS = 16
 # New training pairs a round started by a person needs (Train now, `python -m trainers.run` by hand):
 # they asked for it, so any new pair is enough.
 MANUAL_MIN_NEW_PAIRS = 1
+# DPO's assumed share of flipped votes (cDPO label smoothing, trainers/dpo.py). Votes from a room are noisy:
+# people misclick, skim, disagree. On the bundled model with 25% simulated label noise, 0.25 made
+# `concise` significant after 128 labels (+0.057 [+0.002, +0.112], KL 0.89; replicated on another CPU at
+# +0.062 [+0.004, +0.121], KL 1.14, and still +0.067 at 192), where trusting every click (0) needed 192;
+# it also drifted less (docs/BENCHMARKS.md, the sweep's 2026-12-02 afternoon subsection). It is the
+# simulator's own flip rate: a team whose votes are cleaner can lower it in the admin panel.
+DEFAULT_LABEL_SMOOTHING = 0.25
 # Older pairs replayed per new pair: keeps earlier lessons without drowning the new votes.
 DEFAULT_REPLAY_RATIO = 1.0
 # Where reward models rN/ are published.

@@ -39,6 +39,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from trainers.defaults import DEFAULT_LABEL_SMOOTHING
 from trainers.fastlora import fast_lora
 from trainers.logprobs import segment_logprobs
 from trainers.pairs import PreferencePair
@@ -80,8 +81,9 @@ class DPOConfig:
     beta: float = 0.1  # pull towards the reference: higher keeps the policy closer (for 'ipo' it is tau)
     loss: LossType = "sigmoid"  # 'sigmoid' = DPO, 'ipo' = IPO (squared, per-token normalised, as TRL 1.16)
     # Assumed chance that a vote is flipped (noisy clicks): the conservative-DPO (cDPO) form,
-    # -(1-e) logsig(beta*d) - e logsig(-beta*d). 0 trusts every click. 'sigmoid' only.
-    label_smoothing: float = 0.0
+    # -(1-e) logsig(beta*d) - e logsig(-beta*d). 0 trusts every click. 'sigmoid' only: None (the default)
+    # is DEFAULT_LABEL_SMOOTHING for 'sigmoid' and 0 for 'ipo', which has no such term.
+    label_smoothing: float | None = None
     # LoRA wants a far larger step than full fine-tuning (TRL's 1e-6 default would not move a 32-pair round).
     learning_rate: float = 2e-4
     # Passes over the round's pairs. One. Two won the label-efficiency sweep's 2-round screen (concise
@@ -137,7 +139,9 @@ class DPOConfig:
             raise ValueError(f"matmul_dtype {self.matmul_dtype!r} is not one of {MATMUL_DTYPES}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule {self.lr_schedule!r} is not one of {LR_SCHEDULES}")
-        if not 0.0 <= self.label_smoothing < 0.5:
+        if self.label_smoothing is None:
+            self.label_smoothing = DEFAULT_LABEL_SMOOTHING if self.loss == "sigmoid" else 0.0
+        if not (isinstance(self.label_smoothing, (int, float)) and 0.0 <= self.label_smoothing < 0.5):
             raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing!r}")
         if self.loss == "ipo" and self.label_smoothing:
             raise ValueError(f"label_smoothing {self.label_smoothing!r} has no meaning for loss 'ipo'; use 0")

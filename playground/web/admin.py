@@ -164,6 +164,11 @@ def build_admin(loop: TrainingLoop, service=None, visible: bool = True):
             epochs = gr.Number(value=defaults.epochs, label="epochs", precision=0,
                                info="passes over a round's pairs: 2 learns from fewer votes, then drifts away from "
                                     "the taste within a few rounds; 1 (the default) holds, and is quicker")
+            label_smoothing = gr.Number(value=defaults.label_smoothing, label="assumed misclicks (label smoothing)",
+                                        minimum=0, maximum=0.49, step=0.05,
+                                        info="the share of votes a round assumes are wrong (sigmoid only): 0.25 "
+                                             "learns a noisy room's taste in fewer votes and drifts less; 0 "
+                                             "trusts every click, and chases the misclicks too")
             loss_type = gr.Radio(["sigmoid", "ipo"], value="sigmoid", label="loss",
                                  info="sigmoid: DPO's loss. ipo: a bounded margin, slower to overfit a few noisy votes")
             ref = gr.Radio(["base", "previous"], value="base", label="reference policy",
@@ -237,8 +242,8 @@ def build_admin(loop: TrainingLoop, service=None, visible: bool = True):
     resume.click(admin_only(lambda: (loop.set_paused(False), note("Schedule running."))[1], "resume"), None,
                  admin_note, api_name="resume")
 
-    def apply_settings(algo_value, beta_value, lr, n_epochs, loss_value, ref_value, rm_value, kl_value, ppo_lr_value,
-                       iterations_value):
+    def apply_settings(algo_value, beta_value, lr, n_epochs, smoothing, loss_value, ref_value, rm_value, kl_value,
+                       ppo_lr_value, iterations_value):
         try:
             if algo_value == "ppo":
                 config = {}
@@ -252,6 +257,8 @@ def build_admin(loop: TrainingLoop, service=None, visible: bool = True):
                     config["learning_rate"] = float(lr)
                 if n_epochs not in (None, ""):
                     config["epochs"] = int(n_epochs)
+                if smoothing not in (None, "") and loss_value != "ipo":  # IPO has no such term
+                    config["label_smoothing"] = float(smoothing)
             reward_model = None if algo_value != "ppo" or rm_value in (None, "", LATEST_REWARD_MODEL) else rm_value
             config = loop.set_round(algo_value, config, reward_model)  # all or nothing
         except (ValueError, TypeError) as exc:
@@ -259,8 +266,9 @@ def build_admin(loop: TrainingLoop, service=None, visible: bool = True):
         against = f" against {loop.settings.reward_model}" if algo_value == "ppo" and loop.settings.reward_model else ""
         return note(f"The next round trains with {algo_value.upper()}{against}, settings {config}.")
 
-    apply.click(admin_only(apply_settings, "round settings"), [algo, beta, learning_rate, epochs, loss_type, ref,
-                                                               reward_pick, kl_coef, ppo_lr, ppo_iterations],
+    apply.click(admin_only(apply_settings, "round settings"), [algo, beta, learning_rate, epochs, label_smoothing,
+                                                               loss_type, ref, reward_pick, kl_coef, ppo_lr,
+                                                               ppo_iterations],
                 admin_note, api_visibility="private")
 
     def set_best_of(n_value):
