@@ -216,6 +216,12 @@ def test_admin_picks_ppo_a_round_goes_live_and_best_of_n_badges_the_replies(tiny
         page = browser.new_page(viewport={"width": 1280, "height": 1900})
         page.goto(url)
         page.get_by_role("tab", name="Training loop (admin)").click()
+        # The DPO settings show the app's default assumed misclicks, with what the setting trades.
+        from trainers.defaults import DEFAULT_LABEL_SMOOTHING
+
+        smoothing = page.get_by_label("assumed misclicks (label smoothing)")
+        assert float(smoothing.input_value()) == DEFAULT_LABEL_SMOOTHING
+        assert "trusts every click" in page.locator("#admin").inner_text()
         page.locator("#algo").get_by_label("ppo").check()
         page.locator("#apply-settings").click()
         page.wait_for_function("(document.querySelector('#admin-note')?.innerText ?? '').includes('trains with PPO')")
