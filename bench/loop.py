@@ -245,11 +245,8 @@ class Evaluation:
         self.bench = bench
         self.texts = texts
         self.prompt_ids = [bench.render(t) for t in texts]
+        self.draws = bench.args.eval_draws  # replies per prompt and version (--eval-draws)
         self._weights: str | None = None  # the base weights' fingerprint, for --v0-cache
-
-    @property
-    def draws(self) -> int:
-        return getattr(self.bench.args, "eval_draws", DEFAULT_EVAL_DRAWS)
 
     def run(self, target, seed_base: int) -> dict:
         """--eval-draws replies per prompt from `target`: each prompt's gold and proxy score (the mean over its
