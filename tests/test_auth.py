@@ -360,6 +360,11 @@ def test_an_annotator_is_refused_admin_actions_an_admin_is_not(tiny_loaded, tmp_
         # IPO (it has no such term: sent, the round would refuse it).
         assert page_event(url, root.cookies, "apply_settings", settings)["success"] is True
         assert (loop.next_config()["beta"], loop.next_config()["label_smoothing"]) == (0.2, 0.1)
+        # An assumed share of misclicks of a half or more is refused with its reason, and changes nothing.
+        for bad, reason in ((0.5, "greater than maximum value 0.49"), (-0.1, "less than minimum value 0")):
+            refused_settings = page_event(url, root.cookies, "apply_settings", [*settings[:4], bad, *settings[5:]])
+            assert refused_settings["success"] is False and reason in refused_settings["output"]["error"]
+            assert loop.next_config()["label_smoothing"] == 0.1
         ipo = [*settings[:5], "ipo", *settings[6:]]
         assert page_event(url, root.cookies, "apply_settings", ipo)["success"] is True
         assert loop.next_config()["loss"] == "ipo" and "label_smoothing" not in loop.next_config()
