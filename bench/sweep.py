@@ -60,6 +60,10 @@ SETTINGS: dict[str, list[str]] = {
     # A second stage, two knobs at once: least_tie doubled the judged pairs on format and keyword but the
     # policy hardly moved on them (KL 0.3 after 128 labels); 2 epochs moved it most on format.
     "pairs_least_tie_8_epochs_2": ["--pair-rule", "least_tie", "--candidates", "8", "--config", '{"epochs": 2}'],
+    # The app's default since 2026-12-02 (label smoothing 0.25) with the rule that doubled the judged pairs:
+    # the smoothing lets each of those few non-tied pairs count without chasing the flipped ones.
+    "pairs_least_tie_8_ls_0.25": ["--pair-rule", "least_tie", "--candidates", "8",
+                                  "--config", '{"label_smoothing": 0.25}'],
 }
 # keyword's own default word ("banana") is in 2 of the bundled model's 256 held-out v0 replies, and every
 # one of 128 training pairs tied on it, so no round ever trained (measured). "here" is in 61 of the 256
