@@ -64,6 +64,10 @@ SETTINGS: dict[str, list[str]] = {
     # the smoothing lets each of those few non-tied pairs count without chasing the flipped ones.
     "pairs_least_tie_8_ls_0.25": ["--pair-rule", "least_tie", "--candidates", "8",
                                   "--config", '{"label_smoothing": 0.25}'],
+    # Temperature 0.7 came nearest significance of all 18 settings on format (+0.040, final_z 1.67; the
+    # next best +0.018); here on the app's default label smoothing. It samples the pairs and the
+    # evaluation alike, nearer the chat's own 0.8 (playground/serving/generation.py) than the bench's 1.
+    "temperature_0.7_ls_0.25": ["--temperature", "0.7", "--config", '{"label_smoothing": 0.25}'],
 }
 # keyword's own default word ("banana") is in 2 of the bundled model's 256 held-out v0 replies, and every
 # one of 128 training pairs tied on it, so no round ever trained (measured). "here" is in 61 of the 256
