@@ -68,6 +68,9 @@ SETTINGS: dict[str, list[str]] = {
     # next best +0.018); here on the app's default label smoothing. It samples the pairs and the
     # evaluation alike, nearer the chat's own 0.8 (playground/serving/generation.py) than the bench's 1.
     "temperature_0.7_ls_0.25": ["--temperature", "0.7", "--config", '{"label_smoothing": 0.25}'],
+    # The chat's own temperature (0.8, playground/serving/generation.py SamplingSettings) on its own label
+    # smoothing: what the app itself samples and trains on, which the bench's temperature 1 is not.
+    "temperature_0.8_ls_0.25": ["--temperature", "0.8", "--config", '{"label_smoothing": 0.25}'],
 }
 # keyword's own default word ("banana") is in 2 of the bundled model's 256 held-out v0 replies, and every
 # one of 128 training pairs tied on it, so no round ever trained (measured). "here" is in 61 of the 256
