@@ -69,7 +69,8 @@ SETTINGS: dict[str, list[str]] = {
     # evaluation alike, nearer the chat's own 0.8 (playground/serving/generation.py) than the bench's 1.
     "temperature_0.7_ls_0.25": ["--temperature", "0.7", "--config", '{"label_smoothing": 0.25}'],
     # The chat's own temperature (0.8, playground/serving/generation.py SamplingSettings) on its own label
-    # smoothing: what the app itself samples and trains on, which the bench's temperature 1 is not.
+    # smoothing: nearer what the app samples and trains on than the bench's temperature 1 (the chat's top-p
+    # of 0.95 is not applied: bench.loop samples at top-p 1).
     "temperature_0.8_ls_0.25": ["--temperature", "0.8", "--config", '{"label_smoothing": 0.25}'],
 }
 # keyword's own default word ("banana") is in 2 of the bundled model's 256 held-out v0 replies, and every
