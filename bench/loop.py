@@ -32,7 +32,8 @@ on this eval set): labels so far, gold win rate of vN against v0 [95% Wilson], g
 the round's ties and how often its votes agreed with the annotator's gold, and wall time per phase. Then
 one summary object ({"summary": true, ...}) with the headline number, `labels_to_significance`: the
 labels after which the gold_mean_diff interval first lies above zero, with the KL to v0 there (null if
-never). The runs' settings and lines are kept in WORKDIR/bench-loop.json, which --head-to-head reads.
+never), and `labels_to_held_significance`: the same for a crossing every later round stays above zero
+for (null when the last round is not above zero). The runs' settings and lines are kept in WORKDIR/bench-loop.json, which --head-to-head reads.
 
 Which pair the annotator judges: `--pair-rule random` (two samples, the plain loop), `least_separated`,
 `most_different` or `least_tie` (each training prompt gets --candidates samples and the rule picks two: the
@@ -499,13 +500,14 @@ class LoopBench(Bench):
         return line
 
     def summary(self) -> dict:
-        from playground.metrics import labels_to_significance
+        from playground.metrics import labels_to_held_significance, labels_to_significance
 
         last = self.lines[-1]
         line = {"summary": True, "arm": self.args.arm, "gold": self.gold.spec, "pair_rule": self.args.pair_rule,
                 "rounds": self.args.rounds,
                 "labels": self.labels, "eval_prompts": last["eval_prompts"], "eval_draws": self.evaluation.draws,
                 "labels_to_significance": labels_to_significance(self.lines),
+                "labels_to_held_significance": labels_to_held_significance(self.lines),
                 "final": {k: last[k] for k in ("version", "gold_win_rate", "gold_win_rate_ci", "gold_mean_diff",
                                                "gold_mean_diff_ci", "kl_to_v0")},
                 "workdir": str(self.work)}

@@ -68,6 +68,12 @@ def test_loop_bench_runs_end_to_end_and_reports_every_field(runs, arm):
     assert "labels_to_significance" in summary
     reached = summary["labels_to_significance"]
     assert reached is None or (reached["labels"] in (12, 24) and reached["kl_to_v0"] >= 0)
+    # The held crossing is the same rule over the same rounds, never earlier than the first crossing.
+    from playground.metrics import labels_to_held_significance
+
+    assert summary["labels_to_held_significance"] == labels_to_held_significance(rounds)
+    held = summary["labels_to_held_significance"]
+    assert held is None or (reached is not None and held["labels"] >= reached["labels"])
     assert summary["final"]["version"] == "v2" and summary["final"]["gold_mean_diff"] == rounds[2]["gold_mean_diff"]
     saved = json.loads((work / RUN_FILE).read_text())
     assert saved["lines"] == rounds and saved["summary"] == summary and saved["args"]["arm"] == arm

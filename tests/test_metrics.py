@@ -20,6 +20,7 @@ from playground.metrics import (
     distinct_n,
     fit_frontier,
     identical_share,
+    labels_to_held_significance,
     labels_to_significance,
     length_bias,
     length_summary,
@@ -175,6 +176,26 @@ def test_labels_to_significance_on_a_scripted_loop():
     assert labels_to_significance(rounds[:3]) is None
     assert labels_to_significance([]) is None
     assert labels_to_significance([rnd(1, 64, None, 0.2), rnd(2, 128, [0.3, 0.4], 0.9)])["labels"] == 128
+
+
+def test_labels_to_held_significance_counts_only_a_crossing_the_rest_of_the_run_agrees_with():
+    def rnd(r, labels, ci, kl):
+        return {"round": r, "labels": labels, "gold_mean_diff_ci": ci, "kl_to_v0": kl}
+
+    crossed_and_fell_back = [rnd(0, 0, [0.01, 0.2], 0.0), rnd(1, 64, [0.01, 0.06], 0.4),
+                             rnd(2, 128, [-0.03, 0.02], 0.5)]  # the 2026-12-04 seed-1 run's shape
+    assert labels_to_significance(crossed_and_fell_back)["labels"] == 64
+    assert labels_to_held_significance(crossed_and_fell_back) is None
+    # It crossed at 64, fell back at 128, crossed again at 192 and held: 192, with the KL there.
+    again = crossed_and_fell_back + [rnd(3, 192, [0.02, 0.1], 1.5), rnd(4, 256, [0.03, 0.12], 1.9)]
+    assert labels_to_held_significance(again) == {"labels": 192, "kl_to_v0": 1.5, "round": 3}
+    # A round with no interval measured neither breaks nor makes a run of held rounds.
+    assert labels_to_held_significance(again[:4] + [rnd(4, 256, None, 1.9)])["labels"] == 192
+    # Round 0 (v0 against itself) never counts, and one crossing at the end is both measures at once.
+    last_only = [rnd(0, 0, [0.1, 0.2], 0.0), rnd(1, 64, [-0.1, 0.1], 0.3), rnd(2, 128, [0.0001, 0.1], 0.9)]
+    assert labels_to_held_significance(last_only) == labels_to_significance(last_only) == {
+        "labels": 128, "kl_to_v0": 0.9, "round": 2}
+    assert labels_to_held_significance([]) is None
 
 
 # --- KL --------------------------------------------------------------------------------------------

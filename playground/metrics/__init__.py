@@ -16,6 +16,7 @@ from playground.metrics.drift import project_2d, semantic_drift, windowed_drift
 from playground.metrics.frontier import fit_frontier
 from playground.metrics.intervals import (
     bootstrap_interval,
+    labels_to_held_significance,
     labels_to_significance,
     mean_interval,
     paired_bootstrap,
@@ -43,6 +44,7 @@ __all__ = [
     "fit_frontier",
     "fit_logistic",
     "identical_share",
+    "labels_to_held_significance",
     "labels_to_significance",
     "length_bias",
     "length_feature",

@@ -166,3 +166,26 @@ def labels_to_significance(rounds: Sequence[dict]) -> dict | None:
         if ci[0] > 0:
             return {"labels": record["labels"], "kl_to_v0": record.get("kl_to_v0"), "round": record.get("round")}
     return None
+
+
+def labels_to_held_significance(rounds: Sequence[dict]) -> dict | None:
+    """The first round after which the gold-mean difference's interval lies above zero in every measured
+    round to the end: the same {"labels", "kl_to_v0", "round"} as `labels_to_significance`, or None when
+    the last measured round is not above zero.
+
+    A first crossing that falls back inside noise a round later is one lucky look, not a gain a team
+    keeps (measured: two of the 2026-12-04 runs crossed at 64 labels and were back inside noise at 128,
+    docs/BENCHMARKS.md). This one only counts a crossing the rest of the run agrees with, so it is never
+    earlier than `labels_to_significance`; on a run whose last round is its only crossing the two agree.
+    """
+    held = None
+    for record in rounds:
+        ci = record.get("gold_mean_diff_ci")
+        if not record.get("labels") or ci is None or ci[0] is None:
+            continue
+        if ci[0] > 0:
+            if held is None:
+                held = {"labels": record["labels"], "kl_to_v0": record.get("kl_to_v0"), "round": record.get("round")}
+        else:
+            held = None
+    return held
