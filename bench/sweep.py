@@ -12,7 +12,8 @@ fewest labels (the worst gold counts: a default must hold for every taste), ties
 then to the setting whose worst gold came nearest significance (`final_z`, about a z-score of its final
 gold-mean difference: the only order left when no setting reached significance everywhere).
 A gold where a setting never reaches significance counts as the run's labels plus one round (worse than
-any that did).
+any that did). The report also ranks by the crossings that hold to a run's last round (`ranking_held`,
+`winner_held`): a first crossing that falls back inside noise a round later counts as never there.
 
 A setting runs on the current winner's weakest gold first, and once its golds so far already rank it
 below the winner (more golds can only rank it lower: `cannot_win`) the rest of it is skipped; --no-prune
@@ -176,10 +177,21 @@ def run_one(setting: str, gold: str, args: argparse.Namespace, workdir: Path) ->
             "command": command[1:]}
 
 
-def score(row: dict) -> tuple[float, float | None]:
-    """(labels to significance, or the run's labels plus one round when never; KL to v0 there or at the end)."""
+def held(row: dict) -> dict | None:
+    """The run's labels to held significance (a crossing every later round agrees with), from its round
+    lines, so rows kept before the summary had the key are read the same way."""
+    from playground.metrics import labels_to_held_significance
+
+    if row.get("rounds"):
+        return labels_to_held_significance(row["rounds"])
+    return row["summary"].get("labels_to_held_significance", row["summary"]["labels_to_significance"])
+
+
+def score(row: dict, rule: str = "first") -> tuple[float, float | None]:
+    """(labels to significance, or the run's labels plus one round when never; KL to v0 there or at the end).
+    rule "first" counts the first crossing (the issue's measure), "held" only one that holds to the end."""
     summary = row["summary"]
-    reached = summary["labels_to_significance"]
+    reached = summary["labels_to_significance"] if rule == "first" else held(row)
     if reached is None:
         per_round = summary["labels"] / max(summary["rounds"], 1)
         return summary["labels"] + per_round, summary["final"]["kl_to_v0"]
@@ -196,8 +208,11 @@ def table(rows: list[dict], max_kl: float = MAX_KL) -> dict:
             entry["golds"][row["gold"]] = {"failed": True}
             continue
         labels, kl = score(row)
+        held_labels, held_kl = score(row, "held")
         entry["golds"][row["gold"]] = {"labels_to_significance": row["summary"]["labels_to_significance"],
                                        "score": labels, "kl_to_v0": kl,
+                                       "labels_to_held_significance": held(row),
+                                       "held_score": held_labels, "held_kl_to_v0": held_kl,
                                        "final_gold_mean_diff": row["summary"]["final"]["gold_mean_diff"],
                                        "final_gold_mean_diff_ci": row["summary"]["final"]["gold_mean_diff_ci"],
                                        "final_z": evidence(row["summary"]["final"])}
@@ -212,12 +227,20 @@ def table(rows: list[dict], max_kl: float = MAX_KL) -> dict:
     ranked = sorted((name for name, e in settings.items() if e["qualifies"]),
                     key=lambda name: rank_key(settings[name]["golds"].values()) + (name,))
     winner = ranked[0] if ranked else None
+    # The same order by the crossings that hold (rule "held"): a setting ranked by one lucky round
+    # that fell back inside noise moves down here.
+    as_held = {name: [{**r, "score": r["held_score"], "kl_to_v0": r["held_kl_to_v0"]} for r in e["golds"].values()]
+               for name, e in settings.items() if e["complete"]}
+    ranked_held = sorted((name for name, results in as_held.items()
+                          if all(r["kl_to_v0"] is not None and r["kl_to_v0"] <= max_kl for r in results)),
+                         key=lambda name: rank_key(as_held[name]) + (name,))
     for entry in settings.values():
         # A setting part-way through its golds that already ranks below the winner can only fall
         # further with more golds (see cannot_win): the sweep skips the rest of it.
         entry["cannot_win"] = not entry["complete"] and winner is not None and cannot_win(
             entry["golds"].values(), settings[winner]["golds"].values(), max_kl)
     return {"golds": golds, "max_kl": max_kl, "settings": settings, "ranking": ranked, "winner": winner,
+            "ranking_held": ranked_held, "winner_held": ranked_held[0] if ranked_held else None,
             "winner_reached_significance_on_every_gold": bool(winner) and all(
                 settings[winner]["golds"][g]["labels_to_significance"] is not None for g in golds)}
 

@@ -45,6 +45,24 @@ def test_when_no_setting_reaches_significance_the_nearest_on_its_worst_gold_wins
     assert table([row("a", "concise", 64, 1.0)])["winner_reached_significance_on_every_gold"] is True
 
 
+def test_a_crossing_that_falls_back_ranks_as_never_by_the_held_rule():
+    def rounds(*cis):
+        return [{"round": i + 1, "labels": 64 * (i + 1), "gold_mean_diff_ci": list(ci), "kl_to_v0": 0.5}
+                for i, ci in enumerate(cis)]
+
+    lucky = row("lucky", "concise", 64, 0.5, diff=0.0, ci=(-0.03, 0.03))
+    lucky["rounds"] = rounds((0.01, 0.06), (-0.03, 0.03))  # crossed at 64, back inside noise at 128
+    steady = row("steady", "concise", 128, 0.5, diff=0.05, ci=(0.01, 0.09))
+    steady["rounds"] = rounds((-0.02, 0.04), (0.01, 0.09))
+    result = table([lucky, steady])
+    assert result["ranking"] == ["lucky", "steady"]          # the first crossing: 64 beats 128
+    assert result["ranking_held"] == ["steady", "lucky"] and result["winner_held"] == "steady"
+    assert result["settings"]["lucky"]["golds"]["concise"]["labels_to_held_significance"] is None
+    assert result["settings"]["lucky"]["golds"]["concise"]["held_score"] == 192
+    # A row kept without its rounds is read from its summary.
+    assert table([row("old", "concise", 64, 0.5)])["settings"]["old"]["golds"]["concise"]["held_score"] == 64
+
+
 def test_each_setting_changes_one_thing_at_the_same_labels():
     from trainers.dpo import DPOConfig
 
