@@ -33,7 +33,8 @@ the round's ties and how often its votes agreed with the annotator's gold, and w
 one summary object ({"summary": true, ...}) with the headline number, `labels_to_significance`: the
 labels after which the gold_mean_diff interval first lies above zero, with the KL to v0 there (null if
 never), and `labels_to_held_significance`: the same for a crossing every later round stays above zero
-for (null when the last round is not above zero). The runs' settings and lines are kept in WORKDIR/bench-loop.json, which --head-to-head reads.
+for (null when the last round is not above zero). The runs' settings and lines are kept in
+WORKDIR/bench-loop.json, which --head-to-head reads.
 
 Which pair the annotator judges: `--pair-rule random` (two samples, the plain loop), `least_separated`,
 `most_different` or `least_tie` (each training prompt gets --candidates samples and the rule picks two: the

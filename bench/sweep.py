@@ -187,11 +187,10 @@ def held(row: dict) -> dict | None:
     return row["summary"].get("labels_to_held_significance", row["summary"]["labels_to_significance"])
 
 
-def score(row: dict, rule: str = "first") -> tuple[float, float | None]:
-    """(labels to significance, or the run's labels plus one round when never; KL to v0 there or at the end).
-    rule "first" counts the first crossing (the issue's measure), "held" only one that holds to the end."""
+def score(row: dict, reached: dict | None) -> tuple[float, float | None]:
+    """(labels to significance, or the run's labels plus one round when never; KL to v0 there or at the end),
+    for `reached`: the run's first crossing (the issue's measure) or its held one."""
     summary = row["summary"]
-    reached = summary["labels_to_significance"] if rule == "first" else held(row)
     if reached is None:
         per_round = summary["labels"] / max(summary["rounds"], 1)
         return summary["labels"] + per_round, summary["final"]["kl_to_v0"]
@@ -207,11 +206,12 @@ def table(rows: list[dict], max_kl: float = MAX_KL) -> dict:
         if "failed" in row:
             entry["golds"][row["gold"]] = {"failed": True}
             continue
-        labels, kl = score(row)
-        held_labels, held_kl = score(row, "held")
-        entry["golds"][row["gold"]] = {"labels_to_significance": row["summary"]["labels_to_significance"],
+        first, kept = row["summary"]["labels_to_significance"], held(row)
+        labels, kl = score(row, first)
+        held_labels, held_kl = score(row, kept)
+        entry["golds"][row["gold"]] = {"labels_to_significance": first,
                                        "score": labels, "kl_to_v0": kl,
-                                       "labels_to_held_significance": held(row),
+                                       "labels_to_held_significance": kept,
                                        "held_score": held_labels, "held_kl_to_v0": held_kl,
                                        "final_gold_mean_diff": row["summary"]["final"]["gold_mean_diff"],
                                        "final_gold_mean_diff_ci": row["summary"]["final"]["gold_mean_diff_ci"],
@@ -222,18 +222,15 @@ def table(rows: list[dict], max_kl: float = MAX_KL) -> dict:
         entry["complete"] = complete
         entry["worst"] = max(r["score"] for r in results) if complete else None
         entry["total"] = sum(r["score"] for r in results) if complete else None
-        entry["qualifies"] = complete and all(r["kl_to_v0"] is not None and r["kl_to_v0"] <= max_kl for r in results)
+        entry["qualifies"] = complete and within_kl(results, max_kl)
         entry["min_z"] = min(r["final_z"] for r in results) if complete else None
-    ranked = sorted((name for name, e in settings.items() if e["qualifies"]),
-                    key=lambda name: rank_key(settings[name]["golds"].values()) + (name,))
+    finished = {name: list(e["golds"].values()) for name, e in settings.items() if e["complete"]}
+    ranked = order(finished, max_kl)
     winner = ranked[0] if ranked else None
-    # The same order by the crossings that hold (rule "held"): a setting ranked by one lucky round
-    # that fell back inside noise moves down here.
-    as_held = {name: [{**r, "score": r["held_score"], "kl_to_v0": r["held_kl_to_v0"]} for r in e["golds"].values()]
-               for name, e in settings.items() if e["complete"]}
-    ranked_held = sorted((name for name, results in as_held.items()
-                          if all(r["kl_to_v0"] is not None and r["kl_to_v0"] <= max_kl for r in results)),
-                         key=lambda name: rank_key(as_held[name]) + (name,))
+    # The same order by the crossings that hold: a setting ranked by one lucky round that fell back
+    # inside noise moves down here.
+    ranked_held = order({name: [{**r, "score": r["held_score"], "kl_to_v0": r["held_kl_to_v0"]} for r in results]
+                         for name, results in finished.items()}, max_kl)
     for entry in settings.values():
         # A setting part-way through its golds that already ranks below the winner can only fall
         # further with more golds (see cannot_win): the sweep skips the rest of it.
@@ -243,6 +240,16 @@ def table(rows: list[dict], max_kl: float = MAX_KL) -> dict:
             "ranking_held": ranked_held, "winner_held": ranked_held[0] if ranked_held else None,
             "winner_reached_significance_on_every_gold": bool(winner) and all(
                 settings[winner]["golds"][g]["labels_to_significance"] is not None for g in golds)}
+
+
+def order(complete: dict[str, list[dict]], max_kl: float) -> list[str]:
+    """The complete settings within the KL limit on every gold (those that qualify), best first."""
+    qualified = [name for name, results in complete.items() if within_kl(results, max_kl)]
+    return sorted(qualified, key=lambda name: rank_key(complete[name]) + (name,))
+
+
+def within_kl(results, max_kl: float) -> bool:
+    return all(r["kl_to_v0"] is not None and r["kl_to_v0"] <= max_kl for r in results)
 
 
 def rank_key(results) -> tuple[float, float, float]:

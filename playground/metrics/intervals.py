@@ -159,13 +159,23 @@ def labels_to_significance(rounds: Sequence[dict]) -> dict | None:
     round, with no correction for the looks: over many rounds a policy that did not change would still
     cross now and then (each look alone: 2.5%), so read it next to the rounds after it.
     """
+    for record, above in _measured_rounds(rounds):
+        if above:
+            return _reached(record)
+    return None
+
+
+def _measured_rounds(rounds: Sequence[dict]):
+    """(round, whether its interval lies above zero) for each round with labels and a measured interval:
+    round 0 (v0 against itself) and a round not measured count for neither significance measure."""
     for record in rounds:
         ci = record.get("gold_mean_diff_ci")
-        if not record.get("labels") or ci is None or ci[0] is None:
-            continue
-        if ci[0] > 0:
-            return {"labels": record["labels"], "kl_to_v0": record.get("kl_to_v0"), "round": record.get("round")}
-    return None
+        if record.get("labels") and ci is not None and ci[0] is not None:
+            yield record, ci[0] > 0
+
+
+def _reached(record: dict) -> dict:
+    return {"labels": record["labels"], "kl_to_v0": record.get("kl_to_v0"), "round": record.get("round")}
 
 
 def labels_to_held_significance(rounds: Sequence[dict]) -> dict | None:
@@ -179,13 +189,9 @@ def labels_to_held_significance(rounds: Sequence[dict]) -> dict | None:
     earlier than `labels_to_significance`; on a run whose last round is its only crossing the two agree.
     """
     held = None
-    for record in rounds:
-        ci = record.get("gold_mean_diff_ci")
-        if not record.get("labels") or ci is None or ci[0] is None:
-            continue
-        if ci[0] > 0:
-            if held is None:
-                held = {"labels": record["labels"], "kl_to_v0": record.get("kl_to_v0"), "round": record.get("round")}
-        else:
+    for record, above in _measured_rounds(rounds):
+        if not above:
             held = None
+        elif held is None:
+            held = _reached(record)
     return held
