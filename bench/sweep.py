@@ -149,6 +149,8 @@ def results_so_far(path: Path) -> list[dict]:
 
 
 def read_results(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise SystemExit(f"error: {path} is not a results file (bench.sweep --out writes one)")
     rows = []
     for number, line in enumerate(path.read_text().splitlines(), 1):
         if line.strip():

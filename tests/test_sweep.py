@@ -110,6 +110,10 @@ def test_a_cut_off_results_line_is_a_clear_message(tmp_path):
     bad.write_text('{"setting": "base"')
     with pytest.raises(SystemExit, match="line 1 is not JSON"):
         main(["--report", str(bad)])
+    with pytest.raises(SystemExit, match="missing.jsonl is not a results file"):
+        main(["--report", str(tmp_path / "missing.jsonl")])
+    with pytest.raises(SystemExit, match="is not a results file"):
+        main(["--report", str(tmp_path)])  # a folder
 
 
 def test_a_setting_that_already_ranks_below_the_winner_cannot_win_and_is_run_weakest_gold_first():
