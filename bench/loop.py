@@ -87,6 +87,12 @@ DEFAULT_GOODHART_LAMBDA = -40.0
 # a plain pair's sampling cost.
 DEFAULT_CANDIDATES = 4
 MAX_CANDIDATES = 16
+# --edit-rate: by default the annotator only clicks (every kept result ran so). An edit is the chat's
+# "better reply" (playground/chat.py ChatService.edit): a person's own text, stored as the app stores it,
+# which the pair rules turn into (edit, A) and (edit, B) (store/pairs.py). It costs a label like a vote:
+# a round of --labels-per-round labels stops when its votes and edits have spent them, so a run with edits
+# is charged for every action the person took.
+DEFAULT_EDIT_RATE = 0.0
 RUN_FILE = "bench-loop.json"  # in the workdir: the run's settings and every line printed
 
 
@@ -119,6 +125,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "luck of v0's one draw, at that many times the evaluation's cost (default: %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (1: the policy itself)")
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="nucleus sampling of the pairs and the evaluation (1: off; the chat samples at 0.95)")
     p.add_argument("--flip-rate", type=float, default=0.25, help="label noise of the annotator")
     p.add_argument("--tau", type=float, default=None,
                    help="the annotator's Bradley-Terry temperature (default: the gold's own scale; 1 for your own "
@@ -132,6 +140,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "pair_choice.py): random, least_separated (closest implicit rewards under the live "
                         "version), most_different (fewest shared words) or least_tie (least likely to tie, "
                         "by a tie model fit on the votes so far) (default: %(default)s)")
+    p.add_argument("--edit-rate", type=float, default=DEFAULT_EDIT_RATE,
+                   help="chance that after a vote the annotator also writes a better reply (an edit: the gold's "
+                        "own improvement of the better one); each edit costs one label (default: %(default)s)")
     p.add_argument("--candidates", type=int, default=DEFAULT_CANDIDATES,
                    help="replies sampled per training prompt when --pair-rule is not random (default: %(default)s)")
     p.add_argument("--workdir", default=None, help="keep the store and adapters here (default: a temp folder)")
@@ -150,6 +161,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--eval-draws must be between 1 and {MAX_EVAL_DRAWS}, got {args.eval_draws}")
     if not 2 <= args.candidates <= MAX_CANDIDATES:
         p.error(f"--candidates must be between 2 and {MAX_CANDIDATES}, got {args.candidates}")
+    if not 0 <= args.edit_rate <= 1:
+        p.error(f"--edit-rate must be between 0 and 1, got {args.edit_rate}")
+    if not 0 < args.top_p <= 1:
+        p.error(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.tau is not None and not args.tau > 0:
         p.error(f"--tau must be > 0 (a score gap of tau is a 73%% preference), got {args.tau}")
     try:
@@ -206,7 +221,7 @@ class Bench:
     def settings(self):
         from playground.serving.generation import SamplingSettings
 
-        return SamplingSettings(temperature=self.args.temperature, top_p=1.0,
+        return SamplingSettings(temperature=self.args.temperature, top_p=self.args.top_p,
                                 max_new_tokens=self.args.max_new_tokens)
 
     def sample(self, target, prompt_ids: list[list[int]], seeds: list[list[int]], keep=None) -> list[list]:
@@ -388,6 +403,9 @@ class LoopBench(Bench):
         eval_texts, self.train_prompts = split_prompts(args)
         self.evaluation = Evaluation(self, eval_texts)
         self.rng = random.Random(args.seed + 1)
+        # Whether the annotator edits: its own generator, so a run without edits draws exactly what it drew
+        # before the flag existed (the same prompts, replies and votes).
+        self.edit_rng = random.Random(args.seed + 2)
         self.labels = 0
         self.judged: list[tuple[str, str, bool]] = []  # (reply a, reply b, tied) of every vote so far
         self.tie_model = None  # least_tie's model when the last pairs were chosen
@@ -434,14 +452,19 @@ class LoopBench(Bench):
         ref = self.base.reply_logprobs(prompt_ids, replies)
         return [a - b for a, b in zip(own, ref)]
 
-    def label_and_store(self, pairs: list[tuple[str, str, str]], version: str) -> dict:
-        """The annotator votes on each pair; every vote is stored as the app would store it. Returns the
-        votes, the ties among them (no training pair), and how often the rest agreed with the annotator's
-        gold (25% label noise caps it at 0.75; pairs a few words apart under `concise` are near 0.5)."""
+    def label_and_store(self, pairs: list[tuple[str, str, str]], version: str, budget: int) -> dict:
+        """The annotator votes on pairs until `budget` labels are spent; after a vote, with --edit-rate, it
+        also writes a better reply (one more label). Everything is stored as the app would store it.
+        Returns the labels spent, the votes and edits, the ties among the votes (no training pair from the
+        vote), and how often the rest agreed with the annotator's gold (25% label noise caps it at 0.75;
+        pairs a few words apart under `concise` are near 0.5). Edits are written to the gold, without
+        the clicks' noise: a person who types a reply means it."""
         from playground.sim.annotator import CHOICE_A, CHOICE_TIE
 
-        ties = agreed = 0
+        ties = agreed = votes = edits = 0
         for prompt, a, b in pairs:
+            if votes + edits >= budget:
+                break
             context = user(prompt)
             judgement = self.annotator.judge(context, a, b)
             self.judged.append((a, b, judgement.choice == CHOICE_TIE))  # what least_tie learns from
@@ -452,12 +475,22 @@ class LoopBench(Bench):
             conversation = self.store.start_conversation("bench", self.annotator.name, self.loaded.model_id, "",
                                                          simulated=True)
             rows = [{"slot": slot, "text": text, "policy_version": version, "model_id": self.loaded.model_id,
-                     "temperature": self.args.temperature, "top_p": 1.0, "max_new_tokens": self.args.max_new_tokens}
+                     "temperature": self.args.temperature, "top_p": self.args.top_p,
+                     "max_new_tokens": self.args.max_new_tokens}
                     for slot, text in (("a", a), ("b", b))]
             turn_id, _ = self.store.record_turn(conversation, 0, context, prompt, rows)
             self.store.record_choice(turn_id, 0, judgement.choice, self.annotator.name, "bench")
-        voted = len(pairs) - ties
-        return {"votes": len(pairs), "ties": ties, "agreement": round(agreed / voted, 4) if voted else None}
+            votes += 1
+            if votes + edits < budget and self.args.edit_rate > 0 and self.edit_rng.random() < self.args.edit_rate:
+                better = self.annotator.edit(context, a, b)
+                if better is not None:  # the gold has no better reply than the better one: nothing to write
+                    # Its length as the chat counts an edit's (end of turn included): its pairs' limit reads it.
+                    n_tokens = len(self.tokenizer(better, add_special_tokens=False)["input_ids"]) + 1
+                    self.store.record_edit(turn_id, 0, better, self.annotator.name, "bench", n_tokens=n_tokens)
+                    edits += 1
+        voted = votes - ties
+        return {"labels": votes + edits, "votes": votes, "edits": edits, "ties": ties,
+                "agreement": round(agreed / voted, 4) if voted else None}
 
     def train_round(self, round_index: int) -> dict:
         from trainers.run import parse_args as runner_args
@@ -505,7 +538,7 @@ class LoopBench(Bench):
 
         last = self.lines[-1]
         line = {"summary": True, "arm": self.args.arm, "gold": self.gold.spec, "pair_rule": self.args.pair_rule,
-                "rounds": self.args.rounds,
+                "rounds": self.args.rounds, "edit_rate": self.args.edit_rate, "top_p": self.args.top_p,
                 "labels": self.labels, "eval_prompts": last["eval_prompts"], "eval_draws": self.evaluation.draws,
                 "labels_to_significance": labels_to_significance(self.lines),
                 "labels_to_held_significance": labels_to_held_significance(self.lines),
@@ -547,13 +580,15 @@ class LoopBench(Bench):
                 seconds["sample"] = time.perf_counter() - t
                 source = self.version
             t = time.perf_counter()
-            votes = self.label_and_store(pairs, source)
-            self.labels += votes["votes"]
+            votes = self.label_and_store(pairs, source, self.args.labels_per_round)
+            self.labels += votes["labels"]
             seconds["label"] = time.perf_counter() - t
             t = time.perf_counter()
             summary = self.train_round(round_index)
             seconds["train"] = time.perf_counter() - t
             labelled = {"round_ties": votes["ties"], "round_label_agreement": votes["agreement"]}
+            if self.args.edit_rate > 0:  # only then: the lines of runs without edits stay as they were
+                labelled["round_edits"] = votes["edits"]
             if self.args.pair_rule == "least_tie":
                 labelled["round_tie_model_top"] = self.tie_model_top()
             if summary["status"] != "succeeded":

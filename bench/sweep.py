@@ -73,6 +73,14 @@ SETTINGS: dict[str, list[str]] = {
     # smoothing: nearer what the app samples and trains on than the bench's temperature 1 (the chat's top-p
     # of 0.95 is not applied: bench.loop samples at top-p 1).
     "temperature_0.8_ls_0.25": ["--temperature", "0.8", "--config", '{"label_smoothing": 0.25}'],
+    # The other thing a person in the chat can give: a better reply of their own (the chat's edit). Every
+    # pair setting above trains on two whole samples that differ everywhere, and a taste most pairs tie on
+    # (keyword, format) gives 10-20 judged pairs a round; an edit is the better reply with the taste worked
+    # in, so (edit, better reply) differ only where the taste is. Each edit costs a label (bench/loop.py
+    # --edit-rate); 0.1 is the autopilot's rate (playground/sim/simulate.py), 0.25 one turn in four. On the
+    # app's default label smoothing.
+    "edits_0.1_ls_0.25": ["--edit-rate", "0.1", "--config", '{"label_smoothing": 0.25}'],
+    "edits_0.25_ls_0.25": ["--edit-rate", "0.25", "--config", '{"label_smoothing": 0.25}'],
 }
 # keyword's own default word ("banana") is in 2 of the bundled model's 256 held-out v0 replies, and every
 # one of 128 training pairs tied on it, so no round ever trained (measured). "here" is in 61 of the 256

@@ -252,3 +252,65 @@ def test_eval_draws_out_of_range_is_a_clear_message(draws, capsys):
     with pytest.raises(SystemExit):
         parse_args(["--eval-draws", draws])
     assert "--eval-draws must be between 1 and 8" in capsys.readouterr().err
+
+
+def test_edits_cost_a_label_each_and_reach_the_training_pairs_as_the_app_stores_them(tiny_model_dir, tmp_path, capsys):
+    """--edit-rate 1: after every vote the annotator writes the gold's better reply (concise: cut to one
+    word) where there is one, each edit one label, so a round of 8 labels is its votes and edits together;
+    every edit is a feedback row the pair rules turn into (edit, A) and (edit, B)."""
+    import sqlite3
+
+    work = tmp_path / "edits"
+    status, lines, err = in_process(capsys, "--gold", "concise:target_words=1", "--rounds", "1", "--labels-per-round",
+                                    "8", "--seed", "0", "--model", str(tiny_model_dir), "--workdir", str(work),
+                                    "--config", '{"epochs": 1}', "--edit-rate", "1", *TINY)
+    assert status == 0, err[-2000:]
+    rounds, summary = [line for line in lines if "round" in line], lines[-1]
+    assert rounds[1]["labels"] == 8 and summary["labels"] == 8 and summary["edit_rate"] == 1.0
+    edits = rounds[1]["round_edits"]
+    with sqlite3.connect(work / "loop.db") as db:
+        kinds = dict(db.execute("select kind, count(*) from feedback group by kind").fetchall())
+        edit_pairs = db.execute("select count(*) from training_pairs where edit_feedback_id is not null").fetchone()[0]
+        edit_texts = [t for (t,) in db.execute("select value from feedback where kind = 'edit'")]
+    assert kinds.get("edit", 0) == edits >= 1 and kinds["choice"] + edits == 8
+    # A pair whose better reply is already one word long has no better reply to write: only a vote.
+    assert kinds["choice"] > 4
+    from playground.sim.gold import count_words
+
+    assert edit_pairs == 2 * edits and all(count_words(t) == 1 for t in edit_texts), edit_texts
+
+
+def test_no_edits_by_default_draws_and_reports_what_it_did_before(runs):
+    """Without --edit-rate the lines carry no round_edits and every label is a vote (the kept results ran so)."""
+    lines, work = runs["onpolicy"]
+    assert all("round_edits" not in line for line in lines)
+    assert lines[-1]["edit_rate"] == 0.0 and lines[-1]["top_p"] == 1.0
+    import sqlite3
+
+    with sqlite3.connect(work / "loop.db") as db:
+        assert db.execute("select count(*) from feedback where kind = 'edit'").fetchone()[0] == 0
+
+
+def test_top_p_is_applied_to_the_pairs_and_stored_with_them(tiny_model_dir, tmp_path, capsys):
+    import sqlite3
+
+    work = tmp_path / "top-p"
+    status, lines, err = in_process(capsys, "--gold", "concise", "--rounds", "1", "--labels-per-round", "4",
+                                    "--seed", "0", "--model", str(tiny_model_dir), "--workdir", str(work),
+                                    "--config", '{"epochs": 1}', "--top-p", "0.5", *TINY)
+    assert status == 0, err[-2000:]
+    assert lines[-1]["top_p"] == 0.5
+    with sqlite3.connect(work / "loop.db") as db:
+        assert {p for (p,) in db.execute("select distinct top_p from replies")} == {0.5}
+
+
+@pytest.mark.parametrize("flag, value, message", [("--edit-rate", "1.5", "--edit-rate must be between 0 and 1"),
+                                                  ("--edit-rate", "-0.1", "--edit-rate must be between 0 and 1"),
+                                                  ("--top-p", "0", "--top-p must be in (0, 1]"),
+                                                  ("--top-p", "1.2", "--top-p must be in (0, 1]")])
+def test_edit_rate_and_top_p_out_of_range_are_clear_messages(flag, value, message, capsys):
+    from bench.loop import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args([flag, value])
+    assert message in capsys.readouterr().err
