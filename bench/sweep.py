@@ -78,9 +78,13 @@ SETTINGS: dict[str, list[str]] = {
     # (keyword, format) gives 10-20 judged pairs a round; an edit is the better reply with the taste worked
     # in, so (edit, better reply) differ only where the taste is. Each edit costs a label (bench/loop.py
     # --edit-rate); 0.1 is the autopilot's rate (playground/sim/simulate.py), 0.25 one turn in four. On the
-    # app's default label smoothing.
-    "edits_0.1_ls_0.25": ["--edit-rate", "0.1", "--config", '{"label_smoothing": 0.25}'],
-    "edits_0.25_ls_0.25": ["--edit-rate", "0.25", "--config", '{"label_smoothing": 0.25}'],
+    # app's default label smoothing, applied to the edits' pairs too (as every round did before
+    # trainers/dpo.py's smooth_edits, which these settings pin so that their kept rows keep their meaning).
+    "edits_0.1_ls_0.25": ["--edit-rate", "0.1", "--config", '{"label_smoothing": 0.25, "smooth_edits": true}'],
+    "edits_0.25_ls_0.25": ["--edit-rate", "0.25", "--config", '{"label_smoothing": 0.25, "smooth_edits": true}'],
+    # The same, with the edits' pairs trusted (the app's default since): smoothing stands for misclicks, and
+    # a typed reply is no click.
+    "edits_0.25_trusted": ["--edit-rate", "0.25", "--config", '{"label_smoothing": 0.25, "smooth_edits": false}'],
 }
 # keyword's own default word ("banana") is in 2 of the bundled model's 256 held-out v0 replies, and every
 # one of 128 training pairs tied on it, so no round ever trained (measured). "here" is in 61 of the 256

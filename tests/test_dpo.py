@@ -16,6 +16,7 @@ from trainers.dpo import (
     TrainingAborted,
     dpo_loss,
     pack_pairs,
+    pair_label_smoothing,
     pair_logps,
     save_adapter,
     train_dpo,
@@ -58,6 +59,45 @@ def test_label_smoothing_is_conservative_dpo_by_hand():
     # A flipped vote now costs less than it would unsmoothed: log(1 + e) - 0.1.
     losses, _, _ = dpo_loss(t(-12.0), t(-10.0), t(-11.0), t(-11.0), beta=0.5, label_smoothing=0.1)
     assert losses.item() == pytest.approx(1.2132617, abs=1e-6)
+
+
+def test_each_pair_can_have_its_own_smoothing():
+    # A [n] tensor of flip chances is each pair's own scalar smoothing, row by row.
+    args = (t(-10.0, -12.0), t(-12.0, -10.0), t(-11.0, -11.0), t(-11.0, -11.0))
+    losses, _, _ = dpo_loss(*args, beta=0.5, label_smoothing=t(0.0, 0.1))
+    one, _, _ = dpo_loss(*(a[:1] for a in args), beta=0.5, label_smoothing=0.0)
+    two, _, _ = dpo_loss(*(a[1:] for a in args), beta=0.5, label_smoothing=0.1)
+    assert losses.tolist() == pytest.approx([one.item(), two.item()])
+    assert losses.tolist() == pytest.approx([0.3132617, 1.2132617], abs=1e-6)  # as the two tests above
+    with pytest.raises(ValueError, match="ipo"):
+        dpo_loss(*args, beta=0.5, loss_type="ipo", label_smoothing=t(0.0, 0.1), chosen_lengths=t(3.0, 3.0),
+                 rejected_lengths=t(3.0, 3.0))
+
+
+def test_an_edit_is_not_a_click_and_is_not_smoothed_unless_asked():
+    vote = PreferencePair((1, 2), (3,), (4,), source="choice")
+    rated = PreferencePair((1, 2), (3,), (5,), source="ratings")
+    edit = PreferencePair((1, 2), (6,), (4,), source="edit")
+    smoothing = pair_label_smoothing([vote, edit, rated], DPOConfig(label_smoothing=0.25))
+    assert smoothing.tolist() == [0.25, 0.0, 0.25]
+    # One value for all when all get the same: no edits, edits smoothed too, nothing to smooth.
+    assert pair_label_smoothing([vote, rated], DPOConfig(label_smoothing=0.25)) == 0.25
+    assert pair_label_smoothing([vote, edit], DPOConfig(label_smoothing=0.25, smooth_edits=True)) == 0.25
+    assert pair_label_smoothing([vote, edit], DPOConfig(label_smoothing=0.0)) == 0.0
+    assert pair_label_smoothing([vote, edit], DPOConfig(loss="ipo")) == 0.0
+
+
+def test_a_round_of_edits_trains_as_if_nothing_were_smoothed(tiny_loaded):
+    """Through the real loop: pairs that are all edits, at label smoothing 0.25, take exactly the steps of
+    label smoothing 0; smoothing the edits too (smooth_edits) takes other steps."""
+    pairs = [PreferencePair(p.prompt_ids, p.chosen_ids, p.rejected_ids, source="edit")
+             for p in random_pairs(tiny_loaded.model.config.vocab_size, 8, seed=3)]
+    runs = {name: train_dpo(tiny_loaded.model, pairs, pairs[:2], DPOConfig(**FAST, **config))
+            for name, config in {"trusted": dict(label_smoothing=0.25), "zero": dict(label_smoothing=0.0),
+                                 "smoothed": dict(label_smoothing=0.25, smooth_edits=True)}.items()}
+    losses = {name: [step["loss"] for step in run.steps] for name, run in runs.items()}
+    assert losses["trusted"] == losses["zero"] and losses["smoothed"] != losses["zero"]
+    assert runs["trusted"].eval_after == runs["zero"].eval_after
 
 
 def test_ipo_loss_by_hand():

@@ -84,6 +84,10 @@ class DPOConfig:
     # -(1-e) logsig(beta*d) - e logsig(-beta*d). 0 trusts every click. 'sigmoid' only: None (the default)
     # is DEFAULT_LABEL_SMOOTHING for 'sigmoid' and 0 for 'ipo', which has no such term.
     label_smoothing: float | None = None
+    # Whether an edit's pairs (the person's own better reply against each sampled one) are smoothed too.
+    # Label smoothing stands for clicks that went the wrong way; a reply someone typed is no click, so by
+    # default its pairs are trusted (smoothing 0) while the round's votes keep label_smoothing.
+    smooth_edits: bool = False
     # LoRA wants a far larger step than full fine-tuning (TRL's 1e-6 default would not move a 32-pair round).
     learning_rate: float = 2e-4
     # Passes over the round's pairs. One. Two won the label-efficiency sweep's 2-round screen (concise
@@ -153,6 +157,15 @@ class DPOConfig:
             raise ValueError(f"target_modules must name at least one module, got {self.target_modules!r}")
 
 
+def pair_label_smoothing(pairs: Sequence[PreferencePair], config: DPOConfig, device=None) -> float | torch.Tensor:
+    """Each pair's assumed flip chance, for dpo_loss: config.label_smoothing for a vote's pair, 0 for an
+    edit's unless config.smooth_edits. A plain float when every pair gets the same (no smoothing, IPO)."""
+    smoothing = config.label_smoothing or 0.0
+    if not smoothing or config.smooth_edits or all(p.source != "edit" for p in pairs):
+        return smoothing
+    return torch.tensor([0.0 if p.source == "edit" else smoothing for p in pairs], device=device)
+
+
 def dpo_loss(
     policy_chosen_logps: torch.Tensor,
     policy_rejected_logps: torch.Tensor,
@@ -160,14 +173,15 @@ def dpo_loss(
     ref_rejected_logps: torch.Tensor,
     beta: float,
     loss_type: LossType = "sigmoid",
-    label_smoothing: float = 0.0,
+    label_smoothing: float | torch.Tensor = 0.0,
     chosen_lengths: torch.Tensor | None = None,
     rejected_lengths: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-pair losses and implicit rewards, from summed reply log-probs: ([n], [n], [n]).
 
     'sigmoid' is TRL 1.16's formula; label_smoothing > 0 gives cDPO (TRL 1.16's 'sigmoid' ignores
-    label_smoothing; its 'aot' loss on a single pair is this exact form). 'ipo' divides each reply's log
+    label_smoothing; its 'aot' loss on a single pair is this exact form): one value for every pair, or
+    a [n] tensor of each pair's own (pair_label_smoothing). 'ipo' divides each reply's log
     ratio by its token count (chosen_lengths / rejected_lengths), exactly as TRL 1.16 does.
     Rewards are beta * (policy - reference) log-probs, detached.
     """
@@ -179,7 +193,7 @@ def dpo_loss(
     elif loss_type == "ipo":
         if chosen_lengths is None or rejected_lengths is None:
             raise ValueError("the 'ipo' loss needs chosen_lengths and rejected_lengths (reply token counts)")
-        if label_smoothing:
+        if torch.as_tensor(label_smoothing).any():
             raise ValueError(f"label_smoothing {label_smoothing!r} has no meaning for the 'ipo' loss")
         delta = chosen_logratios / chosen_lengths.clamp(min=1) - rejected_logratios / rejected_lengths.clamp(min=1)
         losses = (delta - 1 / (2 * beta)) ** 2
@@ -328,7 +342,8 @@ def _held_out(logps, ref_logps, pairs, config: DPOConfig) -> dict:
     device = logps[0].device
     lengths = torch.tensor([[len(p.chosen_ids), len(p.rejected_ids)] for p in pairs], device=device)
     losses, chosen_rewards, rejected_rewards = dpo_loss(
-        *logps, *ref_logps, config.beta, config.loss, config.label_smoothing, lengths[:, 0], lengths[:, 1]
+        *logps, *ref_logps, config.beta, config.loss, pair_label_smoothing(pairs, config, device),
+        lengths[:, 0], lengths[:, 1],
     )
     margins = chosen_rewards - rejected_rewards
     return {"n": len(pairs), "accuracy": (margins > 0).float().mean().item(), "margin": margins.mean().item(),
@@ -445,11 +460,12 @@ def train_dpo(
                         param_group["lr"] = lr
                     sums = {k: 0.0 for k in ("loss", "chosen", "rejected", "correct", "logps_c", "logps_r")}
                     for index in micro_batches:
-                        rows = pack_pairs([fits[i] for i in index], pad_id, device, dtype)
+                        batch = [fits[i] for i in index]
+                        rows = pack_pairs(batch, pad_id, device, dtype)
                         chosen, rejected = pair_logps(policy, rows)
                         losses, chosen_rewards, rejected_rewards = dpo_loss(
                             chosen, rejected, ref_train[0][index], ref_train[1][index], config.beta, config.loss,
-                            config.label_smoothing, rows.chosen_lengths, rows.rejected_lengths,
+                            pair_label_smoothing(batch, config, device), rows.chosen_lengths, rows.rejected_lengths,
                         )
                         loss = losses.sum() / n_pairs  # the step's loss is the mean over all its pairs
                         if not torch.isfinite(loss):

@@ -168,7 +168,8 @@ def build_admin(loop: TrainingLoop, service=None, visible: bool = True):
                                         minimum=0, maximum=0.49, step=0.05,
                                         info="the share of votes a round assumes are wrong (sigmoid only): 0.25 "
                                              "learns a noisy room's taste in fewer votes and drifts less; 0 "
-                                             "trusts every click, and chases the misclicks too")
+                                             "trusts every click, and chases the misclicks too (a better "
+                                             "reply someone typed is always trusted)")
             loss_type = gr.Radio(["sigmoid", "ipo"], value="sigmoid", label="loss",
                                  info="sigmoid: DPO's loss. ipo: a bounded margin, slower to overfit a few noisy votes")
             ref = gr.Radio(["base", "previous"], value="base", label="reference policy",
