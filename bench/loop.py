@@ -43,6 +43,13 @@ tie model fit on the annotator's votes so far rates least likely to tie; playgro
 pair_choice.py). Every line names its rule; under `least_tie` each round also names the features the
 tie model found most telling (`round_tie_model_top`).
 
+With `--edit-rate R` the annotator also does what the chat's "better reply" box does: after a vote,
+with chance R, it writes the gold's improvement of the better reply (concise: cut at a sentence end near
+the target; keyword: the word up front; format: a list), stored as the app stores an edit, which gives
+the round (edit, A) and (edit, B). Each edit is one label, so a round's labels are its votes and edits
+together; its line names the edits (`round_edits`). The clicks keep --flip-rate's noise; an edit is
+written to the gold.
+
 A gold that gives every one of v0's held-out replies the same score is refused before any label is
 given: its annotator would tie every pair (playground/sim/annotator.py), leaving nothing to learn.
 """
