@@ -85,6 +85,12 @@ SETTINGS: dict[str, list[str]] = {
     # The same, with the edits' pairs trusted (the app's default since): smoothing stands for misclicks, and
     # a typed reply is no click.
     "edits_0.25_trusted": ["--edit-rate", "0.25", "--config", '{"label_smoothing": 0.25, "smooth_edits": false}'],
+    # Trusted edits also learned as demonstrations: their text's mean NLL per token, at weight 1 (RPO's
+    # alpha), next to their pairs' DPO loss (trainers/dpo.py edit_sft_weight). On format and keyword DPO on
+    # the edits alone did not move the policy (the edit stays far less likely than the samples: a list
+    # from a model that writes prose).
+    "edits_0.25_sft_1": ["--edit-rate", "0.25",
+                         "--config", '{"label_smoothing": 0.25, "smooth_edits": false, "edit_sft_weight": 1.0}'],
 }
 # keyword's own default word ("banana") is in 2 of the bundled model's 256 held-out v0 replies, and every
 # one of 128 training pairs tied on it, so no round ever trained (measured). "here" is in 61 of the 256

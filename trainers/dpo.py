@@ -88,6 +88,12 @@ class DPOConfig:
     # Label smoothing stands for clicks that went the wrong way; a reply someone typed is no click, so by
     # default its pairs are trusted (smoothing 0) while the round's votes keep label_smoothing.
     smooth_edits: bool = False
+    # Weight of a supervised term on an edit's own text: its mean negative log-likelihood per token, added
+    # to its two pairs' loss (TRL's "sft" loss next to "sigmoid", as in RPO, Pang et al. 2024; here on edits
+    # only). A typed reply is a demonstration: DPO alone only makes it likelier *relative* to the samples,
+    # and a reply the model would never write (a list, from a model that writes prose) can stay unlikely
+    # while both fall. 0 (off) adds nothing.
+    edit_sft_weight: float = 0.0
     # LoRA wants a far larger step than full fine-tuning (TRL's 1e-6 default would not move a 32-pair round).
     learning_rate: float = 2e-4
     # Passes over the round's pairs. One. Two won the label-efficiency sweep's 2-round screen (concise
@@ -145,6 +151,8 @@ class DPOConfig:
             raise ValueError(f"lr_schedule {self.lr_schedule!r} is not one of {LR_SCHEDULES}")
         if self.label_smoothing is None:
             self.label_smoothing = DEFAULT_LABEL_SMOOTHING if self.loss == "sigmoid" else 0.0
+        if not (isinstance(self.edit_sft_weight, (int, float)) and self.edit_sft_weight >= 0):
+            raise ValueError(f"edit_sft_weight must be 0 or more, got {self.edit_sft_weight!r}")
         if not (isinstance(self.label_smoothing, (int, float)) and 0.0 <= self.label_smoothing < 0.5):
             raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing!r}")
         if self.loss == "ipo" and self.label_smoothing:
@@ -166,6 +174,14 @@ def pair_label_smoothing(pairs: Sequence[PreferencePair], config: DPOConfig, dev
     return torch.tensor([0.0 if p.source == "edit" else smoothing for p in pairs], device=device)
 
 
+def pair_sft_weight(pairs: Sequence[PreferencePair], config: DPOConfig, device=None) -> float | torch.Tensor:
+    """Each pair's weight of the supervised term on its chosen reply, for dpo_loss: config.edit_sft_weight
+    for an edit's pairs, 0 for a vote's. A plain 0.0 when no pair has one."""
+    if not config.edit_sft_weight or all(p.source != "edit" for p in pairs):
+        return 0.0
+    return torch.tensor([config.edit_sft_weight if p.source == "edit" else 0.0 for p in pairs], device=device)
+
+
 def dpo_loss(
     policy_chosen_logps: torch.Tensor,
     policy_rejected_logps: torch.Tensor,
@@ -176,6 +192,7 @@ def dpo_loss(
     label_smoothing: float | torch.Tensor = 0.0,
     chosen_lengths: torch.Tensor | None = None,
     rejected_lengths: torch.Tensor | None = None,
+    sft_weight: float | torch.Tensor = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-pair losses and implicit rewards, from summed reply log-probs: ([n], [n], [n]).
 
@@ -183,6 +200,8 @@ def dpo_loss(
     label_smoothing; its 'aot' loss on a single pair is this exact form): one value for every pair, or
     a [n] tensor of each pair's own (pair_label_smoothing). 'ipo' divides each reply's log
     ratio by its token count (chosen_lengths / rejected_lengths), exactly as TRL 1.16 does.
+    sft_weight (one value, or a [n] tensor: pair_sft_weight) adds that many times the chosen reply's mean
+    negative log-likelihood per token (policy_chosen_logps / chosen_lengths) to each pair's loss.
     Rewards are beta * (policy - reference) log-probs, detached.
     """
     chosen_logratios = policy_chosen_logps - ref_chosen_logps
@@ -199,6 +218,10 @@ def dpo_loss(
         losses = (delta - 1 / (2 * beta)) ** 2
     else:
         raise ValueError(f"loss_type {loss_type!r} is not one of {LOSS_TYPES}")
+    if torch.as_tensor(sft_weight).any():
+        if chosen_lengths is None:
+            raise ValueError("a supervised term (sft_weight) needs chosen_lengths (reply token counts)")
+        losses = losses - sft_weight * policy_chosen_logps / chosen_lengths.clamp(min=1)
     return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
 
 
@@ -343,7 +366,7 @@ def _held_out(logps, ref_logps, pairs, config: DPOConfig) -> dict:
     lengths = torch.tensor([[len(p.chosen_ids), len(p.rejected_ids)] for p in pairs], device=device)
     losses, chosen_rewards, rejected_rewards = dpo_loss(
         *logps, *ref_logps, config.beta, config.loss, pair_label_smoothing(pairs, config, device),
-        lengths[:, 0], lengths[:, 1],
+        lengths[:, 0], lengths[:, 1], pair_sft_weight(pairs, config, device),
     )
     margins = chosen_rewards - rejected_rewards
     return {"n": len(pairs), "accuracy": (margins > 0).float().mean().item(), "margin": margins.mean().item(),
@@ -466,6 +489,7 @@ def train_dpo(
                         losses, chosen_rewards, rejected_rewards = dpo_loss(
                             chosen, rejected, ref_train[0][index], ref_train[1][index], config.beta, config.loss,
                             pair_label_smoothing(batch, config, device), rows.chosen_lengths, rows.rejected_lengths,
+                            pair_sft_weight(batch, config, device),
                         )
                         loss = losses.sum() / n_pairs  # the step's loss is the mean over all its pairs
                         if not torch.isfinite(loss):
