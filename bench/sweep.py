@@ -91,6 +91,9 @@ SETTINGS: dict[str, list[str]] = {
     # from a model that writes prose).
     "edits_0.25_sft_1": ["--edit-rate", "0.25",
                          "--config", '{"label_smoothing": 0.25, "smooth_edits": false, "edit_sft_weight": 1.0}'],
+    # The same at the autopilot's edit rate: one turn in ten.
+    "edits_0.1_sft_1": ["--edit-rate", "0.1",
+                        "--config", '{"label_smoothing": 0.25, "smooth_edits": false, "edit_sft_weight": 1.0}'],
 }
 # keyword's own default word ("banana") is in 2 of the bundled model's 256 held-out v0 replies, and every
 # one of 128 training pairs tied on it, so no round ever trained (measured). "here" is in 61 of the 256
