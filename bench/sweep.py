@@ -79,12 +79,16 @@ SETTINGS: dict[str, list[str]] = {
     # in, so (edit, better reply) differ only where the taste is. Each edit costs a label (bench/loop.py
     # --edit-rate); 0.1 is the autopilot's rate (playground/sim/simulate.py), 0.25 one turn in four. On the
     # app's default label smoothing, applied to the edits' pairs too (as every round did before
-    # trainers/dpo.py's smooth_edits, which these settings pin so that their kept rows keep their meaning).
-    "edits_0.1_ls_0.25": ["--edit-rate", "0.1", "--config", '{"label_smoothing": 0.25, "smooth_edits": true}'],
-    "edits_0.25_ls_0.25": ["--edit-rate", "0.25", "--config", '{"label_smoothing": 0.25, "smooth_edits": true}'],
+    # trainers/dpo.py's smooth_edits and edit_sft_weight, which these settings pin so that their kept rows
+    # keep their meaning).
+    "edits_0.1_ls_0.25": ["--edit-rate", "0.1",
+                          "--config", '{"label_smoothing": 0.25, "smooth_edits": true, "edit_sft_weight": 0.0}'],
+    "edits_0.25_ls_0.25": ["--edit-rate", "0.25",
+                           "--config", '{"label_smoothing": 0.25, "smooth_edits": true, "edit_sft_weight": 0.0}'],
     # The same, with the edits' pairs trusted (the app's default since): smoothing stands for misclicks, and
     # a typed reply is no click.
-    "edits_0.25_trusted": ["--edit-rate", "0.25", "--config", '{"label_smoothing": 0.25, "smooth_edits": false}'],
+    "edits_0.25_trusted": ["--edit-rate", "0.25",
+                           "--config", '{"label_smoothing": 0.25, "smooth_edits": false, "edit_sft_weight": 0.0}'],
     # Trusted edits also learned as demonstrations: their text's mean NLL per token, at weight 1 (RPO's
     # alpha), next to their pairs' DPO loss (trainers/dpo.py edit_sft_weight). On format and keyword DPO on
     # the edits alone did not move the policy (the edit stays far less likely than the samples: a list

@@ -348,7 +348,7 @@ def test_an_annotator_is_refused_admin_actions_an_admin_is_not(tiny_loaded, tmp_
         refused_actions = {e["detail"] for e in service.store.auth_events("ann") if e["event"] == "refused"}
         assert {"admin action: train now", "admin action: pause", "admin action: rollback"} <= refused_actions
         # The panel's other controls are private events; called as the page calls them, they refuse too.
-        settings = ["dpo", 0.2, 1e-4, 1, 0.1, "sigmoid", "base", None, 0.1, 1e-5, 2]
+        settings = ["dpo", 0.2, 1e-4, 1, 0.1, "sigmoid", "base", None, 0.1, 1e-5, 2, 0.5]
         for api_name, data in (("apply_settings", settings), ("set_arena", [True]), ("set_best_of", [2]),
                                ("begin", ["concise", 1, 1, 0.0, 0, "marmalade"])):
             result = page_event(url, ann.cookies, api_name, data)
@@ -360,6 +360,7 @@ def test_an_annotator_is_refused_admin_actions_an_admin_is_not(tiny_loaded, tmp_
         # IPO (it has no such term: sent, the round would refuse it).
         assert page_event(url, root.cookies, "apply_settings", settings)["success"] is True
         assert (loop.next_config()["beta"], loop.next_config()["label_smoothing"]) == (0.2, 0.1)
+        assert loop.next_config()["edit_sft_weight"] == 0.5  # how much a typed better reply is imitated
         # An assumed share of misclicks of a half or more is refused with its reason, and changes nothing.
         for bad, reason in ((0.5, "greater than maximum value 0.49"), (-0.1, "less than minimum value 0")):
             refused_settings = page_event(url, root.cookies, "apply_settings", [*settings[:4], bad, *settings[5:]])

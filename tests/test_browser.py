@@ -222,6 +222,11 @@ def test_admin_picks_ppo_a_round_goes_live_and_best_of_n_badges_the_replies(tiny
         smoothing = page.get_by_label("assumed misclicks (label smoothing)")
         assert float(smoothing.input_value()) == DEFAULT_LABEL_SMOOTHING
         assert "trusts every click" in page.locator("#admin").inner_text()
+        from trainers.dpo import DPOConfig
+
+        imitate = page.get_by_label("learn better replies as examples")
+        assert float(imitate.input_value()) == DPOConfig().edit_sft_weight
+        assert "drifts from the base model sooner" in page.locator("#admin").inner_text()
         page.locator("#algo").get_by_label("ppo").check()
         page.locator("#apply-settings").click()
         page.wait_for_function("(document.querySelector('#admin-note')?.innerText ?? '').includes('trains with PPO')")

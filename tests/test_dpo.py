@@ -120,7 +120,10 @@ def test_only_an_edits_pairs_get_the_supervised_term():
     edit = PreferencePair((1, 2), (6,), (4,), source="edit")
     assert pair_sft_weight([vote, edit], DPOConfig(edit_sft_weight=0.5)).tolist() == [0.0, 0.5]
     assert pair_sft_weight([vote, vote], DPOConfig(edit_sft_weight=0.5)) == 0.0
-    assert pair_sft_weight([vote, edit], DPOConfig()) == 0.0  # off by default
+    assert pair_sft_weight([vote, edit], DPOConfig(edit_sft_weight=0)) == 0.0
+    from trainers.defaults import DEFAULT_EDIT_SFT_WEIGHT
+
+    assert pair_sft_weight([vote, edit], DPOConfig()).tolist() == [0.0, DEFAULT_EDIT_SFT_WEIGHT] == [0.0, 1.0]
 
 
 def test_the_supervised_term_makes_an_edit_likelier_than_dpo_alone(tiny_loaded):

@@ -20,6 +20,14 @@ MANUAL_MIN_NEW_PAIRS = 1
 # it also drifted less (docs/BENCHMARKS.md, the sweep's 2026-12-02 afternoon subsection). It is the
 # simulator's own flip rate: a team whose votes are cleaner can lower it in the admin panel.
 DEFAULT_LABEL_SMOOTHING = 0.25
+# The weight of imitating a better reply someone typed (trainers/dpo.py edit_sft_weight: its mean NLL per
+# token, next to its pairs' DPO loss). On the bundled model, 25% label noise, 2 rounds of 64 labels of
+# which about one in ten was an edit, it made `concise` significant after 64 labels (+0.096 [+0.053,
+# +0.139], KL 0.86) and +0.145 at 128 (KL 2.03), where DPO on the same labels without it needed 128 for
+# +0.047; with one edit in four, DPO alone did not move `format` or `keyword` and with it neither fell
+# (docs/BENCHMARKS.md, the sweep's 2026-12-04 morning subsection). It drifts sooner (KL 2-5 at 128
+# labels): the admin panel's "learn better replies as examples" lowers it.
+DEFAULT_EDIT_SFT_WEIGHT = 1.0
 # Older pairs replayed per new pair: keeps earlier lessons without drowning the new votes.
 DEFAULT_REPLAY_RATIO = 1.0
 # Where reward models rN/ are published.

@@ -39,7 +39,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from trainers.defaults import DEFAULT_LABEL_SMOOTHING
+from trainers.defaults import DEFAULT_EDIT_SFT_WEIGHT, DEFAULT_LABEL_SMOOTHING
 from trainers.fastlora import fast_lora
 from trainers.logprobs import segment_logprobs
 from trainers.pairs import PreferencePair
@@ -92,8 +92,8 @@ class DPOConfig:
     # to its two pairs' loss (TRL's "sft" loss next to "sigmoid", as in RPO, Pang et al. 2024; here on edits
     # only). A typed reply is a demonstration: DPO alone only makes it likelier *relative* to the samples,
     # and a reply the model would never write (a list, from a model that writes prose) can stay unlikely
-    # while both fall. 0 (off) adds nothing.
-    edit_sft_weight: float = 0.0
+    # while both fall. 0 adds nothing; the default is measured (trainers/defaults.py).
+    edit_sft_weight: float = DEFAULT_EDIT_SFT_WEIGHT
     # LoRA wants a far larger step than full fine-tuning (TRL's 1e-6 default would not move a 32-pair round).
     learning_rate: float = 2e-4
     # Passes over the round's pairs. One. Two won the label-efficiency sweep's 2-round screen (concise

@@ -24,6 +24,9 @@ from trainers.dpo import DPOConfig
 from trainers.ppo import PPOConfig
 
 STATUS_REFRESH_S = 2.0
+# The panel's ceiling on the weight of imitating typed replies: the term is a per-token NLL of a few nats
+# against DPO's loss of under one, so past a few times that a round only imitates and stops ranking.
+MAX_EDIT_SFT_WEIGHT = 4.0
 # The round's curves, one plot per job, each drawn only for the rounds that log all of its metrics: a plot
 # takes its colour domain (the metric names) from the first frame it draws and keeps it, so a plot whose
 # names changed from round to round would draw the new ones without colour or legend until a reload.
@@ -170,6 +173,11 @@ def build_admin(loop: TrainingLoop, service=None, visible: bool = True):
                                              "learns a noisy room's taste in fewer votes and drifts less; 0 "
                                              "trusts every click, and chases the misclicks too (a better "
                                              "reply someone typed is always trusted)")
+            edit_sft = gr.Number(value=defaults.edit_sft_weight, label="learn better replies as examples",
+                                 minimum=0, maximum=MAX_EDIT_SFT_WEIGHT, step=0.25,
+                                 info="how much a better reply someone typed is imitated, not only ranked above the "
+                                      "samples: 1 learns a taste from a few such replies, and drifts from the base "
+                                      "model sooner; 0 only ranks it")
             loss_type = gr.Radio(["sigmoid", "ipo"], value="sigmoid", label="loss",
                                  info="sigmoid: DPO's loss. ipo: a bounded margin, slower to overfit a few noisy votes")
             ref = gr.Radio(["base", "previous"], value="base", label="reference policy",
@@ -244,7 +252,7 @@ def build_admin(loop: TrainingLoop, service=None, visible: bool = True):
                  admin_note, api_name="resume")
 
     def apply_settings(algo_value, beta_value, lr, n_epochs, smoothing, loss_value, ref_value, rm_value, kl_value,
-                       ppo_lr_value, iterations_value):
+                       ppo_lr_value, iterations_value, edit_sft_value):
         try:
             if algo_value == "ppo":
                 config = {}
@@ -260,6 +268,8 @@ def build_admin(loop: TrainingLoop, service=None, visible: bool = True):
                     config["epochs"] = int(n_epochs)
                 if smoothing not in (None, "") and loss_value != "ipo":  # IPO has no such term
                     config["label_smoothing"] = float(smoothing)
+                if edit_sft_value not in (None, ""):
+                    config["edit_sft_weight"] = float(edit_sft_value)
             reward_model = None if algo_value != "ppo" or rm_value in (None, "", LATEST_REWARD_MODEL) else rm_value
             config = loop.set_round(algo_value, config, reward_model)  # all or nothing
         except (ValueError, TypeError) as exc:
@@ -269,7 +279,7 @@ def build_admin(loop: TrainingLoop, service=None, visible: bool = True):
 
     apply.click(admin_only(apply_settings, "round settings"), [algo, beta, learning_rate, epochs, label_smoothing,
                                                                loss_type, ref, reward_pick, kl_coef, ppo_lr,
-                                                               ppo_iterations],
+                                                               ppo_iterations, edit_sft],
                 admin_note, api_visibility="private")
 
     def set_best_of(n_value):
