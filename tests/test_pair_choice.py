@@ -62,7 +62,7 @@ def test_bench_loop_least_separated_shows_the_pair_the_live_version_separates_le
                        "--labels-per-round", "8", "--config", '{"epochs": 1}'])
     bench = LoopBench(args)
     # A first round from v0 (every implicit reward 0: the first two candidates), then v1 is live.
-    bench.label_and_store(bench.sample_pairs(bench.base, 8, seed=1), "v0")
+    bench.label_and_store(bench.sample_pairs(bench.base, 8, seed=1), "v0", 8)
     summary = bench.train_round(1)
     assert summary["status"] == "succeeded", summary
     target = bench.version_target(summary["version"], tmp_path / "adapters" / summary["version"])
@@ -139,7 +139,7 @@ def test_bench_loop_least_tie_shows_the_pair_its_tie_model_rates_least_likely_to
     plain = LoopBench(parse_args(["--model", str(tiny_model_dir), "--workdir", str(tmp_path / "random"),
                                   "--max-new-tokens", "8", "--eval-prompts", "4", "--labels-per-round", "8"]))
     assert plain.sample_pairs(plain.base, 8, seed=1) == first
-    bench.label_and_store(first, "v0")
+    bench.label_and_store(first, "v0", len(first))
     assert [(a, b) for a, b, _ in bench.judged] == [(a, b) for _, a, b in first]
     # The tiny model's replies are random tokens, so the judge's ties are made here: it ties a pair
     # unless the replies differ in length bucket or line count, which the model must learn.
