@@ -244,3 +244,24 @@ def test_a_database_that_refuses_writes_mid_run_is_said_and_loses_nothing(app, f
     stored = next(t for t in service.store.turns_for_conversation(saved["conversation_id"])
                   if t["id"] == saved["turn_id"])
     assert stored["user_message"] == "x" * 100_000
+
+
+def test_the_app_starts_when_gradios_localhost_check_would_time_out(tiny_loaded, tmp_path, monkeypatch):
+    """On 2 cores busy with a training round, gradio's own check that localhost answers (one HEAD of the
+    page, 3 s timeout) timed out, and gradio then refuses to start without a share link. The app never
+    shares, so it skips that check: here the check always fails, and the app starts and serves anyway."""
+    import gradio.networking
+
+    asked = []
+
+    def localhost_too_slow(url):
+        asked.append(url)
+        return False
+
+    monkeypatch.setattr(gradio.networking, "url_ok", localhost_too_slow)
+    with running_app(tiny_loaded, tmp_path / "slow.db") as (url, _service):
+        client = Client(url, verbose=False)
+        client.predict(api_name="/new_conversation")
+        reply = client.predict("Hello there", api_name="/send")
+    assert asked == []
+    assert reply, "the started app answered nothing"
