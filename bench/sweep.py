@@ -86,16 +86,18 @@ SETTINGS: dict[str, list[str]] = {
     "edits_0.25_ls_0.25": ["--edit-rate", "0.25",
                            "--config", '{"label_smoothing": 0.25, "smooth_edits": true, "edit_sft_weight": 0.0}'],
     # The same, with the edits' pairs trusted (the app's default since): smoothing stands for misclicks, and
-    # a typed reply is no click.
+    # a typed reply is no click. It won the edit settings (concise at 64 labels, format at 128).
     "edits_0.25_trusted": ["--edit-rate", "0.25",
                            "--config", '{"label_smoothing": 0.25, "smooth_edits": false, "edit_sft_weight": 0.0}'],
+    # The same at the autopilot's edit rate: one turn in ten.
+    "edits_0.1_trusted": ["--edit-rate", "0.1",
+                          "--config", '{"label_smoothing": 0.25, "smooth_edits": false, "edit_sft_weight": 0.0}'],
     # Trusted edits also learned as demonstrations: their text's mean NLL per token, at weight 1 (RPO's
-    # alpha), next to their pairs' DPO loss (trainers/dpo.py edit_sft_weight). On format and keyword DPO on
-    # the edits alone did not move the policy (the edit stays far less likely than the samples: a list
-    # from a model that writes prose).
+    # alpha), next to their pairs' DPO loss (trainers/dpo.py edit_sft_weight). Run before the trusted-only
+    # setting above, when the smoothed edits had not moved format or keyword; trusted alone then did more on
+    # both, with less drift.
     "edits_0.25_sft_1": ["--edit-rate", "0.25",
                          "--config", '{"label_smoothing": 0.25, "smooth_edits": false, "edit_sft_weight": 1.0}'],
-    # The same at the autopilot's edit rate: one turn in ten.
     "edits_0.1_sft_1": ["--edit-rate", "0.1",
                         "--config", '{"label_smoothing": 0.25, "smooth_edits": false, "edit_sft_weight": 1.0}'],
 }

@@ -21,13 +21,14 @@ MANUAL_MIN_NEW_PAIRS = 1
 # simulator's own flip rate: a team whose votes are cleaner can lower it in the admin panel.
 DEFAULT_LABEL_SMOOTHING = 0.25
 # The weight of imitating a better reply someone typed (trainers/dpo.py edit_sft_weight: its mean NLL per
-# token, next to its pairs' DPO loss). On the bundled model, 25% label noise, 2 rounds of 64 labels of
-# which about one in ten was an edit, it made `concise` significant after 64 labels (+0.096 [+0.053,
-# +0.139], KL 0.86) and +0.145 at 128 (KL 2.03), where DPO on the same labels without it needed 128 for
-# +0.047; with one edit in four, DPO alone did not move `format` or `keyword` and with it neither fell
-# (docs/BENCHMARKS.md, the sweep's 2026-12-04 morning subsection). It drifts sooner (KL 2-5 at 128
-# labels): the admin panel's "learn better replies as examples" lowers it.
-DEFAULT_EDIT_SFT_WEIGHT = 1.0
+# token, next to its pairs' DPO loss). Off: on the bundled model, 25% label noise, 2 rounds of 64 labels of
+# which one in four was an edit, trusting the edits' pairs (smooth_edits off) without it made `concise`
+# significant after 64 labels and `format` after 128 (+0.091 [+0.050, +0.137], KL 3.60; the first format
+# result above zero in 25 settings), and ended nearest on `keyword` (+0.058, not significant). At weight 1
+# concise learned more in the first round (+0.135 against +0.071) and the same by 128 labels, but format
+# ended at +0.036 with KL 5.25, over the sweep's 5-nat limit, and keyword at +0.026 (docs/BENCHMARKS.md,
+# the sweep's 2026-12-04 subsection). The admin panel's "learn better replies as examples" turns it on.
+DEFAULT_EDIT_SFT_WEIGHT = 0.0
 # Older pairs replayed per new pair: keeps earlier lessons without drowning the new votes.
 DEFAULT_REPLAY_RATIO = 1.0
 # Where reward models rN/ are published.

@@ -175,9 +175,9 @@ def build_admin(loop: TrainingLoop, service=None, visible: bool = True):
                                              "reply someone typed is always trusted)")
             edit_sft = gr.Number(value=defaults.edit_sft_weight, label="learn better replies as examples",
                                  minimum=0, maximum=MAX_EDIT_SFT_WEIGHT, step=0.25,
-                                 info="how much a better reply someone typed is imitated, not only ranked above the "
-                                      "samples: 1 learns a taste from a few such replies, and drifts from the base "
-                                      "model sooner; 0 only ranks it")
+                                 info="0 ranks a better reply someone typed above the samples; 1 also imitates it: learns "
+                                      "a length taste in fewer labels, drifts from the base model sooner, and "
+                                      "learned a format taste less")
             loss_type = gr.Radio(["sigmoid", "ipo"], value="sigmoid", label="loss",
                                  info="sigmoid: DPO's loss. ipo: a bounded margin, slower to overfit a few noisy votes")
             ref = gr.Radio(["base", "previous"], value="base", label="reference policy",
