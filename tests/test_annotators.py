@@ -278,7 +278,7 @@ def test_the_admin_actions_ask_the_admin_check_first_and_write_nothing_when_refu
     from app import build_services, parse_args as app_parse_args
     from bench.fixtures import free_port
     from playground.web.annotators import build_annotators
-    from playground.web.ui import SKIP_GRADIO_LOCALHOST_CHECK
+    from playground.web.ui import launch
     from tests.servers import app_args
 
     asked = []
@@ -294,8 +294,7 @@ def test_the_admin_actions_ask_the_admin_check_first_and_write_nothing_when_refu
         build_annotators(services.loop, require_admin=refuse)
     port = free_port()
     try:
-        demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-                    **SKIP_GRADIO_LOCALHOST_CHECK)
+        launch(demo, "127.0.0.1", port, prevent_thread_lock=True, quiet=True)  # as the app starts its server
         client = Client(f"http://127.0.0.1:{port}/", verbose=False)
         for endpoint in ("/exclude_annotator", "/include_annotator"):
             with pytest.raises(Exception, match="Only an admin"):

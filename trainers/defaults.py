@@ -24,7 +24,8 @@ DEFAULT_LABEL_SMOOTHING = 0.25
 # token, next to its pairs' DPO loss). Off: on the bundled model, 25% label noise, 2 rounds of 64 labels of
 # which one in four was an edit, trusting the edits' pairs (smooth_edits off) without it made `concise`
 # significant after 64 labels and `format` after 128 (+0.091 [+0.050, +0.137], KL 3.60; the first format
-# result above zero in 25 settings), and ended nearest on `keyword` (+0.058, not significant). At weight 1
+# result significantly above zero in 26 settings; +0.051 on a second seed), and `keyword` after 128 when
+# scored with four draws per prompt (+0.086, KL 2.91; +0.058, not significant, with two). At weight 1
 # concise learned more in the first round (+0.135 against +0.071) and the same by 128 labels, but format
 # ended at +0.036 with KL 5.25, over the sweep's 5-nat limit, and keyword at +0.026 (docs/BENCHMARKS.md,
 # the sweep's 2026-12-04 subsection). The admin panel's "learn better replies as examples" turns it on.

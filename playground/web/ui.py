@@ -513,7 +513,7 @@ def build_ui(service: ChatService, loop: TrainingLoop | None = None, title: str 
 # Gradio's launch asks, after its server is up, whether localhost answers, to decide that a share link is
 # needed: one HEAD of the page with a 3 s timeout (gradio/networking.py url_ok), and a timeout raises
 # "When localhost is not accessible, a shareable link must be created". On 2 cores busy with a training
-# round or a benchmark that page took longer (7 test servers failed to start that way, 2026-12-04), and
+# round or a benchmark that page took longer (9 test servers failed to start that way, 2026-12-04), and
 # this app never shares. `_frontend=False` skips that check and nothing else in gradio 6.31
 # (requirements.txt pins it); by then launch has already had the app's own startup answer.
 SKIP_GRADIO_LOCALHOST_CHECK = {"_frontend": False}
