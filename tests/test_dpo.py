@@ -111,8 +111,9 @@ def test_the_supervised_term_is_the_chosen_replys_mean_nll_per_token_by_hand():
     assert chosen.tolist() == pytest.approx([0.5, 0.0])  # the implicit rewards are DPO's alone
     with pytest.raises(ValueError, match="chosen_lengths"):
         dpo_loss(*args, beta=0.5, sft_weight=0.5)
-    with pytest.raises(ValueError, match="edit_sft_weight"):
-        DPOConfig(edit_sft_weight=-1)
+    for bad in (-1, float("nan"), float("inf"), "1"):
+        with pytest.raises(ValueError, match="edit_sft_weight"):
+            DPOConfig(edit_sft_weight=bad)
 
 
 def test_only_an_edits_pairs_get_the_supervised_term():

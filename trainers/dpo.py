@@ -151,8 +151,10 @@ class DPOConfig:
             raise ValueError(f"lr_schedule {self.lr_schedule!r} is not one of {LR_SCHEDULES}")
         if self.label_smoothing is None:
             self.label_smoothing = DEFAULT_LABEL_SMOOTHING if self.loss == "sigmoid" else 0.0
-        if not (isinstance(self.edit_sft_weight, (int, float)) and self.edit_sft_weight >= 0):
-            raise ValueError(f"edit_sft_weight must be 0 or more, got {self.edit_sft_weight!r}")
+        # Finite: an infinite weight makes every edit's loss infinite, a round that can only fail.
+        if not (isinstance(self.edit_sft_weight, (int, float)) and math.isfinite(self.edit_sft_weight)
+                and self.edit_sft_weight >= 0):
+            raise ValueError(f"edit_sft_weight must be a finite number, 0 or more, got {self.edit_sft_weight!r}")
         if not (isinstance(self.label_smoothing, (int, float)) and 0.0 <= self.label_smoothing < 0.5):
             raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing!r}")
         if self.loss == "ipo" and self.label_smoothing:
